@@ -1,0 +1,601 @@
+"""Baselines that produce :class:`~unveil.directions.DirectionPairs`, so one scoring code applies.
+
+Every baseline follows the estimator contract: ``__init__`` stores hyperparameters,
+``fit(X)`` takes feature maps ``(N, D, H, W)`` or patch vectors ``(P, D)`` and returns ``self``;
+the result is ``pairs_`` (decoders, biases, encoders, mean). Each method has a **label-free**
+detection rule (except :class:`PatternCAV`, which is supervised by design), stated in its docstring
+and recorded in ``pairs_.meta["detection_rule"]``:
+
+============================  =======================  ========================  ===========================
+method                        encoders (generative)    decoders (read-out)       detection (label-free)
+============================  =======================  ========================  ===========================
+:class:`PCABaseline`          principal axes           = encoders (orthonormal)  score > Otsu threshold
+:class:`ICABaseline`          ICA mixing columns       ICA unmixing rows         score > Otsu threshold
+:class:`NMFBaseline`          NMF components           rows of pinv(componentsᵀ)  coefficient > Otsu thresh.
+:class:`KMeansBaseline`       centroid − data mean     rows of pinv(encodersᵀ)   nearest centroid
+:class:`SphericalKMeans...`   cluster mean − data mean rows of pinv(encodersᵀ)   largest cosine to centroid
+:class:`SparseAutoencoder`    decoder columns          encoder rows              ReLU unit active (> 0)
+:class:`PatternCAV`           difference of means      logistic-regression filter  p(concept) > 0.5
+============================  =======================  ========================  ===========================
+
+"Score" is ``wᵀ(x − E[x])`` with each component's sign oriented so that its scores have positive
+skewness (the concept's patches form the long upper tail; a label-free convention). The Otsu
+threshold splits a component's score histogram into two classes with maximal between-class
+variance (Otsu 1979), chosen without labels. Nearest-centroid and largest-cosine assignments are
+not a hyperplane per concept; those pairs are :class:`ArgmaxPairs`, a :class:`DirectionPairs` whose
+``detect`` is one-hot of the arg-max of affine scores.
+
+Known limits (method.md §6): PCA's directions are orthogonal, NMF's non-negative and k-means'
+centroids sum to zero around the mean; none can express non-orthogonal mixed-sign encoding
+directions, which the synthetic benchmark shows in numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .._errors import CorruptFileError, NotFittedError, ValidationError
+from .._validation import check_in_range, check_maps, check_positive_int, make_generator
+from .pairs import DirectionPairs
+
+__all__ = ["otsu_threshold", "ArgmaxPairs", "PCABaseline", "ICABaseline", "NMFBaseline", "KMeansBaseline",
+           "SphericalKMeansBaseline", "SparseAutoencoder", "PatternCAV"]
+
+log = logging.getLogger("unveil")
+
+
+# --------------------------------------------------------------------------- helpers
+def otsu_threshold(values, bins: int = 256) -> float:
+    """Otsu's threshold of 1-D ``values``: the cut maximising the between-class variance.
+
+    Parameters
+    ----------
+    values : array-like of shape (P,)
+    bins : int
+        Histogram bins.
+
+    Returns
+    -------
+    float, a value between ``min(values)`` and ``max(values)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> v = np.r_[np.zeros(100), np.ones(50) * 4]
+    >>> 0 < otsu_threshold(v) < 4
+    True
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValidationError("otsu_threshold needs at least one value.")
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return hi
+    hist, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centers)
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    between[(w0 == 0) | (w1 == 0)] = -1
+    k = int(np.argmax(between))
+    return float(edges[k + 1])
+
+
+def _skew_signs(scores: np.ndarray) -> np.ndarray:
+    """+1/−1 per column so that each column's skewness is >= 0."""
+    c = scores - scores.mean(0)
+    skew = (c ** 3).mean(0) / np.maximum((c ** 2).mean(0), 1e-30) ** 1.5
+    return np.where(skew < 0, -1.0, 1.0)
+
+
+def _pinv_rows(encoders: np.ndarray, rcond: float = 1e-6) -> np.ndarray:
+    """(I, D) read-out filters W with ``W @ encoders.T = I`` when the encoders are independent.
+
+    Singular values below ``rcond`` times the largest are dropped (k-means' centred centroids are
+    exactly dependent; inverting their zero singular value would only amplify rounding noise).
+    """
+    return np.linalg.pinv(encoders.T, rcond=rcond)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run tiny torch loops on ``n`` threads (restored afterwards): for matrices of a few dozen
+    numbers, thread hand-offs cost far more than the arithmetic, worst on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _to_patches(X, name: str = "X") -> np.ndarray:
+    t = check_maps(X, name, allow_patches=True)
+    if t.dim() == 4:
+        t = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    return t.detach().cpu().double().numpy()
+
+
+def _pairs(decoders, biases, encoders, mean, meta) -> DirectionPairs:
+    f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)  # noqa: E731
+    return DirectionPairs(f(decoders), f(biases), f(encoders), f(mean), meta=meta)
+
+
+def _oriented_threshold_pairs(patches, decoders, encoders, mean, meta, orient: bool = True) -> DirectionPairs:
+    """Pairs whose detector i fires where the (sign-oriented) score ``w_iᵀ(x − mean)`` exceeds its Otsu
+    threshold."""
+    scores = (patches - mean) @ decoders.T
+    if orient:
+        sg = _skew_signs(scores)
+        decoders, encoders, scores = decoders * sg[:, None], encoders * sg[:, None], scores * sg
+    thr = np.array([otsu_threshold(scores[:, i]) for i in range(scores.shape[1])])
+    biases = thr + decoders @ mean
+    meta = dict(meta, thresholds=thr.tolist())
+    return _pairs(decoders, biases, encoders, mean, meta)
+
+
+class ArgmaxPairs(DirectionPairs):
+    """Direction pairs whose detection is one-hot of the arg-max of affine scores.
+
+    ``detect(X)[n, i, h, w] = 1`` where ``i = argmax_k (A_k·x + c_k)`` and 0 elsewhere (so exactly
+    one concept is present per position). This expresses nearest-centroid assignment
+    (``A_k = 2μ_k``, ``c_k = −‖μ_k‖²``) and largest-cosine assignment (``A_k = u_k``,
+    ``c_k = −u_kᵀm``). Decoders, encoders, mean (and hence ``signal_values``) are as in
+    :class:`DirectionPairs`; ``decision_function`` returns the scores minus the best other score
+    (> 0 exactly where the concept is detected).
+
+    Parameters
+    ----------
+    score_weights : (I, D) tensor
+    score_offsets : (I,) tensor
+    other parameters : as :class:`DirectionPairs`.
+    """
+
+    def __init__(self, decoders, biases, encoders, mean=None, names=None, meta=None, *, score_weights,
+                 score_offsets):
+        super().__init__(decoders, biases, encoders, mean, names, meta)
+        A = torch.as_tensor(score_weights, dtype=torch.float32).detach()
+        c = torch.as_tensor(score_offsets, dtype=torch.float32).detach()
+        if A.shape != self.decoders.shape or c.shape != (self.n_concepts,):
+            raise ValidationError(f"score_weights must be {tuple(self.decoders.shape)} and score_offsets "
+                                  f"({self.n_concepts},); got {tuple(A.shape)} and {tuple(c.shape)}.")
+        self.score_weights, self.score_offsets = A.to(self.decoders.device), c.to(self.decoders.device)
+
+    def _scores(self, X) -> torch.Tensor:
+        X = check_maps(X, "X", n_features=self.n_features, context="these direction pairs")
+        A, c = self.score_weights.to(X.device), self.score_offsets.to(X.device)
+        if X.dim() == 2:
+            return X @ A.T + c
+        return torch.einsum("ndhw,id->nihw", X, A) + c[None, :, None, None]
+
+    def decision_function(self, X) -> torch.Tensor:
+        s = self._scores(X)
+        if self.n_concepts == 1:
+            return torch.ones_like(s)
+        top2 = s.topk(2, dim=1).values
+        best_other = torch.where(s >= top2.narrow(1, 0, 1), top2.narrow(1, 1, 1), top2.narrow(1, 0, 1))
+        return s - best_other
+
+    def detect(self, X) -> torch.Tensor:
+        s = self._scores(X)
+        return torch.nn.functional.one_hot(s.argmax(1), self.n_concepts).movedim(-1, 1).to(s.dtype)
+
+    def to(self, device) -> "ArgmaxPairs":
+        return ArgmaxPairs(self.decoders.to(device), self.biases.to(device), self.encoders.to(device),
+                           self.mean.to(device), self.names, self.meta, score_weights=self.score_weights.to(device),
+                           score_offsets=self.score_offsets.to(device))
+
+    def save(self, path):
+        """Save like :meth:`DirectionPairs.save`, plus the score weights/offsets (``ArgmaxPairs.load``)."""
+        from .._io import save_bundle
+        return save_bundle(path, "argmax_pairs",
+                           {"decoders": self.decoders, "biases": self.biases, "encoders": self.encoders,
+                            "mean": self.mean, "score_weights": self.score_weights,
+                            "score_offsets": self.score_offsets},
+                           {"n_concepts": self.n_concepts, "n_features": self.n_features, "names": self.names,
+                            "meta": self.meta})
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "ArgmaxPairs":
+        from .._io import load_bundle
+        tensors, doc = load_bundle(path, "argmax_pairs")
+        try:
+            obj = cls(tensors["decoders"], tensors["biases"], tensors["encoders"], tensors["mean"],
+                      names=doc.get("names"), meta=doc.get("meta"), score_weights=tensors["score_weights"],
+                      score_offsets=tensors["score_offsets"])
+        except (KeyError, ValidationError) as exc:
+            raise CorruptFileError(f"saved pairs at {str(path)!r} are inconsistent ({exc}).") from None
+        return obj.to(device)
+
+
+class _Baseline:
+    """Shared estimator plumbing: validation, ``pairs_`` access, ``n_features_in_``."""
+
+    method = "baseline"
+
+    def __init__(self, n_concepts: int, random_state=0):
+        self.n_concepts = n_concepts
+        self.random_state = random_state
+
+    @property
+    def pairs_(self) -> DirectionPairs:
+        p = self.__dict__.get("_pairs")
+        if p is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X) before using pairs_.")
+        return p
+
+    def _seed(self) -> Optional[int]:
+        rs = self.random_state
+        if rs is None or isinstance(rs, (int, np.integer)):
+            return None if rs is None else int(rs)
+        return int(make_generator(rs).initial_seed() % (2**31))
+
+    def _prepare(self, X) -> np.ndarray:
+        I = check_positive_int(self.n_concepts, "n_concepts")
+        P = _to_patches(X)
+        if P.shape[0] < I:
+            raise ValidationError(f"{type(self).__name__} needs at least n_concepts={I} patches, got {P.shape[0]}.")
+        self.n_features_in_ = P.shape[1]
+        return P
+
+    def _meta(self, **kw) -> dict:
+        return {"method": self.method, "random_state": self._seed(), **kw}
+
+
+# --------------------------------------------------------------------------- decompositions
+class PCABaseline(_Baseline):
+    """PCA with ``n_concepts`` components.
+
+    Encoders = decoders = the principal axes (orthonormal), each sign-oriented to positive score
+    skewness. Detection: score ``wᵀ(x − E[x])`` above its Otsu threshold (label-free).
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.randn(200, 4) * torch.tensor([5., 1., .1, .1])
+    >>> PCABaseline(n_concepts=1).fit(X).pairs_.encoders.abs().argmax().item()
+    0
+    """
+
+    method = "pca"
+    detection_rule = "score w^T(x - mean) (sign oriented to positive skewness) > its Otsu threshold"
+
+    def fit(self, X) -> "PCABaseline":
+        from sklearn.decomposition import PCA
+        P = self._prepare(X)
+        I = min(self.n_concepts, P.shape[1])
+        pca = PCA(n_components=I, random_state=self._seed()).fit(P)
+        V = pca.components_
+        self._pairs = _oriented_threshold_pairs(
+            P, V.copy(), V.copy(), pca.mean_, self._meta(detection_rule=self.detection_rule,
+                                                        encoders="principal axes", decoders="principal axes",
+                                                        explained_variance_ratio=pca.explained_variance_ratio_.tolist()))
+        return self
+
+
+class ICABaseline(_Baseline):
+    """FastICA with ``n_concepts`` components (scikit-learn, unit-variance whitening).
+
+    Encoders = columns of the mixing matrix; decoders = rows of the unmixing matrix; both
+    sign-oriented to positive score skewness. Detection: score above its Otsu threshold.
+    """
+
+    method = "ica"
+    detection_rule = "score w^T(x - mean) (sign oriented to positive skewness) > its Otsu threshold"
+
+    def __init__(self, n_concepts: int, random_state=0, max_iter: int = 1000):
+        super().__init__(n_concepts, random_state)
+        self.max_iter = max_iter
+
+    def fit(self, X) -> "ICABaseline":
+        from sklearn.decomposition import FastICA
+        from sklearn.exceptions import ConvergenceWarning
+        P = self._prepare(X)
+        I = min(self.n_concepts, P.shape[1])
+        ica = FastICA(n_components=I, whiten="unit-variance", max_iter=check_positive_int(self.max_iter, "max_iter"),
+                      random_state=self._seed())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            ica.fit(P)
+        converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        if not converged:
+            log.warning("FastICA did not converge in %d iterations; results may be poor", self.max_iter)
+        self._pairs = _oriented_threshold_pairs(
+            P, ica.components_.copy(), ica.mixing_.T.copy(), ica.mean_,
+            self._meta(detection_rule=self.detection_rule, encoders="ICA mixing columns",
+                       decoders="ICA unmixing rows", converged=converged))
+        return self
+
+
+class NMFBaseline(_Baseline):
+    """Non-negative matrix factorisation with ``n_concepts`` components.
+
+    NMF needs non-negative input: each component d is shifted by ``max(0, −min_p x_pd)`` (nothing
+    when the data are already non-negative, as in the synthetic recipe). Encoders = the NMF
+    components (non-negative by construction); decoders = rows of ``pinv(componentsᵀ)``, the linear
+    read-out of the coefficients (NMF's own non-negative least-squares transform is not linear, so it
+    cannot be a direction). No sign orientation (NMF's sign is meaningful). Detection: the linear
+    coefficient ``w_iᵀ(x + shift)`` above its Otsu threshold.
+    """
+
+    method = "nmf"
+    detection_rule = "linear NMF coefficient w^T(x + shift), w = rows of pinv(H^T), > its Otsu threshold"
+
+    def __init__(self, n_concepts: int, random_state=0, max_iter: int = 1000):
+        super().__init__(n_concepts, random_state)
+        self.max_iter = max_iter
+
+    def fit(self, X) -> "NMFBaseline":
+        from sklearn.decomposition import NMF
+        from sklearn.exceptions import ConvergenceWarning
+        P = self._prepare(X)
+        shift = np.maximum(0.0, -P.min(0))
+        Ps = P + shift
+        nmf = NMF(n_components=self.n_concepts, init="nndsvda", max_iter=check_positive_int(self.max_iter, "max_iter"),
+                  random_state=self._seed())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            nmf.fit(Ps)
+        H = nmf.components_
+        Wd = _pinv_rows(H)
+        coef = Ps @ Wd.T
+        thr = np.array([otsu_threshold(coef[:, i]) for i in range(coef.shape[1])])
+        mean = P.mean(0)
+        biases = thr - Wd @ shift
+        self._pairs = _pairs(Wd, biases, H, mean, self._meta(
+            detection_rule=self.detection_rule, encoders="NMF components", decoders="rows of pinv(H^T)",
+            shift=shift.tolist(), thresholds=thr.tolist(), reconstruction_err=float(nmf.reconstruction_err_)))
+        return self
+
+
+# --------------------------------------------------------------------------- clustering
+class KMeansBaseline(_Baseline):
+    """k-means with ``n_concepts`` clusters (scikit-learn, ``n_init`` restarts).
+
+    Encoders = centroid − data mean (the displacement a cluster adds); decoders = rows of
+    ``pinv(encodersᵀ)``. The centred centroids are linearly dependent (their weighted sum is zero),
+    which limits what the read-out can express. Detection: nearest centroid (one concept per
+    position; :class:`ArgmaxPairs`).
+    """
+
+    method = "kmeans"
+    detection_rule = "nearest centroid (Euclidean); exactly one concept per position"
+
+    def __init__(self, n_concepts: int, random_state=0, n_init: int = 10):
+        super().__init__(n_concepts, random_state)
+        self.n_init = n_init
+
+    def fit(self, X) -> "KMeansBaseline":
+        from sklearn.cluster import KMeans
+        P = self._prepare(X)
+        km = KMeans(n_clusters=self.n_concepts, n_init=check_positive_int(self.n_init, "n_init"),
+                    random_state=self._seed()).fit(P)
+        C = km.cluster_centers_
+        mean = P.mean(0)
+        enc = C - mean
+        dec = _pinv_rows(enc)
+        self._pairs = _argmax_pairs(dec, enc, mean, 2 * C, -(C ** 2).sum(1), self._meta(
+            detection_rule=self.detection_rule, encoders="centroid - data mean", decoders="rows of pinv(encoders^T)",
+            inertia=float(km.inertia_)))
+        return self
+
+
+def _argmax_pairs(dec, enc, mean, A, c, meta) -> ArgmaxPairs:
+    # biases: the hyperplane half-way along each read-out coordinate (w_iᵀ(x − mean) > 0.5·w_iᵀenc_i);
+    # not used for detection (ArgmaxPairs.detect), kept so that the pairs are meaningful as plain pairs
+    biases = dec @ mean + 0.5 * (dec * enc).sum(1)
+    f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)  # noqa: E731
+    return ArgmaxPairs(f(dec), f(biases), f(enc), f(mean), meta=meta, score_weights=f(A), score_offsets=f(c))
+
+
+class SphericalKMeansBaseline(_Baseline):
+    """Spherical k-means (cosine similarity) of centred patches.
+
+    Patches are centred on the data mean (and, with ``standardize=True``, divided by each
+    component's standard deviation — beware: components without noise are then blown up, see
+    method.md §6), normalised to unit length and clustered by cosine (k-means++ seeding, ``n_init``
+    restarts, Lloyd iterations). Encoders = mean of the centred patches of each cluster (in the
+    original units); decoders = rows of ``pinv(encodersᵀ)``. Detection: largest cosine to a unit
+    centroid (:class:`ArgmaxPairs`).
+    """
+
+    method = "spherical-kmeans"
+    detection_rule = "largest cosine between (x - mean) and the unit centroids; exactly one concept per position"
+
+    def __init__(self, n_concepts: int, random_state=0, n_init: int = 10, max_iter: int = 100,
+                 standardize: bool = False):
+        super().__init__(n_concepts, random_state)
+        self.n_init, self.max_iter, self.standardize = n_init, max_iter, standardize
+
+    def fit(self, X) -> "SphericalKMeansBaseline":
+        P = self._prepare(X)
+        I = self.n_concepts
+        mean = P.mean(0)
+        scale = P.std(0).clip(1e-12) if self.standardize else np.ones(P.shape[1])
+        Z = (P - mean) / scale
+        U = Z / np.linalg.norm(Z, axis=1, keepdims=True).clip(1e-12)
+        rng = np.random.default_rng(self._seed())
+        best = (-np.inf, None, None)
+        for _ in range(check_positive_int(self.n_init, "n_init")):
+            C = _kmeanspp_cosine(U, I, rng)
+            for _ in range(check_positive_int(self.max_iter, "max_iter")):
+                lab = (U @ C.T).argmax(1)
+                newC = C.copy()
+                for k in range(I):
+                    members = U[lab == k]
+                    if len(members):
+                        s = members.sum(0)
+                        newC[k] = s / max(np.linalg.norm(s), 1e-12)
+                    else:  # empty cluster: restart it at the worst-fitting patch
+                        newC[k] = U[(U @ C.T).max(1).argmin()]
+                if np.allclose(newC, C, atol=1e-10, rtol=0):
+                    C = newC
+                    break
+                C = newC
+            obj = float((U @ C.T).max(1).sum())
+            if obj > best[0]:
+                best = (obj, C, (U @ C.T).argmax(1))
+        _, C, lab = best
+        enc = np.stack([(P[lab == k] - mean).mean(0) if (lab == k).any() else np.zeros(P.shape[1])
+                        for k in range(I)])
+        dec = _pinv_rows(enc)
+        A = C / scale  # cosine score in the original units: u_kᵀ((x − mean)/scale)
+        self._pairs = _argmax_pairs(dec, enc, mean, A, -(A @ mean), self._meta(
+            detection_rule=self.detection_rule, encoders="cluster mean of (x - mean)",
+            decoders="rows of pinv(encoders^T)", standardize=bool(self.standardize), objective=best[0]))
+        return self
+
+
+def _kmeanspp_cosine(U: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    C = [U[rng.integers(len(U))]]
+    for _ in range(1, k):
+        d = 1 - np.max(U @ np.stack(C).T, axis=1)
+        d = np.clip(d, 0, None)
+        p = d / d.sum() if d.sum() > 0 else None
+        C.append(U[rng.choice(len(U), p=p)])
+    return np.stack(C)
+
+
+# --------------------------------------------------------------------------- autoencoders
+class SparseAutoencoder(_Baseline):
+    """A one-layer (sparse) autoencoder in torch: ``h = ReLU(W_e(z − b_d) + b_e)``, ``ẑ = W_d h + b_d``.
+
+    ``z = (x − E[x]) / σ`` with one global scale σ (root mean squared norm of the centred patches),
+    so ``l1`` means the same on every data set. Loss: ``mean_p ‖ẑ − z‖² + l1 · mean_p ‖h‖₁``;
+    decoder columns are kept at unit norm (the usual SAE constraint; without it the L1 term is
+    defeated by rescaling). ``l1 = 0`` is a plain autoencoder. Adam, mini-batches; the hidden layer
+    has ``n_concepts`` units.
+
+    Encoder rows are the decoding directions (filters) and decoder columns the encoding directions.
+
+    Detection (``detection``), both hyperplanes, so the pairs are plain :class:`DirectionPairs`:
+
+    - ``"otsu"`` (default): the unit's pre-activation above the Otsu threshold of its values over
+      the training patches (label-free, the same rule as PCA/ICA; the sign is fixed by the ReLU);
+    - ``"active"``: the ReLU unit is active, pre-activation > 0 (an autoencoder without sparsity
+      keeps its units active almost everywhere, so this rule detects everything).
+    """
+
+    method = "sae"
+    _rules = {"otsu": "pre-activation W_e (z - b_d) + b_e > its Otsu threshold over the training patches",
+              "active": "ReLU unit active: W_e (z - b_d) + b_e > 0"}
+
+    def __init__(self, n_concepts: int, l1: float = 0.01, epochs: int = 200, batch_size: int = 256,
+                 lr: float = 3e-3, detection: str = "otsu", random_state=0):
+        super().__init__(n_concepts, random_state)
+        self.l1, self.epochs, self.batch_size, self.lr, self.detection = l1, epochs, batch_size, lr, detection
+
+    def fit(self, X) -> "SparseAutoencoder":
+        P = self._prepare(X)
+        l1 = check_in_range(self.l1, "l1", low=0.0)
+        epochs = check_positive_int(self.epochs, "epochs")
+        bs = check_positive_int(self.batch_size, "batch_size")
+        lr = check_in_range(self.lr, "lr", low=0.0, low_inclusive=False)
+        if self.detection not in self._rules:
+            raise ValidationError(f"detection must be one of {sorted(self._rules)}, got {self.detection!r}.")
+        g = make_generator(self.random_state)
+        mean = P.mean(0)
+        sigma = float(np.sqrt(((P - mean) ** 2).sum(1).mean())) or 1.0
+        Z = torch.as_tensor((P - mean) / sigma, dtype=torch.float32)
+        n, D = Z.shape
+        I = self.n_concepts
+        Wd = torch.randn(D, I, generator=g)
+        Wd = (Wd / Wd.norm(dim=0, keepdim=True)).requires_grad_()
+        We = Wd.detach().T.clone().requires_grad_()
+        be = torch.zeros(I, requires_grad=True)
+        bd = torch.zeros(D, requires_grad=True)
+        opt = torch.optim.Adam([We, be, Wd, bd], lr=lr)
+        losses = []
+        with _torch_threads(1 if D * I <= 65536 else torch.get_num_threads()):
+            for _ in range(epochs):
+                perm = torch.randperm(n, generator=g)
+                tot = 0.0
+                for i in range(0, n, bs):
+                    z = Z[perm[i:i + bs]]
+                    h = torch.relu((z - bd) @ We.T + be)
+                    zh = h @ Wd.T + bd
+                    loss = ((zh - z) ** 2).sum(1).mean() + l1 * h.sum(1).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():
+                        Wd /= Wd.norm(dim=0, keepdim=True).clamp_min(1e-12)
+                    tot += float(loss.detach()) * len(z)
+                losses.append(tot / n)
+            with torch.no_grad():
+                pre = ((Z - bd) @ We.T + be).double().numpy()
+        self.history_ = {"loss": losses}
+        We_, be_, Wd_, bd_ = (t.detach().double().numpy() for t in (We, be, Wd, bd))
+        thr = (np.array([otsu_threshold(pre[:, i]) for i in range(I)]) if self.detection == "otsu"
+               else np.zeros(I))
+        # back to the original units: pre-activation = (W_e/σ)ᵀx − [(W_e/σ)ᵀ(mean + σ b_d) − b_e]
+        dec = We_ / sigma
+        biases = dec @ (mean + sigma * bd_) - be_ + thr
+        enc = Wd_.T.copy()
+        self._pairs = _pairs(dec, biases, enc, mean, self._meta(
+            detection_rule=self._rules[self.detection], encoders="decoder columns (unit norm)",
+            decoders="encoder rows", l1=l1, epochs=epochs, final_loss=losses[-1],
+            active_fraction=(pre > 0).mean(0).tolist(), thresholds=thr.tolist()))
+        return self
+
+
+# --------------------------------------------------------------------------- supervised
+class PatternCAV(_Baseline):
+    """Supervised Pattern-CAV: uses ground-truth concept labels of every patch.
+
+    For concept i (one-vs-rest): encoder = mean(x | concept i) − mean(x | not i) (the pattern of a
+    linear concept classifier is the difference of class means); decoder = the filter of an
+    L2-regularised logistic regression (scikit-learn, ``C``) fitted on patches centred and divided
+    by one global scale (isotropic, so noise-free components are not blown up), mapped back to the
+    original units. Detection: the logistic regression's ``p(concept i | x) > 0.5``, i.e. exactly the
+    hyperplane of the pairs.
+
+    ``fit(X, labels)`` takes ``labels`` of shape (N, H, W) for maps or (P,) for patches, ints in
+    ``0 .. n_concepts-1``.
+    """
+
+    method = "pattern-cav"
+    detection_rule = "supervised: logistic-regression p(concept | x) > 0.5 (one-vs-rest, uses true patch labels)"
+
+    def __init__(self, n_concepts: int, C: float = 1.0, random_state=0, max_iter: int = 2000):
+        super().__init__(n_concepts, random_state)
+        self.C, self.max_iter = C, max_iter
+
+    def fit(self, X, labels) -> "PatternCAV":
+        from sklearn.linear_model import LogisticRegression
+        P = self._prepare(X)
+        lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        lab = lab.reshape(-1)
+        if lab.shape[0] != P.shape[0]:
+            raise ValidationError(f"labels must give one concept per patch ({P.shape[0]}), got {lab.shape[0]} "
+                                  f"(pass (N, H, W) for maps or (P,) for patches).")
+        if not np.issubdtype(lab.dtype, np.integer):
+            raise ValidationError(f"labels must be integers, got dtype {lab.dtype}.")
+        C = check_in_range(self.C, "C", low=0.0, low_inclusive=False)
+        I = self.n_concepts
+        mean = P.mean(0)
+        sigma = float(np.sqrt(((P - mean) ** 2).sum(1).mean())) or 1.0
+        Z = (P - mean) / sigma
+        dec, biases, enc = np.zeros((I, P.shape[1])), np.zeros(I), np.zeros((I, P.shape[1]))
+        for i in range(I):
+            pos = lab == i
+            if pos.all() or not pos.any():
+                raise ValidationError(f"concept {i} has {int(pos.sum())} of {len(pos)} patches; Pattern-CAV needs "
+                                      f"positive and negative patches for every concept.")
+            enc[i] = P[pos].mean(0) - P[~pos].mean(0)
+            lr = LogisticRegression(C=C, max_iter=check_positive_int(self.max_iter, "max_iter")).fit(Z, pos)
+            w = lr.coef_[0] / sigma
+            dec[i] = w
+            biases[i] = w @ mean - lr.intercept_[0]  # σ(wᵀx − b) = σ(coefᵀz + intercept)
+        self._pairs = _pairs(dec, biases, enc, mean, self._meta(
+            detection_rule=self.detection_rule, encoders="difference of class means",
+            decoders="logistic-regression filter", C=C))
+        return self
