@@ -1,0 +1,597 @@
+"""The on-disk activation store: a layer's feature maps over an image set, as memory-mapped shards.
+
+Layout of a store folder::
+
+    plan.json                  what is being extracted (written first; used to resume)
+    shards/maps_00000.npy      (n, D, H, W) float16/float32 maps of shard 0 (atomic write)
+    shards/pos_00000.npy       (n, k) int32 flat positions kept per map (only with ``subsample``)
+    shards/shard_00000.json    completion record of shard 0 (written after its .npy files)
+    manifest.json              written last, by atomic rename: the store is complete iff it exists
+
+An interrupted :func:`extract` is resumed by calling it again with the same arguments: shards whose
+completion record exists are kept, the others are computed. Shard ``s`` always covers the same
+candidate images (``s·shard_size`` to ``(s+1)·shard_size``), and its random patch subsample is
+drawn from a generator seeded by ``(seed, s)``, so a resumed store equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import CorruptFileError, HeadError, ValidationError
+from .._io import atomic_write_json, versions
+from .._progress import progress as _progress
+from .._validation import check_positive_int, make_generator
+from .hooks import Capturer, TokenLayout
+
+__all__ = ["ActivationStore", "extract", "head_for_store"]
+logger = logging.getLogger("unveil")
+
+FORMAT = "unveil.activation_store"
+FORMAT_VERSION = 1
+_DTYPES = ("float16", "float32")
+
+
+# ----------------------------------------------------------------------------------------- reading
+class ActivationStore:
+    """Read-only view of a complete store (open with :meth:`open`).
+
+    Maps are memory-mapped: only the batches asked for are read, so memory does not grow with the
+    number of images.
+
+    Examples
+    --------
+    >>> store = ActivationStore.open("acts/")                       # doctest: +SKIP
+    >>> len(store), store.n_features, store.map_shape               # doctest: +SKIP
+    (200, 512, (7, 7))
+    >>> for X in store.iter_maps(64):                               # doctest: +SKIP
+    ...     X.shape                                                 # (B, 512, 7, 7) float32
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._shards = manifest["shards"]
+        counts = [int(s["n"]) for s in self._shards]
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._arrays: List[Optional[np.ndarray]] = [None] * len(self._shards)
+        self._positions: List[Optional[np.ndarray]] = [None] * len(self._shards)
+        lab = manifest.get("labels")
+        self.labels = None if lab is None else torch.as_tensor(lab, dtype=torch.int64)
+        self.image_ids: List[str] = list(manifest["image_ids"])
+        self.class_names = manifest.get("class_names")
+
+    # ---------------------------------------------------------------- open
+    @classmethod
+    def open(cls, path) -> "ActivationStore":
+        """Open the store at ``path``; :class:`CorruptFileError` if it is missing, incomplete or damaged."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CorruptFileError(f"no activation store at {str(path)!r}: expected a folder written by "
+                                   f"unveil.capture.extract (or `unveil extract`).")
+        mpath = path / "manifest.json"
+        if not mpath.is_file():
+            if (path / "plan.json").is_file():
+                done = len(list((path / "shards").glob("shard_*.json"))) if (path / "shards").is_dir() else 0
+                raise CorruptFileError(f"the activation store at {str(path)!r} is incomplete (manifest.json is missing; "
+                                       f"{done} shard(s) finished): the extraction was interrupted. Run the same "
+                                       f"extraction again to resume it.")
+            raise CorruptFileError(f"{str(mpath)!r} is missing: {str(path)!r} is not a complete activation store.")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptFileError(f"{str(mpath)!r} is not valid JSON ({exc}); the store is damaged. Extract again.") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CorruptFileError(f"{str(mpath)!r} is not an unveil activation-store manifest.")
+        if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+            raise CorruptFileError(f"{str(mpath)!r} has format version {manifest.get('format_version')}, newer than "
+                                   f"this unveil reads ({FORMAT_VERSION}); upgrade unveil.")
+        required = ("shards", "n_maps", "n_features", "map_shape", "image_ids", "dtype")
+        missing = [k for k in required if k not in manifest]
+        if missing:
+            raise CorruptFileError(f"{str(mpath)!r} lacks the fields {missing}; the store is damaged. Extract again.")
+        store = cls(path, manifest)
+        if store._offsets[-1] != manifest["n_maps"] or len(store.image_ids) != manifest["n_maps"]:
+            raise CorruptFileError(f"{str(mpath)!r} is inconsistent: the shards hold {int(store._offsets[-1])} maps, "
+                                   f"the manifest says {manifest['n_maps']}. Extract again.")
+        want = (manifest["n_features"], *manifest["map_shape"])
+        for s, rec in enumerate(store._shards):
+            if rec["n"] == 0:
+                continue
+            f = path / rec["file"]
+            if not f.is_file():
+                raise CorruptFileError(f"shard file {str(f)!r} is missing; the store is damaged. Extract again.")
+            arr = store._array(s)
+            if arr.shape != (rec["n"], *want) or arr.dtype != np.dtype(manifest["dtype"]):
+                raise CorruptFileError(f"shard file {str(f)!r} holds {arr.dtype} {arr.shape}, expected "
+                                       f"{manifest['dtype']} {(rec['n'], *want)}; the store is damaged. Extract again.")
+        return store
+
+    def _array(self, s: int) -> np.ndarray:
+        if self._arrays[s] is None:
+            f = self.path / self._shards[s]["file"]
+            try:
+                self._arrays[s] = np.load(f, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise CorruptFileError(f"shard file {str(f)!r} is not a readable .npy file ({exc}). Extract again.") from None
+        return self._arrays[s]
+
+    # -------------------------------------------------------------- shape
+    def __len__(self) -> int:
+        return int(self.manifest["n_maps"])
+
+    @property
+    def n_features(self) -> int:
+        """D, the number of channels."""
+        return int(self.manifest["n_features"])
+
+    @property
+    def map_shape(self):
+        """(H, W) of the stored maps ((k, 1) when subsampled)."""
+        return tuple(int(v) for v in self.manifest["map_shape"])
+
+    @property
+    def subsampled(self) -> bool:
+        """True when only ``k`` random positions per image are stored (maps are (D, k, 1))."""
+        return bool(self.manifest.get("subsampled", False))
+
+    @property
+    def layer(self) -> str:
+        return self.manifest.get("layer", "?")
+
+    @property
+    def model_id(self) -> Optional[str]:
+        return self.manifest.get("model_id")
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.from_dict(self.manifest["tokens"])
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, n={len(self)}, D={self.n_features}, map_shape={self.map_shape}, "
+                f"layer={self.layer!r}, model={self.model_id!r}{', subsampled' if self.subsampled else ''})")
+
+    # ---------------------------------------------------------------- read
+    def _index(self, indices) -> np.ndarray:
+        if isinstance(indices, slice):
+            idx = np.arange(len(self))[indices]
+        else:
+            idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+            if idx.ndim == 0:
+                idx = idx[None]
+            if idx.size and not np.issubdtype(idx.dtype, np.integer):
+                raise ValidationError(f"indices must be integers, got dtype {idx.dtype}.")
+            idx = idx.astype(np.int64).ravel()
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise ValidationError(f"indices must be in [0, {len(self)}) for a store of {len(self)} maps; "
+                                  f"got values from {int(idx.min())} to {int(idx.max())}.")
+        return np.where(idx < 0, idx + len(self), idx)
+
+    def maps(self, indices) -> torch.Tensor:
+        """Float32 maps ``(len(indices), D, H, W)`` of the given image indices, in that order."""
+        idx = self._index(indices)
+        out = np.empty((idx.size, self.n_features, *self.map_shape), dtype=np.float32)
+        shard = np.searchsorted(self._offsets, idx, side="right") - 1
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            local = idx[where] - self._offsets[s]
+            order = np.argsort(local, kind="stable")
+            out[where[order]] = self._array(int(s))[local[order]]
+        return torch.from_numpy(out)
+
+    def positions(self, indices) -> torch.Tensor:
+        """For a subsampled store: the flat positions ``h·W + w`` (of the full map) kept per image, (n, k)."""
+        if not self.subsampled:
+            raise ValidationError("this store is not subsampled; every position is stored.")
+        idx = self._index(indices)
+        shard = np.searchsorted(self._offsets, idx, side="right") - 1
+        out = np.empty((idx.size, self.map_shape[0]), dtype=np.int64)
+        for s in np.unique(shard):
+            if self._positions[s] is None:
+                self._positions[s] = np.load(self.path / self._shards[s]["positions"], mmap_mode="r", allow_pickle=False)
+            where = np.nonzero(shard == s)[0]
+            out[where] = self._positions[s][idx[where] - self._offsets[s]]
+        return torch.from_numpy(out)
+
+    def iter_maps(self, batch_size: int = 256, shuffle: bool = False, generator=None) -> Iterator[torch.Tensor]:
+        """Yield contiguous float32 batches ``(B, D, H, W)`` covering every map once.
+
+        Parameters
+        ----------
+        batch_size : int
+        shuffle : bool
+            Visit the maps in a random order (drawn from ``generator``); otherwise in store order.
+        generator : torch.Generator, int or None
+            Source of the shuffling order.
+        """
+        batch_size = check_positive_int(batch_size, "batch_size")
+        n = len(self)
+        if shuffle:
+            g = make_generator(generator)
+            order = torch.randperm(n, generator=g).numpy()
+            for i in range(0, n, batch_size):
+                yield self.maps(order[i:i + batch_size])
+            return
+        for i in range(0, n, batch_size):
+            j = min(n, i + batch_size)
+            parts = []
+            s = int(np.searchsorted(self._offsets, i, side="right") - 1)
+            while i < j:
+                stop = min(j, int(self._offsets[s + 1]))
+                if stop > i:
+                    parts.append(np.asarray(self._array(s)[i - self._offsets[s]:stop - self._offsets[s]], dtype=np.float32))
+                i, s = stop, s + 1
+            batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            yield torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def verify(self) -> None:
+        """Re-read every shard and check its sha256 against the manifest (:class:`CorruptFileError` if not)."""
+        for rec in self._shards:
+            if rec["n"] == 0:
+                continue
+            f = self.path / rec["file"]
+            if _sha256_file(f) != rec.get("sha256"):
+                raise CorruptFileError(f"shard file {str(f)!r} does not match its recorded checksum (modified or "
+                                       f"truncated). Extract again.")
+
+
+# ------------------------------------------------------------------------------------- extraction
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> str:
+    """``np.save`` via a temporary file + ``os.replace``; returns the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return digest
+
+
+class _Source:
+    """The images to extract from: a folder (decoded lazily) or a tensor."""
+
+    def __init__(self, images, preprocessing, labels):
+        from ..data.images import ImageFolder, Preprocessing, scan_images
+        self.folder = None
+        self.tensor = None
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4 or images.shape[0] == 0:
+                raise ValidationError(f"images must be a folder or a non-empty (N, 3, H, W) tensor, got shape "
+                                      f"{tuple(images.shape)}.")
+            self.tensor = images.detach().cpu()
+            n = images.shape[0]
+            self.ids = [str(i) for i in range(n)]
+            if labels is not None:
+                labels = [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+                if len(labels) != n:
+                    raise ValidationError(f"labels must have one entry per image ({n}), got {len(labels)}.")
+            self.labels, self.class_names, self.skipped = labels, None, []
+            t = self.tensor.contiguous()
+            self.fingerprint = hashlib.sha256(t.to(torch.float32).numpy().tobytes()).hexdigest()
+            self.preprocessing = None
+            self.root = None
+            self.input_shape = list(images.shape[1:])
+        else:
+            folder = images if isinstance(images, ImageFolder) else scan_images(images)
+            self.folder = folder
+            self.ids, self.labels, self.class_names = folder.files, folder.labels, folder.class_names
+            self.skipped = list(folder.skipped)
+            self.fingerprint = folder.fingerprint()
+            if preprocessing is None:
+                preprocessing = Preprocessing.imagenet(224)
+                logger.info("no preprocessing given: using ImageNet normalisation at 224 px")
+            self.preprocessing = preprocessing
+            self.root = str(folder.root)
+            self.input_shape = [3, preprocessing.size, preprocessing.size]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, indices: Sequence[int]):
+        if self.tensor is not None:
+            return self.tensor[list(indices)], list(indices), []
+        from ..data.images import load_batch
+        return load_batch(self.folder, indices, self.preprocessing)
+
+
+def extract(model: nn.Module, layer: str, images, out, batch_size: int = 64, dtype: str = "float16",
+            shard_size: int = 256, subsample: Optional[int] = None, seed: int = 0, progress: bool = False,
+            model_id: Optional[str] = None, model_source: Optional[dict] = None, preprocessing=None,
+            tokens: str = "patches", prefix_tokens: Optional[int] = None, labels=None,
+            overwrite: bool = False) -> ActivationStore:
+    """Capture ``layer`` over an image set into an :class:`ActivationStore` at ``out`` (resumable).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Used as given (put it in eval mode first); images are moved to its device.
+    layer : str
+        Dotted module name.
+    images : folder path, :class:`~unveil.data.images.ImageFolder` or tensor (N, 3, H, W)
+        A folder is scanned recursively (class sub-folders become labels); unreadable files are
+        skipped and listed in the manifest. A tensor must already be preprocessed.
+    out : path
+        Store folder (created). Re-running the same extraction resumes it; a folder holding a
+        different extraction is refused unless ``overwrite``.
+    batch_size : int
+    dtype : {"float16", "float32"}
+        Storage dtype (maps are always read back as float32).
+    shard_size : int
+        Images per shard (the unit of resumption).
+    subsample : int, optional
+        Keep ``k`` random positions per image; maps are then stored as ``(D, k, 1)``.
+    seed : int
+        Seed of the subsampling (recorded).
+    progress : bool
+        Show a tqdm bar.
+    model_id, model_source : recorded in the manifest (``model_source`` from
+        :func:`unveil.models.model_source` lets :func:`head_for_store` rebuild the model).
+    preprocessing : :class:`~unveil.data.images.Preprocessing`, for folder images.
+    tokens, prefix_tokens : ViT token handling, as in :func:`unveil.capture.capture`.
+    labels : optional labels for tensor images.
+    overwrite : bool
+        Delete a different extraction found at ``out``.
+
+    Returns
+    -------
+    ActivationStore
+
+    Examples
+    --------
+    >>> from unveil.models import load_model
+    >>> model, pre, model_id = load_model("resnet18")                         # doctest: +SKIP
+    >>> store = extract(model, "layer4", "images/", "acts/", preprocessing=pre,
+    ...                 model_id=model_id)                                      # doctest: +SKIP
+    """
+    batch_size = check_positive_int(batch_size, "batch_size")
+    shard_size = check_positive_int(shard_size, "shard_size")
+    if dtype not in _DTYPES:
+        raise ValidationError(f"dtype must be one of {_DTYPES}, got {dtype!r}.")
+    if subsample is not None:
+        subsample = check_positive_int(subsample, "subsample")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValidationError(f"seed must be an integer, got {seed!r}.")
+    seed = int(seed)
+    capturer = Capturer(model, layer, tokens, prefix_tokens)  # validates the layer name first
+    src = _Source(images, preprocessing, labels)
+    out = Path(out)
+
+    plan = {"format": FORMAT + ".plan", "model_id": model_id, "layer": layer, "tokens": tokens,
+            "prefix_tokens": prefix_tokens, "dtype": dtype, "shard_size": shard_size, "subsample": subsample,
+            "seed": seed, "n_candidates": len(src), "data_fingerprint": src.fingerprint,
+            "preprocessing": src.preprocessing.to_dict() if src.preprocessing is not None else None}
+    plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    plan["plan_id"] = plan_id
+    _prepare_folder(out, plan_id, overwrite)
+    if (out / "manifest.json").is_file():
+        logger.info("%s already holds this extraction; nothing to do", out)
+        return ActivationStore.open(out)
+    if not (out / "plan.json").is_file():
+        atomic_write_json(out / "plan.json", plan)
+
+    n_shards = -(-len(src) // shard_size)
+    records: List[Optional[dict]] = [_read_record(out, s, plan_id) for s in range(n_shards)]
+    done_images = sum(min(shard_size, len(src) - s * shard_size) for s, r in enumerate(records) if r is not None)
+    if done_images:
+        logger.info("resuming %s: %d of %d shards already done", out, sum(r is not None for r in records), n_shards)
+    bar = _progress(total=len(src), enabled=progress, desc=f"extract {layer}", unit="img", initial=done_images)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            for s in range(n_shards):
+                if records[s] is not None:
+                    continue
+                records[s] = _extract_shard(capturer, src, s, shard_size, batch_size, dtype, subsample, seed,
+                                            out, plan_id, pool, bar)
+        finally:
+            bar.close()
+
+    layouts = {json.dumps(r["layout"], sort_keys=True) for r in records if r["n"]}
+    shapes = {tuple(r["shape"]) for r in records if r["n"]}
+    n_maps = sum(r["n"] for r in records)
+    skipped = src.skipped + [sk for r in records for sk in r["skipped"]]
+    if n_maps == 0:
+        raise ValidationError(f"none of the {len(src)} image files could be decoded ({len(skipped)} skipped, e.g. "
+                              f"{skipped[0]['path']!r}: {skipped[0]['reason']}); no activations were stored. "
+                              f"Check the image folder.")
+    if len(layouts) != 1 or len(shapes) != 1:
+        raise CorruptFileError(f"the shards in {str(out)!r} disagree on the map shape/layout ({sorted(shapes)}); "
+                               f"they come from different runs. Extract again with overwrite=True.")
+    shape = shapes.pop()
+    kept = [i for r in records for i in r["kept"]]
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "plan_id": plan_id,
+        "model_id": model_id, "model": model_source, "layer": layer,
+        "tokens": json.loads(layouts.pop()), "preprocessing": plan["preprocessing"],
+        "data": {"kind": "tensor" if src.tensor is not None else "folder", "root": src.root,
+                 "fingerprint": src.fingerprint, "n_candidates": len(src), "input_shape": src.input_shape},
+        "n_maps": n_maps, "n_features": shape[0], "map_shape": list(shape[1:]), "dtype": dtype,
+        "subsample": subsample, "subsampled": subsample is not None, "seed": seed,
+        "shards": [{"file": r["file"], "n": r["n"], "sha256": r["sha256"], "positions": r.get("positions")}
+                   for r in records],
+        "image_ids": [src.ids[i] for i in kept],
+        "labels": None if src.labels is None else [int(src.labels[i]) for i in kept],
+        "class_names": src.class_names,
+        "skipped": skipped, "n_skipped": len(skipped),
+        "versions": versions(),
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    if skipped:
+        logger.warning("%d file(s) skipped (not images or unreadable); they are listed in %s",
+                       len(skipped), out / "manifest.json")
+    return ActivationStore.open(out)
+
+
+def _prepare_folder(out: Path, plan_id: str, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValidationError(f"output {str(out)!r} exists and is not a folder; pass a folder path for the store.")
+    out.mkdir(parents=True, exist_ok=True)
+    ours = {"plan.json", "manifest.json", "shards"}
+    existing = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    if not existing:
+        return
+    if not existing <= ours:
+        raise ValidationError(f"output folder {str(out)!r} is not empty and is not an activation store "
+                              f"(holds {sorted(existing - ours)[:3]}); choose a new or empty folder.")
+    old = None
+    for name in ("manifest.json", "plan.json"):
+        try:
+            old = json.loads((out / name).read_text()).get("plan_id")
+            break
+        except (OSError, ValueError, AttributeError):
+            continue
+    if old == plan_id:
+        return
+    if not overwrite:
+        raise ValidationError(f"{str(out)!r} holds a different extraction (another model, layer, image set or "
+                              f"setting); choose another folder, or pass overwrite=True (--overwrite) to replace it.")
+    for name in ("manifest.json", "plan.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "shards", ignore_errors=True)
+
+
+def _read_record(out: Path, s: int, plan_id: str) -> Optional[dict]:
+    rpath = out / "shards" / f"shard_{s:05d}.json"
+    try:
+        rec = json.loads(rpath.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("plan_id") != plan_id:
+        return None
+    if rec["n"]:
+        try:
+            arr = np.load(out / rec["file"], mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if tuple(arr.shape) != (rec["n"], *rec["shape"]):
+            return None
+    return rec
+
+
+def _shard_generator(seed: int, s: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, s]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _extract_shard(capturer: Capturer, src: _Source, s: int, shard_size: int, batch_size: int, dtype: str,
+                   subsample: Optional[int], seed: int, out: Path, plan_id: str, pool, bar) -> dict:
+    start, stop = s * shard_size, min(len(src), (s + 1) * shard_size)
+    batches = [list(range(i, min(stop, i + batch_size))) for i in range(start, stop, batch_size)]
+    chunks, pos_chunks, kept, skipped = [], [], [], []
+    g = _shard_generator(seed, s) if subsample else None
+    pending = pool.submit(src.load, batches[0])
+    for b in range(len(batches)):
+        x, kept_b, skipped_b = pending.result()
+        if b + 1 < len(batches):
+            pending = pool.submit(src.load, batches[b + 1])  # decode the next batch while this one runs
+        skipped += skipped_b
+        if kept_b:
+            maps = capturer(x)
+            if not torch.isfinite(maps).all():
+                raise ValidationError(f"layer {capturer.layer!r} produced NaN/inf activations for images "
+                                      f"{[src.ids[i] for i in kept_b][:3]}...; check the model and preprocessing.")
+            if subsample:
+                maps, pos = _subsample(maps, subsample, g, capturer.layer)
+                pos_chunks.append(pos)
+            arr = maps.numpy().astype(dtype, copy=False)
+            if not np.isfinite(arr).all():
+                raise ValidationError(f"activations of layer {capturer.layer!r} exceed the float16 range "
+                                      f"(max |x| = {float(maps.abs().max()):.3g}); extract with dtype='float32'.")
+            chunks.append(arr)
+            kept += kept_b
+        bar.update(len(batches[b]))
+    rec = {"plan_id": plan_id, "index": s, "start": start, "stop": stop, "n": len(kept), "kept": kept,
+           "skipped": skipped, "file": f"shards/maps_{s:05d}.npy", "sha256": None, "shape": None,
+           "layout": capturer.layout.to_dict() if capturer.layout is not None else None, "positions": None}
+    if kept:
+        data = np.concatenate(chunks)
+        rec["shape"] = list(data.shape[1:])
+        if subsample:
+            rec["positions"] = f"shards/pos_{s:05d}.npy"
+            _atomic_save_npy(out / rec["positions"], np.concatenate(pos_chunks).astype(np.int32))
+        rec["sha256"] = _atomic_save_npy(out / rec["file"], data)
+    atomic_write_json(out / "shards" / f"shard_{s:05d}.json", rec)
+    return rec
+
+
+def _subsample(maps: torch.Tensor, k: int, g: torch.Generator, layer: str):
+    n, d, h, w = maps.shape
+    if k > h * w:
+        raise ValidationError(f"subsample={k} is larger than the {h}×{w} = {h * w} positions of layer {layer!r}; "
+                              f"pass at most {h * w} (or no subsample).")
+    pos = torch.stack([torch.randperm(h * w, generator=g)[:k].sort().values for _ in range(n)])
+    flat = maps.reshape(n, d, h * w)
+    picked = torch.gather(flat, 2, pos[:, None, :].expand(n, d, k))
+    return picked[..., None].contiguous(), pos
+
+
+# ------------------------------------------------------------------------------------------- head
+def head_for_store(store: Union[ActivationStore, str, os.PathLike], model: Optional[nn.Module] = None):
+    """The head f⁺ matching a store: rebuilt from the manifest's model and layer with :func:`make_head`.
+
+    Parameters
+    ----------
+    store : ActivationStore or path
+    model : nn.Module, optional
+        The model the store was extracted from (otherwise rebuilt with
+        :func:`unveil.models.load_model` from the manifest, checking the weights' sha256).
+
+    Raises
+    ------
+    HeadError
+        If the store is subsampled (the maps lost their spatial layout), or the model cannot be
+        rebuilt or cut at the layer.
+    """
+    from .head import make_head
+    if not isinstance(store, ActivationStore):
+        store = ActivationStore.open(store)
+    m = store.manifest
+    if store.subsampled:
+        raise HeadError(f"the store at {str(store.path)!r} is subsampled ({m.get('subsample')} positions per image), so "
+                        f"its maps are not the layer's (H, W) maps the head takes; fit without a head, or extract "
+                        f"without subsample.")
+    src = m.get("model")
+    if model is None:
+        from ..models import _file_sha256, load_model
+        if not src:
+            raise HeadError(f"the store at {str(store.path)!r} does not record how to rebuild its model "
+                            f"({m.get('model_id')!r}); pass model=.")
+        weights = src.get("weights")
+        if weights is not None:
+            if not Path(weights).is_file():
+                raise HeadError(f"the weights file {weights!r} the store was extracted with is missing; pass model=.")
+            if src.get("weights_sha256") and _file_sha256(weights) != src["weights_sha256"]:
+                raise HeadError(f"the weights file {weights!r} changed since the store was extracted (sha256 differs); "
+                                f"pass model= or extract again.")
+        model, _, _ = load_model(src["name"], weights=weights, **src.get("options", {}))
+    layout = store.layout
+    size = ((m.get("data") or {}).get("input_shape") or [None])[-1]
+    return make_head(model, m["layer"], tokens=layout.tokens, prefix_tokens=layout.n_prefix, input_size=size,
+                     layout=layout)
