@@ -61,7 +61,8 @@ def otsu_threshold(values, bins: int = 256) -> float:
 
     Returns
     -------
-    float, a value between ``min(values)`` and ``max(values)``.
+    float, a value between ``min(values)`` and ``max(values)``. When several cuts tie (an empty gap
+    between two modes), the middle of the tied range is returned.
 
     Examples
     --------
@@ -85,8 +86,9 @@ def otsu_threshold(values, bins: int = 256) -> float:
     m1 = (s0[-1] - s0) / np.maximum(w1, 1)
     between = w0 * w1 * (m0 - m1) ** 2
     between[(w0 == 0) | (w1 == 0)] = -1
-    k = int(np.argmax(between))
-    return float(edges[k + 1])
+    # cuts in an empty gap between the modes tie: take the middle of the best plateau
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(0.5 * (edges[best[0] + 1] + edges[best[-1] + 1]))
 
 
 def _skew_signs(scores: np.ndarray) -> np.ndarray:
