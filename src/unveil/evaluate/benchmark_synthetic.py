@@ -34,6 +34,7 @@ def _make(name: str, n_concepts: int, seed: int, fast: bool):
     """A fresh estimator for ``name`` and how to call its ``fit`` (``"X"``, ``"X+labels"``, ``"X+head"``)."""
     b = _baselines()
     ae_epochs = 40 if fast else 200
+    n_init = 3 if fast else 10
     if name == "eddp":
         from ..directions.eddp import EDDP  # raises ImportError until it exists
         return EDDP(n_concepts=n_concepts, random_state=seed), "X+head"
@@ -44,9 +45,9 @@ def _make(name: str, n_concepts: int, seed: int, fast: bool):
     if name == "nmf":
         return b.NMFBaseline(n_concepts, random_state=seed), "X"
     if name == "kmeans":
-        return b.KMeansBaseline(n_concepts, random_state=seed), "X"
+        return b.KMeansBaseline(n_concepts, random_state=seed, n_init=n_init), "X"
     if name == "spherical-kmeans":
-        return b.SphericalKMeansBaseline(n_concepts, random_state=seed), "X"
+        return b.SphericalKMeansBaseline(n_concepts, random_state=seed, n_init=n_init), "X"
     if name == "ae":
         return b.SparseAutoencoder(n_concepts, l1=0.0, epochs=ae_epochs, random_state=seed), "X"
     if name.startswith("sae-"):
@@ -136,8 +137,8 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
         Names from :data:`METHODS` (default: all). ``"eddp"`` is skipped with a warning when
         ``unveil.EDDP`` is not available.
     fast : bool
-        Fewer images (150 per class for "paper", 60 for "hard"), 200 head epochs and 40 autoencoder
-        epochs: a smoke test, not a measurement.
+        Fewer images (150 per class for "paper", 60 for "hard"), 200 head epochs, 40 autoencoder
+        epochs and 3 k-means restarts: a smoke test, not a measurement.
     head_epochs : int, optional
         Epochs of the head's training (default 2000, the paper's; 200 with ``fast``).
     show_progress : bool
