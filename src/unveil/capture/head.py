@@ -240,6 +240,7 @@ def make_head(model: nn.Module, layer: str, tokens: str = "patches", prefix_toke
         probe_layout = _probe(model, layer, gm, tokens, prefix_tokens, input_size, layout, check)
         layout = layout or probe_layout
     head = FrozenHead(gm, layout, layer, type(model).__name__)
+    head.train(model.training)  # mirrors the mode the model's modules run in (touches only the wrapper)
     if layout.n_dropped:
         raise LayerError(f"layer {layer!r} outputs tokens with {layout.n_prefix} prefix token(s) (CLS) that "
                          f"tokens='patches' drops, but the network above the layer needs them; capture and make "

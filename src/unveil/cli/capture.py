@@ -1,0 +1,120 @@
+"""``unveil layers`` / ``unveil extract`` / ``unveil fit``: the model side of the command line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("layers", help="list a model's layers with their output shapes",
+                              description="List the layers (dotted module names) of a model, the shape of each "
+                                          "layer's output for one image, and whether a head can be cut there.")
+    _model_args(p)
+    p.add_argument("--input-size", type=int, default=None,
+                   help="side of the square probe image (default: the model's input size)")
+    p.add_argument("--all", action="store_true", help="also list layers the probe forward does not reach")
+    p.set_defaults(func=_layers)
+
+    e = subparsers.add_parser("extract", help="capture a layer's feature maps over an image folder into a store",
+                              description="Run the model over a folder of images (recursive; class sub-folders "
+                                          "become labels) and store the layer's feature maps as memory-mapped "
+                                          "shards. Re-running the same command resumes an interrupted extraction.")
+    _model_args(e)
+    e.add_argument("--layer", required=True, help="dotted layer name (see `unveil layers`)")
+    e.add_argument("--images", required=True, type=Path, help="image folder (.jpg .jpeg .png .webp .bmp)")
+    e.add_argument("--out", required=True, type=Path, help="store folder to write")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
+    e.add_argument("--subsample", type=int, default=None, metavar="K",
+                   help="keep K random positions per image (maps stored as (D, K, 1); fit then runs without head)")
+    e.add_argument("--shard-size", type=int, default=256, help="images per shard (the unit of resumption)")
+    e.add_argument("--tokens", choices=["patches", "all"], default="patches",
+                   help="ViT layers: drop the CLS/prefix tokens and use the patch grid, or keep every token")
+    e.add_argument("--seed", type=int, default=0, help="seed of --subsample")
+    e.add_argument("--overwrite", action="store_true", help="replace a different extraction found in --out")
+    e.set_defaults(func=_extract)
+
+    f = subparsers.add_parser("fit", help="learn direction pairs (EDDP) from an activation store",
+                              description="Fit EDDP on a store made by `unveil extract`; the head (the network "
+                                          "above the layer) is rebuilt from the store's model and layer.")
+    f.add_argument("store", type=Path, help="activation store folder")
+    f.add_argument("--concepts", type=int, required=True, metavar="I", help="number of concepts")
+    f.add_argument("--out", type=Path, required=True, help="folder to save the direction pairs in")
+    f.add_argument("--epochs-scale", type=float, default=1.0,
+                   help="multiply the optimisation steps of every phase (e.g. 0.2 for a quick look)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default=None, help="torch device (default: cpu)")
+    f.add_argument("--no-head", action="store_true", help="fit without the head (no URA terms)")
+    f.set_defaults(func=_fit)
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", required=True,
+                   help="resnet18, efficientnet-lite0, vit-tiny, worldnet, worldnet-shortcut or package.module:factory")
+    p.add_argument("--weights", type=Path, default=None, help=".safetensors or torch state_dict file to load")
+    p.add_argument("--image-size", type=int, default=None, help="input image size (default: the model's)")
+
+
+def _load(args):
+    from ..models import load_model, model_source
+    options = {} if args.image_size is None else {"image_size": args.image_size}
+    model, pre, model_id = load_model(args.model, weights=args.weights, **options)
+    return model, pre, model_id, model_source(args.model, args.weights, **options)
+
+
+def _layers(args) -> int:
+    from ..capture import list_layers
+    model, pre, model_id, _ = _load(args)
+    size = args.input_size or pre.size
+    infos = list_layers(model, size)
+    rows = [(i.name, i.type, "x".join(str(v) for v in i.shape[1:]) if i.shape else "-",
+             {True: "yes", False: "no", None: "?"}[i.cut]) for i in infos if args.all or i.shape]
+    w = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(("layer", "type", "output", "head"))]
+    print(f"{model_id}: {len(infos)} layers, output shapes for one {size}x{size} image "
+          f"('head': whether `unveil fit` can use the network above the layer)")
+    print("  ".join(h.ljust(w[k]) for k, h in enumerate(("layer", "type", "output", "head"))))
+    for r in rows:
+        print("  ".join(c.ljust(w[k]) for k, c in enumerate(r)))
+    return 0
+
+
+def _extract(args) -> int:
+    from ..capture import extract
+    model, pre, model_id, source = _load(args)
+    store = extract(model, args.layer, args.images, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                    shard_size=args.shard_size, subsample=args.subsample, seed=args.seed, progress=True,
+                    model_id=model_id, model_source=source, preprocessing=pre, tokens=args.tokens,
+                    overwrite=args.overwrite)
+    m = store.manifest
+    shape = "x".join(str(v) for v in (store.n_features, *store.map_shape))
+    print(f"stored {len(store)} maps ({shape}, {m['dtype']}) of {model_id} layer {args.layer!r} in {args.out}"
+          + (f"; {m['n_skipped']} file(s) skipped (listed in manifest.json)" if m["n_skipped"] else "")
+          + (f"; {len(store.class_names)} classes" if store.class_names else ""))
+    return 0
+
+
+def _fit(args) -> int:
+    from .. import EDDP
+    from .._errors import ValidationError
+    from ..capture import ActivationStore, head_for_store
+    if not args.epochs_scale > 0:
+        raise ValidationError(f"--epochs-scale must be > 0, got {args.epochs_scale}.")
+    store = ActivationStore.open(args.store)
+    head = None
+    if args.no_head:
+        print("fitting without a head (--no-head): no URA terms")
+    elif store.subsampled:
+        print(f"the store is subsampled ({store.manifest.get('subsample')} positions per image): fitting without "
+              f"a head (no URA terms)")
+    else:
+        head = head_for_store(store)
+    est = EDDP(n_concepts=args.concepts, random_state=args.seed, progress=True, device=args.device)
+    if args.epochs_scale != 1.0:
+        defaults = est._resolved()[1]
+        est.steps = {k: int(round(v * args.epochs_scale)) for k, v in defaults.items()}
+    est.fit(store, head=head)
+    pairs = est.pairs_
+    pairs.meta.update({"model_id": store.model_id, "layer": store.layer, "store": str(Path(args.store).resolve()),
+                       "store_plan_id": store.manifest.get("plan_id"), "seed": args.seed, "head": head is not None})
+    pairs.save(args.out)
+    print(f"saved {pairs.n_concepts} direction pairs (D = {pairs.n_features}, layer {store.layer!r}) to {args.out}")
+    return 0
