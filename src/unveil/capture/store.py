@@ -230,7 +230,8 @@ class ActivationStore:
             while i < j:
                 stop = min(j, int(self._offsets[s + 1]))
                 if stop > i:
-                    parts.append(np.asarray(self._array(s)[i - self._offsets[s]:stop - self._offsets[s]], dtype=np.float32))
+                    # np.array copies: the batch never aliases the read-only memory map
+                    parts.append(np.array(self._array(s)[i - self._offsets[s]:stop - self._offsets[s]], dtype=np.float32))
                 i, s = stop, s + 1
             batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
             yield torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
