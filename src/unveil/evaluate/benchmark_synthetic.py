@@ -154,8 +154,11 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
 
     Examples
     --------
-    >>> res = run_synthetic_benchmark(seeds=[0], methods=["pca"], fast=True)  # doctest: +SKIP
-    >>> res["methods"]["pca"]["summary"]["mean_iou"]["mean"]  # doctest: +SKIP
+    A smoke run (seconds; the numbers of a full run come from ``unveil synthetic``)::
+
+        res = run_synthetic_benchmark(seeds=[0], methods=["pca", "pattern-cav"], fast=True)
+        print(format_table(res))
+        res["methods"]["pca"]["summary"]["mean_iou"]   # {"mean": ..., "worst": ...}
     """
     from .._io import versions
     from ..data.synthetic import train_head
