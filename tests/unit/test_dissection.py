@@ -261,3 +261,20 @@ def test_errors_have_clear_messages():
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValidationError, match="NaN"):
         dissect(bad, ds, [0], [1])
+
+
+def test_separate_validation_dataset_equals_one_dataset():
+    ds, low = blocky_case(n=12)
+    maps = low[:, [1, 0, 2]].astype(np.float32)
+    one = dissect(maps, ds, range(6), range(6, 12), upsample="nearest")
+    train = FakeDataset(ds.masks[:6], ds.concepts)
+    val = FakeDataset(ds.masks[6:], ds.concepts)
+    two = dissect(maps[:6], train, range(6), range(6), val_dataset=val, val_maps=maps[6:], upsample="nearest")
+    for name in ("iou_train", "iou_val", "precision", "recall", "ap"):
+        np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=0, atol=1e-12)
+    assert {t["split"] for t in two.top_activations(0)} <= {"train", "val"}
+    with pytest.raises(ValidationError, match="pass val_maps"):
+        dissect(maps[:6], train, range(6), range(6), val_dataset=val)
+    other = FakeDataset(ds.masks[6:], [Concept(f"x{i}", "object") for i in range(3)])
+    with pytest.raises(ValidationError, match="other concepts"):
+        dissect(maps[:6], train, range(6), range(6), val_dataset=other, val_maps=maps[6:])

@@ -302,8 +302,9 @@ class _TopK:
         self.cols = torch.zeros((n_det, 0), dtype=torch.long)
         self.h = torch.zeros((n_det, 0), dtype=torch.long)
         self.w = torch.zeros((n_det, 0), dtype=torch.long)
+        self.split = torch.zeros((n_det, 0), dtype=torch.long)
 
-    def update(self, maps: torch.Tensor, idx: List[int]) -> None:
+    def update(self, maps: torch.Tensor, idx: List[int], split: int = 0) -> None:
         if self.k == 0:
             return
         b, n_det, h, w = maps.shape
@@ -314,12 +315,14 @@ class _TopK:
         cols = torch.cat([self.cols, (arg % w).T.cpu()], 1)
         hh = torch.cat([self.h, torch.full((n_det, b), h)], 1)
         ww = torch.cat([self.w, torch.full((n_det, b), w)], 1)
+        sp = torch.cat([self.split, torch.full((n_det, b), split)], 1)
         # stable: larger value first, earlier dataset position first on ties
         order = torch.from_numpy(np.lexsort((np.arange(vals.shape[1])[None].repeat(n_det, 0),
                                              -vals.numpy()), axis=-1)[:, :self.k].copy())
         self.values, self.index = vals.gather(1, order), index.gather(1, order)
         self.rows, self.cols = rows.gather(1, order), cols.gather(1, order)
         self.h, self.w = hh.gather(1, order), ww.gather(1, order)
+        self.split = sp.gather(1, order)
 
 
 def _accumulate(acc: _Acc, maps: torch.Tensor, masks: torch.Tensor, ann: torch.Tensor, thr: torch.Tensor,
@@ -411,6 +414,7 @@ class DissectionResult:
     top_cols: np.ndarray
     top_map_h: np.ndarray
     top_map_w: np.ndarray
+    top_split: Optional[np.ndarray] = None
     config: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -448,7 +452,8 @@ class DissectionResult:
     def top_activations(self, detector: int, k: Optional[int] = None) -> List[Dict[str, Any]]:
         """The strongest images of one detector, for montages.
 
-        Each entry: ``index`` (dataset index), ``value`` (max of the raw map), ``row``/``col`` (map cell
+        Each entry: ``index`` (dataset index), ``split`` ("train" or "val": which data set ``index``
+        refers to when a separate ``val_dataset`` was dissected), ``value`` (max of the raw map), ``row``/``col`` (map cell
         of the max), ``map_size`` (h, w), and ``box`` = (y0, x0, y1, x1) of that cell as fractions of
         the image height/width (multiply by the image size for pixels).
         """
@@ -462,7 +467,8 @@ class DissectionResult:
                 break
             h, w = int(self.top_map_h[i, j]), int(self.top_map_w[i, j])
             r, c = int(self.top_rows[i, j]), int(self.top_cols[i, j])
-            out.append({"index": int(self.top_indices[i, j]), "value": float(self.top_values[i, j]),
+            sp = "val" if self.top_split is not None and self.top_split[i, j] == 1 else "train"
+            out.append({"index": int(self.top_indices[i, j]), "split": sp, "value": float(self.top_values[i, j]),
                         "row": r, "col": c, "map_size": (h, w),
                         "box": (r / h, c / w, (r + 1) / h, (c + 1) / w)})
         return out
@@ -497,7 +503,7 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
             upsample: str = "bilinear", annotated=None, iou_threshold: float = 0.04, n_bins: int = 1024,
             top_k: int = 8, detector_names: Optional[List[str]] = None,
             preprocess: Optional[Callable] = None, max_elements: int = 2 ** 23,
-            progress: bool = False) -> DissectionResult:
+            val_dataset=None, val_maps=None, progress: bool = False) -> DissectionResult:
     """Label detectors with concepts and score them (Network Dissection, method.md §7), streaming.
 
     Parameters
@@ -528,6 +534,11 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
         uint8 images ``(B, H, W, 3)`` -> the detector's input; default :func:`images_to_float`.
     max_elements : int
         Upper bound on the elements of one upsampled chunk ``(b, i, Hm·Wm)``; detectors are chunked to fit.
+    val_dataset : dataset, optional
+        A separate validation data set (e.g. ``ConceptWorld(split="val")``); ``val_indices`` then
+        index it. Its concepts must be the same. ``annotated`` must then be None or a callable.
+    val_maps : array, optional
+        Precomputed maps for ``val_dataset`` (rows = its images), needed when ``detector`` is precomputed.
     progress : bool
         Show tqdm bars.
 
@@ -541,8 +552,9 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
     >>> res.summary["S1"], res.table()[0]["label"]  # doctest: +SKIP
     """
     n_data = len(dataset)
+    vds = dataset if val_dataset is None else val_dataset
     tr = _check_indices(train_indices, n_data, "train_indices")
-    va = _check_indices(val_indices, n_data, "val_indices")
+    va = _check_indices(val_indices, len(vds), "val_indices")
     batch_size = check_positive_int(batch_size, "batch_size")
     n_bins = check_positive_int(n_bins, "n_bins")
     top_k = check_positive_int(top_k, "top_k", minimum=0)
@@ -558,6 +570,21 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
         raise ValidationError(f"annotated must have shape (len(dataset), n_concepts) = {(n_data, n_con)}, "
                               f"got {annotated.shape}.")
     source = _Source(detector, n_data, preprocess)
+    vsource = source
+    if val_dataset is not None:
+        if _concept_info(val_dataset) != (names, cats):
+            raise ValidationError("val_dataset has other concepts than dataset (names or categories differ); "
+                                  "both splits must share one concept list.")
+        if annotated is not None and not callable(annotated):
+            raise ValidationError("with a separate val_dataset, annotated must be None or a callable "
+                                  "(index, sample) -> mask; an array cannot say which data set it covers.")
+        if not source.callable:
+            if val_maps is None:
+                raise ValidationError("precomputed maps cover `dataset` only; pass val_maps= with one map per "
+                                      "val_dataset image (or a callable detector).")
+            vsource = _Source(val_maps, len(vds), preprocess)
+    elif val_maps is not None:
+        raise ValidationError("val_maps is only used together with val_dataset; put all maps in `detector`.")
 
     state: Dict[str, Any] = {}
 
@@ -591,11 +618,13 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
             "pos": torch.zeros(n_det, n_bins, dtype=torch.float64),
             "neg": torch.zeros(n_det, n_bins, dtype=torch.float64)}
     lab_t = torch.as_tensor(labels, dtype=torch.long)
-    for idx, images, masks, ann in _batches(dataset, va, batch_size, source, annotated, n_con, cats):
-        maps = source.maps(idx, images)
+    for idx, images, masks, ann in _batches(vds, va, batch_size, vsource, annotated, n_con, cats):
+        maps = vsource.maps(idx, images)
+        if maps.shape[1] != n_det:
+            raise ValidationError(f"the validation maps have {maps.shape[1]} detectors, the train maps {n_det}.")
         _accumulate(state["val"], maps, masks, ann, state["thr"], upsample, max_elements,
                     hist=hist, labels=lab_t, n_bins=n_bins)
-        state["top"].update(maps, idx)
+        state["top"].update(maps, idx, split=1 if val_dataset is not None else 0)
         bar.update(len(idx))
     bar.close()
 
@@ -626,7 +655,7 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
     thr = state["thr"]
     config = {"threshold": float(thr[0]) if bool((thr == thr[0]).all()) else thr.tolist(),
               "upsample": upsample, "iou_threshold": iou_threshold, "n_bins": n_bins, "top_k": top_k,
-              "n_train": len(tr), "n_val": len(va)}
+              "n_train": len(tr), "n_val": len(va), "separate_val_dataset": val_dataset is not None}
     top = state["top"]
     logger.info("dissection: S1=%.3f S2=%.3f interpretable=%d/%d distinct=%d", summary["S1"], summary["S2"],
                 summary["n_interpretable"], n_det, summary["n_distinct"])
@@ -635,7 +664,8 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
         labels=labels.astype(np.int64), iou_train=iou_train, iou_val=iou_val, val_iou=val_iou,
         precision=precision, recall=recall, f1=f1, ap=ap, summary=summary,
         top_values=top.values.numpy(), top_indices=top.index.numpy(), top_rows=top.rows.numpy(),
-        top_cols=top.cols.numpy(), top_map_h=top.h.numpy(), top_map_w=top.w.numpy(), config=config)
+        top_cols=top.cols.numpy(), top_map_h=top.h.numpy(), top_map_w=top.w.numpy(),
+        top_split=top.split.numpy(), config=config)
 
 
 def fit_thresholds_on_train(detector, dataset, train_indices: Sequence[int], *, quantile: float = 0.995,
