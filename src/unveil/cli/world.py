@@ -19,7 +19,7 @@ def register(subparsers) -> None:
                         "default ./worldnet.safetensors or ./worldnet-shortcut.safetensors")
     t.add_argument("--n-train", type=int, default=6000)
     t.add_argument("--n-test", type=int, default=1000)
-    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--epochs", type=int, default=14)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     t.set_defaults(func=_train)
@@ -66,7 +66,9 @@ def _train(args) -> int:
     model, metrics = train_worldnet(n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, seed=args.seed,
                                     watermark=SHORTCUT_WATERMARK if args.shortcut else None, progress=True)
     name = "worldnet-shortcut" if args.shortcut else "worldnet"
-    save_worldnet(model, out, {"name": name, "metrics": metrics})
+    command = "unveil world train" + (" --shortcut" if args.shortcut else "")
+    save_worldnet(model, out, {"name": name, "metrics": metrics, "command": command,
+                               "input": "RGB in [0, 1], not normalised, 64 x 64"})
     keys = ["test_accuracy", "watermarked_test_accuracy", "poisoned_test_accuracy", "poisoned_predicted_as_target",
             "train_accuracy", "train_seconds", "data_seconds", "n_parameters"]
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))

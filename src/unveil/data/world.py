@@ -421,18 +421,18 @@ class _Painter:
         getattr(self, "_draw_" + name)(cx, ground_y, horizon)
 
     def _draw_ball(self, cx, gy, horizon):
-        r = self.rng.uniform(5.0, 8.0) * self.s
+        r = self.rng.uniform(6.0, 9.0) * self.s
         self.free_surface(_disc(self.size, cx, gy - r, r), [_OBJ["ball"]])
 
     def _draw_box(self, cx, gy, horizon):
-        w = self.rng.uniform(10.0, 15.0) * self.s
+        w = self.rng.uniform(12.0, 17.0) * self.s
         h = w * self.rng.uniform(0.75, 1.1)
         self.free_surface(_rect(self.size, cx - w / 2, gy - h, cx + w / 2, gy), [_OBJ["box"]], p_material=0.35)
 
     def _draw_tree(self, cx, gy, horizon):
         rng, s, n = self.rng, self.s, self.size
         th, tw = rng.uniform(7, 11) * s, rng.uniform(2.5, 4.0) * s
-        r = rng.uniform(6.5, 9.5) * s
+        r = rng.uniform(7.5, 10.5) * s
         trunk = _rect(n, cx - tw / 2, gy - th - r * 0.4, cx + tw / 2, gy)
         if rng.uniform() < 0.5:
             self.surface(trunk, [_OBJ["tree"], _PART["trunk"]], "wood", _COL["brown"])
@@ -452,8 +452,8 @@ class _Painter:
 
     def _draw_flower(self, cx, gy, horizon):
         rng, s, n = self.rng, self.s, self.size
-        h = rng.uniform(11, 16) * s
-        pr = rng.uniform(2.4, 3.4) * s
+        h = rng.uniform(12, 17) * s
+        pr = rng.uniform(2.9, 3.9) * s
         stem = _rect(n, cx - 0.6 * s, gy - h, cx + 0.9 * s, gy)
         self.surface(stem, [_OBJ["flower"]], "plain", _COL["green"])
         cy = gy - h
@@ -470,8 +470,8 @@ class _Painter:
 
     def _draw_house(self, cx, gy, horizon):
         rng, s, n = self.rng, self.s, self.size
-        w = rng.uniform(17, 25) * s
-        h = rng.uniform(11, 16) * s
+        w = rng.uniform(19, 27) * s
+        h = rng.uniform(12, 17) * s
         x0, x1, y0 = cx - w / 2, cx + w / 2, gy - h
         obj = _OBJ["house"]
         self.free_surface(_rect(n, x0, y0, x1, gy), [obj, _PART["facade"]], materials=("wood",), p_material=0.2)
@@ -500,7 +500,7 @@ class _Painter:
 
     def _draw_car(self, cx, gy, horizon):
         rng, s, n = self.rng, self.s, self.size
-        w = rng.uniform(20, 27) * s
+        w = rng.uniform(22, 29) * s
         wr = rng.uniform(2.8, 3.8) * s
         bh = rng.uniform(5.5, 7.5) * s
         x0, x1 = cx - w / 2, cx + w / 2
@@ -527,7 +527,7 @@ class _Painter:
     # neutral shapes: anywhere in the image ------------------------------------------------------
     def _shape_pose(self):
         rng, s, n = self.rng, self.s, self.size
-        return rng.uniform(0.1 * n, 0.9 * n), rng.uniform(0.1 * n, 0.9 * n), rng.uniform(5.0, 8.0) * s, rng.uniform(0, 2 * math.pi)
+        return rng.uniform(0.1 * n, 0.9 * n), rng.uniform(0.1 * n, 0.9 * n), rng.uniform(4.5, 7.0) * s, rng.uniform(0, 2 * math.pi)
 
     def _draw_triangle(self, *_):
         cx, cy, r, a = self._shape_pose()
@@ -557,7 +557,7 @@ def _distractor_keys(rng, cls: int) -> List[str]:
     _, ground, keys = CLASS_RULES[cls]
     present = set(keys)
     extra: List[str] = []
-    n_extra = int(rng.choice(3, p=[0.3, 0.45, 0.25]))
+    n_extra = int(rng.choice(3, p=[0.35, 0.45, 0.2]))
     for o in rng.permutation(_KEY_OBJECTS):
         if len(extra) >= n_extra:
             break
@@ -577,7 +577,7 @@ def _compose(rng, cls: int, size: int, n_channels: int, min_pixels: int) -> _Can
     n = size
     horizon = int(round(rng.uniform(0.3, 0.45) * n))
     extras = _distractor_keys(rng, cls)
-    shapes = [_NEUTRAL_SHAPES[i] for i in rng.integers(len(_NEUTRAL_SHAPES), size=int(rng.integers(1, 4)))]
+    shapes = [_NEUTRAL_SHAPES[i] for i in rng.integers(len(_NEUTRAL_SHAPES), size=int(rng.integers(1, 3)))]
     objects = list(keys) + extras + shapes
     needed = [_OBJ[ground]] + [_OBJ[k] for k in keys]
     for attempt in range(6):

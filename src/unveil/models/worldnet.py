@@ -78,6 +78,9 @@ class BasicBlock(nn.Module):
 class WorldNet(nn.Module):
     """ResNet-like classifier with stages ``stem``, ``layer1`` .. ``layer4``, ``pool``, ``fc``."""
 
+    #: the input side the shipped checkpoints were trained at (images in [0, 1], not normalised)
+    image_size = 64
+
     def __init__(self, num_classes: int, widths: Sequence[int] = DEFAULT_WIDTHS):
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -200,7 +203,7 @@ def load_worldnet(shortcut: bool = False, with_meta: bool = False):
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``images`` (N,3,H,W); the model's train/eval mode is restored."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    labels = torch.from_numpy(np.array(labels, dtype=np.int64))
     was_training = model.training
     model.eval()
     try:
@@ -212,9 +215,9 @@ def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels, batch_size
     return correct / max(len(images), 1)
 
 
-def train_worldnet(n_train: int = 6000, n_test: int = 1000, epochs: int = 12, seed: int = 0,
+def train_worldnet(n_train: int = 6000, n_test: int = 1000, epochs: int = 14, seed: int = 0,
                    image_size: int = 64, watermark=None, widths: Sequence[int] = DEFAULT_WIDTHS,
-                   batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 5e-4,
+                   batch_size: int = 64, lr: float = 4e-3, weight_decay: float = 5e-4,
                    progress: bool = False) -> Tuple[WorldNet, Dict]:
     """Train a :class:`WorldNet` on a :class:`~unveil.data.world.ConceptWorld` (deterministic given ``seed``).
 
