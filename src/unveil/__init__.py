@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from ._errors import (CorruptFileError, HeadError, LayerError, NotFittedError, UnveilError,  # noqa: E402
                       ValidationError)
-from .directions import DirectionPairs  # noqa: E402
+from .directions import EDDP, DirectionPairs  # noqa: E402
 
-__all__ = ["__version__", "DirectionPairs", "UnveilError", "ValidationError", "NotFittedError",
+__all__ = ["__version__", "EDDP", "DirectionPairs", "UnveilError", "ValidationError", "NotFittedError",
            "CorruptFileError", "LayerError", "HeadError"]

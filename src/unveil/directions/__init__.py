@@ -1,4 +1,5 @@
 """Estimators that see activations only (tensors or stores), never a model."""
+from .eddp import EDDP
 from .pairs import DirectionPairs
 
-__all__ = ["DirectionPairs"]
+__all__ = ["EDDP", "DirectionPairs"]

@@ -1,0 +1,663 @@
+"""`EDDP`: learn encoding–decoding direction pairs from a layer's activations (method.md §2–§5).
+
+How a fit runs (the defaults, and why)
+--------------------------------------
+The paper optimises its losses for 800 + 2000 + 2000 epochs from a random start. We reach the same
+quality in seconds by starting close to the answer and keeping the paper's losses for the refinement:
+
+1. **Statistics** (one streamed pass): the data mean μ, covariance Σ, and a random sample of patches.
+2. **Clustering initialisation**: k-means with ``n_concepts`` clusters on *soft-whitened* patches
+   ``Λ^{-1/2}`` with ``Λ = eig(Σ) + ε·mean(eig)``. Whitening stops the high-variance distractors from
+   dominating the clusters (isotropic scaling fails there); the ε floor stops noise-free or pure-noise
+   components from being blown up (per-component standardisation fails there; method.md §6).
+3. **Max-margin detectors**: each cluster is separated from the rest by a linear classifier (logistic
+   loss, weak L2) in the whitened space. Separating clusters by their *sharpest boundary* — not by
+   their means (LDA), which would leak the other concepts into every filter — is what makes the
+   filters read one concept and be blind to the others and to the distractors.
+4. **Signal vectors** by the positive-only pattern estimator (method.md §3).
+5. **EDDP refinement** with the paper's losses: step (b) (L_s, L_sb, L_ma, L_mm, L_ic, L_eac, L_uur)
+   then step (d) (adds free signal vectors, L_cur and L_fso), with the paper's weights, Adam and
+   ReduceLROnPlateau, for a few hundred steps with early stopping. Step (a) (standardised features
+   and an orthogonal filter basis, the UIBE/CBE form) runs only with ``init="random"``, where it
+   replaces the clustering start.
+6. The final signal vectors are re-estimated with the positive-only estimator for the final filters,
+   and normalised to unit length (so that signal values come out in the units of the latent factors).
+
+All losses are computed in an isotropically rescaled space ``(x − μ)/σ`` (a similarity transform, so
+directions are unchanged); the saved pairs act on the original activations.
+
+Without a head, the URA terms are dropped and the fit relies on the detector losses alone: the
+directions are then found from the activations' own structure, not from what the network above the
+layer reads out of them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import HeadError, NotFittedError, ValidationError
+from .._progress import progress
+from .._validation import check_in_range, check_maps, check_positive_int, make_generator
+from . import losses as L
+from .pairs import DirectionPairs
+
+logger = logging.getLogger("unveil")
+
+# the paper's loss weights (method.md §5), per step
+PAPER_WEIGHTS: Dict[str, Dict[str, float]] = {
+    "a": {"s": 2.6, "ma": 2.8, "mm": 0.6, "ic": 5.0, "uur": 0.25},
+    "b": {"s": 0.85, "sb": 2.6, "ma": 2.8, "mm": 0.6, "ic": 15.0, "uur": 0.25, "eac": 15.0},
+    "d": {"s": 0.85, "sb": 2.6, "ma": 2.8, "mm": 0.6, "ic": 15.0, "cur": 0.25, "eac": 15.0, "fso": 1.0},
+}
+# the constrained form (method.md §5): minimise L_s (+L_sb) + L_ura subject to these upper bounds
+PAPER_CONSTRAINTS: Dict[str, float] = {"ma": 0.8, "mm": 8.0, "ic": 0.1, "eac": 0.1, "fso": 0.1}
+
+
+# ---------------------------------------------------------------------------------- data sources
+class _TensorSource:
+    """Feature maps held in memory, served in mini-batches like an ActivationStore."""
+
+    def __init__(self, X: torch.Tensor):
+        self.X = X
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def map_shape(self) -> Tuple[int, int]:
+        return tuple(self.X.shape[2:])
+
+    def iter_maps(self, batch_size: int, shuffle: bool = False, generator=None) -> Iterator[torch.Tensor]:
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            yield self.X[order[i:i + batch_size].to(self.X.device)]
+
+
+def _as_source(X):
+    if hasattr(X, "iter_maps") and hasattr(X, "n_features"):
+        if len(X) == 0:
+            raise ValidationError("the activation store is empty; extract activations from at least one image.")
+        return X, None
+    t = check_maps(X, "X")
+    if t.dim() == 2:
+        t = t[:, :, None, None]
+    return _TensorSource(t), t.device
+
+
+@dataclass
+class _Stats:
+    mean: torch.Tensor  # (D,) float64
+    cov: torch.Tensor  # (D, D) float64
+    sample: torch.Tensor  # (n, D) float64, a uniform random sample of patches
+    n_patches: int
+
+
+def _patches(maps: torch.Tensor) -> torch.Tensor:
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def _stream_stats(source, batch_maps: int, max_sample: int, gen: torch.Generator, device) -> _Stats:
+    """One pass: mean and covariance (float64, shifted by the first batch for stability) and a
+    reservoir-style uniform sample of at most ``max_sample`` patches."""
+    D = source.n_features
+    n, s1, s2, shift = 0, None, None, None
+    keys, sample = None, None
+    for maps in source.iter_maps(batch_maps, shuffle=False):
+        if not torch.isfinite(maps).all():
+            raise ValidationError("the activations contain NaN or infinite values; expected finite "
+                                  "activations. Check the model's numerics or drop those images.")
+        x = _patches(maps.to(device)).double()
+        if shift is None:
+            shift = x.mean(0)
+            s1 = torch.zeros(D, dtype=torch.float64, device=device)
+            s2 = torch.zeros(D, D, dtype=torch.float64, device=device)
+        xc = x - shift
+        s1 += xc.sum(0)
+        s2 += xc.T @ xc
+        n += x.shape[0]
+        # bottom-k of i.i.d. uniform keys == a uniform sample without replacement
+        k = torch.rand(x.shape[0], generator=gen).to(device)
+        keys = k if keys is None else torch.cat([keys, k])
+        sample = x if sample is None else torch.cat([sample, x])
+        if keys.numel() > max_sample:
+            top = torch.topk(keys, max_sample, largest=False).indices
+            keys, sample = keys[top], sample[top]
+    m = s1 / n
+    cov = s2 / n - torch.outer(m, m)
+    return _Stats(mean=m + shift, cov=(cov + cov.T) / 2, sample=sample, n_patches=n)
+
+
+def _kmeans_torch(Z: torch.Tensor, k: int, n_init: int, gen: torch.Generator, iters: int = 100) -> torch.Tensor:
+    """k-means++ with Lloyd iterations; the best of ``n_init`` runs by inertia. Returns labels."""
+    best, best_inertia = None, math.inf
+    n = Z.shape[0]
+    zz = (Z * Z).sum(1)
+    for _ in range(n_init):
+        idx = [int(torch.randint(n, (1,), generator=gen))]
+        d2 = ((Z - Z[idx[0]]) ** 2).sum(1)
+        for _ in range(1, k):
+            p = (d2 / d2.sum()).clamp_min(0).cpu()
+            j = int(torch.multinomial(p, 1, generator=gen)) if float(p.sum()) > 0 else int(torch.randint(n, (1,), generator=gen))
+            idx.append(j)
+            d2 = torch.minimum(d2, ((Z - Z[j]) ** 2).sum(1))
+        C = Z[idx].clone()
+        labels = None
+        for _ in range(iters):
+            dist = zz[:, None] - 2 * Z @ C.T + (C * C).sum(1)[None]
+            new = dist.argmin(1)
+            if labels is not None and torch.equal(new, labels):
+                break
+            labels = new
+            counts = torch.bincount(labels, minlength=k).to(Z.dtype)
+            sums = torch.zeros_like(C).index_add_(0, labels, Z)
+            empty = counts == 0
+            C = torch.where(empty[:, None], C, sums / counts.clamp_min(1)[:, None])
+            if empty.any():  # re-seed empty clusters at the farthest points
+                far = dist.min(1).values.topk(int(empty.sum())).indices
+                C[empty] = Z[far]
+        inertia = float((zz - 2 * (Z * C[labels]).sum(1) + (C[labels] ** 2).sum(1)).sum())
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
+
+
+def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps: int = 300,
+                            l2: float = 1e-8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One-vs-rest logistic regressions (all k at once) in the whitened space: weights (k, d), bias (k,).
+
+    Classes are balanced by weighting, so a small concept is separated as carefully as a large one.
+    """
+    Y = nn.functional.one_hot(labels, k).to(Z.dtype)  # (n, k)
+    pos = Y.sum(0).clamp_min(1)
+    neg = (Y.shape[0] - Y.sum(0)).clamp_min(1)
+    weight = Y / pos + (1 - Y) / neg  # each side of each problem sums to 1
+    W = torch.zeros(k, Z.shape[1], dtype=Z.dtype, device=Z.device)
+    b = torch.zeros(k, dtype=Z.dtype, device=Z.device)
+    with torch.no_grad():  # start from the difference of means (a good direction)
+        mu_pos = (Y.T @ Z) / pos[:, None]
+        mu_neg = ((1 - Y).T @ Z) / neg[:, None]
+        W += mu_pos - mu_neg
+        b += ((mu_pos + mu_neg) / 2 * W).sum(1)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    sign = 2 * Y - 1
+
+    def closure():
+        opt.zero_grad()
+        margin = sign * (Z @ W.T - b)
+        loss = (nn.functional.softplus(-margin) * weight).sum() / k + l2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
+# ---------------------------------------------------------------------------------- the estimator
+class EDDP:
+    """Learn concept detectors (decoding directions) and signal vectors (encoding directions).
+
+    Parameters
+    ----------
+    n_concepts : int
+        Number of concepts (direction pairs) I to learn.
+    init : {"cluster", "random"}
+        ``"cluster"`` (default): k-means on soft-whitened patches + max-margin detectors (see the
+        module docstring). ``"random"``: random unit filters, then step (a) of the paper's schedule.
+    steps : dict, optional
+        Optimisation steps per schedule step, keys ``"a"``, ``"b"``, ``"d"``. Default
+        ``{"a": 0, "b": 100, "d": 150}`` (``"a": 600`` with ``init="random"``). One step is one
+        mini-batch.
+    weights : dict, optional
+        Loss weights per step (``{"b": {"s": 0.85, ...}}``), merged over :data:`PAPER_WEIGHTS`.
+    mode : {"weighted", "constrained"}
+        ``"weighted"``: a weighted sum of the losses (the paper's). ``"constrained"``: minimise
+        L_s (+ L_sb) + L_ura subject to L_ma < 0.8, L_mm < 8, L_ic < 0.1, L_eac < 0.1, L_fso < 0.1
+        with an augmented Lagrangian (more stable on small problems).
+    lr : dict, optional
+        Adam learning rates per step; default the paper's ``{"a": 1e-3, "b": 1e-4, "d": 5e-4}``
+        scaled by ``lr_scale``.
+    lr_scale : float
+        Multiplies every default learning rate (default 10: our steps are few and our start is close).
+    gamma : float
+        Sharpening exponent γ in L_ic and L_eac (default 1.1, the paper's synthetic run).
+    tau : dict
+        τ per step (ν = τ/I); default ``{"a": 0.9, "b": 0.9, "d": 0.2}``.
+    rho : dict
+        ρ per step as a multiple of τ/I: default ``{"b": 12, "d": 70}`` (the paper's); ρ is capped
+        at 0.95.
+    kappa : tuple
+        Range of the URA step κ ~ U[κ₀, κ₁].
+    whiten_eps : float
+        The ε floor of the soft whitening, relative to the mean eigenvalue.
+    n_init : int
+        k-means restarts.
+    batch_patches : int
+        Patches per mini-batch (whole maps are drawn until at least this many patches).
+    max_init_patches : int
+        Size of the random patch sample used for the initialisation.
+    device : str or torch.device, optional
+        Where to compute; ``None`` = where the data is (CPU for a store).
+    random_state : int, Generator or None
+        Seed for every random choice (a local generator; global seeds are never touched).
+    progress : bool
+        Show a progress bar.
+
+    Attributes
+    ----------
+    pairs_ : DirectionPairs
+    init_pairs_ : DirectionPairs
+        The pairs after the initialisation, before the loss refinement.
+    history_ : dict
+        Every loss per step (``history_["b"]["s"]`` is a list), plus ``"seconds"``.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> from unveil import EDDP
+    >>> from unveil.data.synthetic import make_synthetic, train_head
+    >>> data = make_synthetic(n_per_class=200)
+    >>> head, _ = train_head(data, epochs=200)
+    >>> est = EDDP(n_concepts=3, random_state=0).fit(data.X, head=head)
+    >>> est.pairs_.detect(data.X).shape
+    torch.Size([600, 3, 1, 2])
+    """
+
+    def __init__(self, n_concepts: int = 32, *, init: str = "cluster", steps: Optional[dict] = None,
+                 weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
+                 lr_scale: float = 1.0, gamma: float = 1.1, tau: Optional[dict] = None,
+                 rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
+                 whiten_eps: float = 1e-2, n_init: int = 4, batch_patches: int = 2048,
+                 max_init_patches: int = 50_000, patience: int = 60, device=None,
+                 random_state=None, progress: bool = False):
+        self.n_concepts = n_concepts
+        self.init = init
+        self.steps = steps
+        self.weights = weights
+        self.mode = mode
+        self.lr = lr
+        self.lr_scale = lr_scale
+        self.gamma = gamma
+        self.tau = tau
+        self.rho = rho
+        self.kappa = kappa
+        self.whiten_eps = whiten_eps
+        self.n_init = n_init
+        self.batch_patches = batch_patches
+        self.max_init_patches = max_init_patches
+        self.patience = patience
+        self.device = device
+        self.random_state = random_state
+        self.progress = progress
+
+    # ------------------------------------------------------------------ params
+    def _resolved(self):
+        I = check_positive_int(self.n_concepts, "n_concepts")
+        if self.init not in ("cluster", "random"):
+            raise ValidationError(f"init must be 'cluster' or 'random', got {self.init!r}.")
+        if self.mode not in ("weighted", "constrained"):
+            raise ValidationError(f"mode must be 'weighted' or 'constrained', got {self.mode!r}.")
+        steps = {"a": 600 if self.init == "random" else 0, "b": 100, "d": 150}
+        steps.update(self.steps or {})
+        for k, v in steps.items():
+            if k not in "abd":
+                raise ValidationError(f"steps keys must be 'a', 'b' or 'd'; got {k!r}.")
+            check_positive_int(v, f"steps[{k!r}]", minimum=0)
+        weights = {k: dict(v) for k, v in PAPER_WEIGHTS.items()}
+        for k, v in (self.weights or {}).items():
+            if k not in weights:
+                raise ValidationError(f"weights keys must be 'a', 'b' or 'd'; got {k!r}.")
+            weights[k].update(v)
+        lr = {"a": 1e-3, "b": 1e-4, "d": 5e-4}
+        lr = {k: v * check_in_range(self.lr_scale, "lr_scale", 0, None, low_inclusive=False) for k, v in lr.items()}
+        lr.update(self.lr or {})
+        tau = {"a": 0.9, "b": 0.9, "d": 0.2}
+        tau.update(self.tau or {})
+        rho = {"a": 12.0, "b": 12.0, "d": 70.0}
+        rho.update(self.rho or {})
+        check_in_range(self.gamma, "gamma", 0, None, low_inclusive=False)
+        k0, k1 = self.kappa
+        check_in_range(k0, "kappa[0]", 0, 1)
+        check_in_range(k1, "kappa[1]", k0, 1)
+        return I, steps, weights, lr, tau, rho
+
+    def _check_fitted(self):
+        if not hasattr(self, "pairs_"):
+            raise NotFittedError("this EDDP instance is not fitted yet; call fit(X, head=...) first.")
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, X, head: Optional[nn.Module] = None, y=None) -> "EDDP":
+        """Learn the direction pairs.
+
+        Parameters
+        ----------
+        X : tensor (N, D, H, W) or an ActivationStore
+            Feature maps of the studied layer (a store is streamed; memory does not grow with it).
+            (P, D) patch vectors are accepted too (treated as 1×1 maps).
+        head : nn.Module, optional
+            The frozen rest of the network f⁺: maps (N, D, H, W) -> logits (N, K). Enables the URA
+            terms. Never trained, moved or switched to eval mode here; its gradients are not touched.
+        y : ignored
+            Present for scikit-learn compatibility.
+
+        Returns
+        -------
+        self
+        """
+        I, steps, weights, lr, tau, rho = self._resolved()
+        t_start = time.perf_counter()
+        source, data_device = _as_source(X)
+        device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
+        gen = make_generator(self.random_state)
+        D = source.n_features
+        H, Wd = source.map_shape
+        batch_maps = max(1, math.ceil(check_positive_int(self.batch_patches, "batch_patches") / (H * Wd)))
+        if getattr(source, "subsampled", False) and head is not None:
+            raise ValidationError("this activation store holds randomly subsampled patches, not whole maps, "
+                                  "so the head f+ cannot be applied to them; fit without a head "
+                                  "(head=None) or extract the store without --subsample.")
+        if head is not None:
+            self._check_head(head, source, device)
+
+        stats = _stream_stats(source, batch_maps, check_positive_int(self.max_init_patches, "max_init_patches"),
+                              gen, device)
+        if stats.n_patches < 2 * I:
+            raise ValidationError(f"only {stats.n_patches} patches for {I} concepts; expected at least "
+                                  f"{2 * I}. Pass more images or ask for fewer concepts.")
+        mu = stats.mean
+        sigma = math.sqrt(max(float(torch.trace(stats.cov)) / D, 1e-30))
+        self.n_features_in_ = D
+        self.scale_ = sigma
+
+        # ---- initialisation
+        if self.init == "cluster":
+            Wt, bt = self._cluster_init(stats, I, gen)  # scaled-space decoders with magnitude, thresholds
+        else:
+            v = torch.randn(I, D, generator=gen).double().to(device)
+            Wt = 4.0 * v / v.norm(dim=1, keepdim=True)
+            bt = torch.zeros(I, dtype=torch.float64, device=device)
+        dec0, bias0 = self._to_original(Wt, bt, mu, sigma)
+        S0 = self._pattern(source, dec0, bias0, batch_maps, device)
+        self.init_pairs_ = self._make_pairs(dec0, bias0, S0, mu, stage="init")
+
+        # ---- refinement with the paper's losses
+        history: Dict[str, Dict[str, list]] = {}
+        total = sum(steps.values())
+        bar = progress(total=total, enabled=self.progress, desc="EDDP")
+        params = {
+            "v": (Wt / Wt.norm(dim=1, keepdim=True)).float().clone(),
+            "log_g": Wt.norm(dim=1).clamp_min(1e-3).log().float().clone(),
+            "b": bt.float().clone(),
+        }
+        mu32, s32 = mu.float(), float(sigma)
+        to_model = (lambda m: m * s32 + mu32[None, :, None, None]) if head is not None else None
+        S_scaled = S0.float().clone()  # signal directions (isotropic scaling keeps directions)
+        try:
+            for phase in ("a", "b", "d"):
+                if steps[phase] == 0:
+                    continue
+                if phase == "d":
+                    # (c): signal vectors from the positive-only estimator for the current filters
+                    dec, bias = self._to_original(self._decoders_t(params), params["b"].double(), mu, sigma)
+                    S_scaled = self._pattern(source, dec, bias, batch_maps, device).float()
+                    S_scaled = S_scaled / S_scaled.norm(dim=1, keepdim=True)
+                history[phase] = self._run_phase(
+                    phase, steps[phase], params, S_scaled if phase == "d" else None, source, batch_maps,
+                    mu32, s32, head, to_model, weights[phase], lr[phase], tau[phase],
+                    min(0.95, rho[phase] * tau[phase] / I), gen, device, bar)
+                if phase == "d":
+                    S_scaled = params.pop("S").detach()
+        finally:
+            bar.close()
+
+        dec, bias = self._to_original(self._decoders_t(params).double(), params["b"].double(), mu, sigma)
+        S = self._pattern(source, dec, bias, batch_maps, device)
+        self.pairs_ = self._make_pairs(dec, bias, S, mu, stage="final")
+        history["seconds"] = time.perf_counter() - t_start
+        self.history_ = history
+        logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, stats.n_patches, D,
+                    history["seconds"])
+        return self
+
+    # ------------------------------------------------------------ components
+    def _check_head(self, head, source, device):
+        if not isinstance(head, nn.Module) and not callable(head):
+            raise HeadError(f"head must be a torch nn.Module (or callable) mapping maps (N, D, H, W) to logits "
+                            f"(N, K); got {type(head).__name__}.")
+        if isinstance(head, nn.Module) and head.training:
+            logger.warning("the head is in training mode (dropout/batch-norm behave stochastically); "
+                           "call head.eval() before fitting for reproducible results.")
+        probe = next(iter(source.iter_maps(2)))[:2].to(device)
+        try:
+            with torch.no_grad():
+                out = head(probe)
+        except Exception as exc:  # noqa: BLE001 - re-raised as a clear error
+            raise HeadError(f"the head does not accept the feature maps: calling it on a batch of shape "
+                            f"{tuple(probe.shape)} raised {type(exc).__name__}: {exc}. Pass the part of the "
+                            f"network above the studied layer (it must take that layer's output).") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != probe.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise HeadError(f"the head must return logits of shape (N, K) = ({probe.shape[0]}, K) for "
+                            f"{probe.shape[0]} maps; got {shape}. Wrap it so that it returns class logits.")
+        if out.shape[1] < 2:
+            raise HeadError(f"the head returns {out.shape[1]} logit per map; URA needs at least 2 classes.")
+        if not torch.isfinite(out).all():
+            raise HeadError("the head returned NaN or infinite logits on the activations.")
+
+    def _cluster_init(self, stats: _Stats, I: int, gen) -> Tuple[torch.Tensor, torch.Tensor]:
+        """k-means on soft-whitened patches, then one-vs-rest max-margin detectors.
+
+        Returns decoders with magnitude and thresholds in the scaled space ``(x − μ)/σ``."""
+        mu, cov = stats.mean, stats.cov
+        sigma = math.sqrt(max(float(torch.trace(cov)) / cov.shape[0], 1e-30))
+        ev, U = torch.linalg.eigh(cov)
+        ev = ev.clamp_min(0)
+        white = U / torch.sqrt(ev + check_in_range(self.whiten_eps, "whiten_eps", 0, None, low_inclusive=False)
+                               * ev.mean().clamp_min(1e-30))[None, :]  # (D, D): z = (x−μ) @ white
+        Z = (stats.sample - mu) @ white
+        labels = _kmeans_torch(Z.float(), I, check_positive_int(self.n_init, "n_init"), gen)
+        counts = torch.bincount(labels, minlength=I)
+        if (counts == 0).any():
+            raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "
+                                  f"{int((counts == 0).sum())} clusters empty); ask for fewer concepts.")
+        Wz, bz = _fit_margin_classifiers(Z.float(), labels, I)
+        Wz, bz = Wz.double(), bz.double()
+        # z-space classifier: Wz·((x−μ) @ white) − bz  ->  scaled space x̃ = (x−μ)/σ
+        Wt = (white @ Wz.T).T * sigma
+        return Wt, bz
+
+    @staticmethod
+    def _decoders_t(params) -> torch.Tensor:
+        v = params["v"]
+        return (v / v.norm(dim=1, keepdim=True)) * params["log_g"].exp()[:, None]
+
+    @staticmethod
+    def _to_original(Wt, bt, mu, sigma):
+        """Scaled-space detectors (Wt·x̃ − bt) to original-space (W·x − b)."""
+        W = Wt.double() / sigma
+        b = bt.double() + W @ mu.double()
+        return W, b
+
+    def _pattern(self, source, W, b, batch_maps, device) -> torch.Tensor:
+        """Positive-only pattern estimator ŝ_i = cov[x, z_i] / var[z_i] over {x: z_i > b_i} (streamed)."""
+        I, D = W.shape
+        n = torch.zeros(I, dtype=torch.float64, device=device)
+        sz = torch.zeros_like(n)
+        szz = torch.zeros_like(n)
+        sx = torch.zeros(I, D, dtype=torch.float64, device=device)
+        sxz = torch.zeros_like(sx)
+        shift = None
+        for maps in source.iter_maps(batch_maps):
+            x = _patches(maps.to(device)).double()
+            if shift is None:
+                shift = x.mean(0)
+            x = x - shift  # covariances are shift-invariant; this keeps float64 sums well-conditioned
+            z = x @ W.T
+            pos = (z > (b - W @ shift)).double()
+            pz = pos * z
+            n += pos.sum(0)
+            sz += pz.sum(0)
+            szz += (pz * z).sum(0)
+            sx += pos.T @ x
+            sxz += pz.T @ x
+        dead = n < 2
+        n1 = n.clamp_min(1)
+        var = szz / n1 - (sz / n1) ** 2
+        S = (sxz / n1[:, None] - (sz / n1)[:, None] * (sx / n1[:, None])) / var.clamp_min(1e-30)[:, None]
+        if dead.any() or (var <= 1e-30).any():
+            bad = (dead | (var <= 1e-30)).nonzero().flatten().tolist()
+            logger.warning("concepts %s fire on fewer than 2 patches (or on constant values); their signal "
+                           "vectors fall back to their filter direction.", bad)
+            S[bad] = W[bad] / (W[bad] * W[bad]).sum(1, keepdim=True)
+        return S
+
+    def _make_pairs(self, W, b, S, mu, stage):
+        Su = S / S.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        meta = {"method": "EDDP", "stage": stage, "n_concepts": W.shape[0],
+                "params": {k: (v if isinstance(v, (int, float, str, bool, type(None), dict, list, tuple)) else repr(v))
+                           for k, v in self.get_params().items()},
+                "random_state": self.random_state if isinstance(self.random_state, int) else None}
+        return DirectionPairs(W.float(), b.float(), Su.float(), mu.float(), meta=meta)
+
+    def _batches(self, source, batch_maps, gen) -> Iterator[torch.Tensor]:
+        while True:
+            empty = True
+            for maps in source.iter_maps(batch_maps, shuffle=True, generator=gen):
+                empty = False
+                yield maps
+            if empty:  # pragma: no cover - guarded by _as_source
+                return
+
+    def _run_phase(self, phase, n_steps, params, S_init, source, batch_maps, mu, sigma, head, to_model,
+                   w, lr, tau, rho, gen, device, bar) -> Dict[str, list]:
+        I = params["v"].shape[0]
+        for k in list(params):
+            params[k] = params[k].detach().to(device).requires_grad_(True)
+        if S_init is not None:
+            params["S"] = S_init.detach().clone().to(device).requires_grad_(True)
+        trainable = list(params.values())
+        opt = torch.optim.Adam(trainable, lr=lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(5, self.patience // 4))
+        use_head = head is not None
+        ura_key = "cur" if phase == "d" else "uur"
+        orthogonal = phase == "a" and I <= source.n_features
+        hist: Dict[str, list] = {}
+        lam = {k: 0.0 for k in PAPER_CONSTRAINTS}
+        penalty = 10.0
+        best, best_step, best_state = math.inf, 0, None
+        batches = self._batches(source, batch_maps, gen)
+        for step in range(n_steps):
+            maps = next(batches).to(device)
+            xs = (maps - mu[None, :, None, None]) / sigma
+            x = _patches(xs)
+            v = params["v"]
+            if orthogonal:  # UIBE/CBE form: an orthonormal filter basis
+                q, r = torch.linalg.qr(v.T)
+                wbar = (q * torch.sign(torch.diagonal(r))[None, :]).T
+            else:
+                wbar = v / v.norm(dim=1, keepdim=True)
+            g = params["log_g"].exp()
+            y = torch.sigmoid(x @ (wbar * g[:, None]).T - params["b"])
+            terms = {
+                "s": L.sparsity_loss(y),
+                "ma": L.max_activation_loss(y),
+                "mm": L.max_margin_loss(g),
+                "ic": L.inactive_loss(y, tau, self.gamma),
+            }
+            if "sb" in w:
+                terms["sb"] = L.sparsity_bound_loss(y)
+            if "eac" in w:
+                terms["eac"] = L.excessive_loss(y, rho, self.gamma)
+            if phase == "d":
+                terms["fso"] = L.fso_loss(wbar, params["S"])
+            if use_head and w.get(ura_key, 0) > 0:
+                S = params["S"] if phase == "d" else None
+                terms[ura_key] = L.ura_loss(xs, head, wbar * g[:, None], params["b"], S, self.kappa, gen, to_model)
+            if self.mode == "weighted":
+                total = sum(w.get(k, 0.0) * t for k, t in terms.items())
+            else:
+                obj = terms["s"] + terms.get("sb", 0.0) + terms.get(ura_key, 0.0)
+                aug = 0.0
+                for k, bound in PAPER_CONSTRAINTS.items():
+                    if k in terms:
+                        c = terms[k] - bound
+                        aug = aug + (torch.relu(lam[k] + penalty * c) ** 2 - lam[k] ** 2) / (2 * penalty)
+                total = obj + aug
+            grads = torch.autograd.grad(total, trainable, allow_unused=True)
+            for p, gr in zip(trainable, grads):
+                p.grad = gr
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tv = float(total.detach())
+            sched.step(tv)
+            for k, t in terms.items():
+                hist.setdefault(k, []).append(float(t.detach()))
+            hist.setdefault("total", []).append(tv)
+            if self.mode == "constrained" and (step + 1) % 10 == 0:
+                for k, bound in PAPER_CONSTRAINTS.items():
+                    if k in terms:
+                        lam[k] = max(0.0, lam[k] + penalty * (float(terms[k].detach()) - bound))
+            # early stopping on a smoothed total
+            smooth = float(np.mean(hist["total"][-10:]))
+            if smooth < best - 1e-4:
+                best, best_step = smooth, step
+                best_state = {k: p.detach().clone() for k, p in params.items()}
+            bar.update(1)
+            if step - best_step > self.patience:
+                bar.update(n_steps - step - 1)
+                logger.info("EDDP step (%s): early stop at %d/%d", phase, step + 1, n_steps)
+                break
+        if best_state is not None:
+            for k in params:
+                params[k] = best_state[k]
+        if orthogonal:
+            q, r = torch.linalg.qr(params["v"].T)
+            params["v"] = (q * torch.sign(torch.diagonal(r))[None, :]).T.contiguous()
+        for k in list(params):
+            params[k] = params[k].detach()
+        hist["steps_run"] = [len(hist.get("total", []))]
+        return hist
+
+    # ------------------------------------------------------------- sklearn API
+    def get_params(self, deep: bool = True) -> dict:
+        import inspect
+        names = [p for p in inspect.signature(self.__init__).parameters]
+        return {n: getattr(self, n) for n in names}
+
+    def set_params(self, **params) -> "EDDP":
+        valid = self.get_params()
+        for k, v in params.items():
+            if k not in valid:
+                raise ValidationError(f"unknown parameter {k!r} for EDDP; valid: {sorted(valid)}.")
+            setattr(self, k, v)
+        return self
+
+    def detect(self, X) -> torch.Tensor:
+        """Detector activations of the fitted pairs (see :meth:`DirectionPairs.detect`)."""
+        self._check_fitted()
+        return self.pairs_.detect(X)
+
+    def transform(self, X) -> torch.Tensor:
+        """Signal values (mean-centred latent factors) of the fitted pairs, (N, I, H, W)."""
+        self._check_fitted()
+        return self.pairs_.signal_values(X)
+
+    def fit_transform(self, X, head=None, y=None) -> torch.Tensor:
+        return self.fit(X, head=head).transform(X)
+
+    def __repr__(self) -> str:
+        return f"EDDP(n_concepts={self.n_concepts!r}, init={self.init!r}, mode={self.mode!r})"
