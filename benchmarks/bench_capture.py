@@ -147,12 +147,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     ap.add_argument("--skip-memory", action="store_true", help="only the throughput part")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads for every measurement (default 1: on a shared, oversubscribed "
+                         "machine OpenMP spin-waiting makes multi-threaded timings meaningless)")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
+    torch.set_num_threads(max(1, args.threads))
     sizes = [(64, 64 if args.quick else 256, 32), (224, 16 if args.quick else 64, 16)]
     n_mem = 800 if args.quick else 1000  # N·64 positions >= EDDP's max_init_patches (50 000) in both runs
     steps = {"b": 10, "d": 10} if args.quick else {"b": 30, "d": 30}
-    results = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    results = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "load_average": os.getloadavg()}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         results["throughput"] = [bench_throughput(s, n, b, tmp) for s, n, b in sizes]
@@ -162,7 +166,8 @@ def main(argv=None) -> int:
             except (ImportError, RuntimeError) as exc:  # EDDP missing or failing: report, keep the rest
                 results["memory_error"] = str(exc)[-500:]
 
-    print("\n## Extraction throughput (resnet18, layer4, random weights, CPU)\n")
+    print(f"\n## Extraction throughput (resnet18, layer4, random weights, CPU, {results['torch_threads']} torch "
+          f"thread(s), load average {results['load_average'][0]:.1f} on {results['cpu_count']} cores)\n")
     print("| input | images | forward img/s | extract (tensor) img/s | ratio | extract (JPEG folder) img/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in results["throughput"]:

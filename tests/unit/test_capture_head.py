@@ -129,3 +129,15 @@ def test_batch_size_read_of_input_is_rewritten():
     head = make_head(net, "conv", input_size=4)
     with torch.no_grad():
         assert _close(head(capture(net, "conv", x)), net(x))
+
+
+def test_worldnet_head_reproduces_model():
+    if importlib.util.find_spec("unveil.models.worldnet") is None:
+        pytest.skip("unveil.models.worldnet not available")
+    model, pre, model_id = load_model("worldnet")
+    x = torch.rand(3, 3, pre.size, pre.size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(x)
+        for layer in ("layer3", "layer4"):
+            got = make_head(model, layer, input_size=pre.size)(capture(model, layer, x))
+            assert _close(got, logits), (layer, float((got - logits).abs().max()))

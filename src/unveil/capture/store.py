@@ -295,8 +295,7 @@ class _Source:
                 if len(labels) != n:
                     raise ValidationError(f"labels must have one entry per image ({n}), got {len(labels)}.")
             self.labels, self.class_names, self.skipped = labels, None, []
-            t = self.tensor.contiguous()
-            self.fingerprint = hashlib.sha256(t.to(torch.float32).numpy().tobytes()).hexdigest()
+            self.fingerprint = hashlib.sha256(np.ascontiguousarray(self.tensor.to(torch.float32).numpy()).data).hexdigest()
             self.preprocessing = None
             self.root = None
             self.input_shape = list(images.shape[1:])
