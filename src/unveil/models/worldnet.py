@@ -46,10 +46,10 @@ _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 def _shortcut_spec():
     from ..data.world import WatermarkSpec
-    return WatermarkSpec(target_class=0, fraction=0.5, text="rook", corner="bottom-right")
+    return WatermarkSpec(target_class=0, fraction=0.75, text="rook", corner="bottom-right")
 
 
-#: the watermark the ``worldnet-shortcut`` checkpoint was trained with ("rook" on half of class 0)
+#: the watermark the ``worldnet-shortcut`` checkpoint was trained with ("rook" on 75% of class 0's images)
 SHORTCUT_WATERMARK = _shortcut_spec()
 
 
