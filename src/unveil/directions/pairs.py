@@ -40,9 +40,10 @@ class DirectionPairs:
 
     def __init__(self, decoders, biases, encoders, mean=None, names: Optional[List[str]] = None,
                  meta: Optional[dict] = None):
-        W = as_tensor(decoders, "decoders").detach()
-        b = as_tensor(biases, "biases").detach()
-        S = as_tensor(encoders, "encoders").detach()
+        # contiguous copies: results must not depend on the memory layout of the inputs
+        W = as_tensor(decoders, "decoders").detach().contiguous()
+        b = as_tensor(biases, "biases").detach().contiguous()
+        S = as_tensor(encoders, "encoders").detach().contiguous()
         if W.dim() != 2:
             raise ValidationError(f"decoders must be (I, D), got shape {tuple(W.shape)}.")
         n, d = W.shape
