@@ -24,8 +24,8 @@ import torch
 from torch import fx, nn
 
 from .._errors import HeadError, LayerError
-from .hooks import TokenLayout, model_device_dtype
-from .layers import get_layer, suggest
+from .hooks import TokenLayout, hooks, model_device_dtype
+from .layers import _probe_forward, get_layer, suggest
 
 __all__ = ["make_head", "valid_cuts", "FrozenHead"]
 logger = logging.getLogger("unveil")
@@ -113,10 +113,13 @@ def valid_cuts(model: nn.Module) -> List[str]:
     >>> [c for c in valid_cuts(model) if c.startswith("layer") and "." not in c]
     ['layer1', 'layer2', 'layer3', 'layer4']
     """
-    graph, outputs = _trace(model)
+    return _cuts(model, *_trace(model))
+
+
+def _cuts(model: nn.Module, graph: fx.Graph, outputs) -> List[str]:
     ok = []
     for name, _ in model.named_modules():
-        node, _why = _cut_node(outputs, name) if name else (None, "")
+        node = _cut_node(outputs, name)[0] if name else None
         if node is not None and _above(graph, node)[0] is not None:
             ok.append(name)
     return ok
@@ -211,8 +214,7 @@ def make_head(model: nn.Module, layer: str, tokens: str = "patches", prefix_toke
     if cut is not None:
         needed, offender = _above(graph, cut)
     if cut is None or offender is not None:
-        ok = [n for n, _ in model.named_modules() if n and _cut_node(outputs, n)[0] is not None
-              and _above(graph, _cut_node(outputs, n)[0])[0] is not None]
+        ok = _cuts(model, graph, outputs)
         if offender is not None:
             why = ("the network above it also needs values computed before it (e.g. a residual connection "
                    "that skips over it), so its output alone does not determine the logits")
@@ -249,16 +251,14 @@ def make_head(model: nn.Module, layer: str, tokens: str = "patches", prefix_toke
 
 
 def _probe(model, layer, gm, tokens, prefix_tokens, input_size, layout, check) -> TokenLayout:
-    from .hooks import hooks
     size = int(input_size or getattr(model, "image_size", None) or 224)
     device, dtype = model_device_dtype(model)
     g = torch.Generator().manual_seed(0)
     xin = torch.rand(2, 3, size, size, generator=g).to(device=device, dtype=dtype)
     with torch.no_grad():
         with hooks(model, layer, clone=True) as rec:
-            buffers = {k: v.clone() for k, v in model.named_buffers()}
             try:
-                logits = torch.func.functional_call(model, buffers, (xin,), strict=False)
+                logits = _probe_forward(model, xin)  # on copies of the buffers: running stats untouched
             except Exception as exc:  # noqa: BLE001
                 raise HeadError(f"the probe forward of a (2, 3, {size}, {size}) image through {type(model).__name__} "
                                 f"failed ({type(exc).__name__}: {exc}); pass input_size= the model accepts.") from None
