@@ -151,7 +151,7 @@ def make_synthetic(S=None, Dist=None, classes: Sequence[Sequence[int]] = PAPER_C
 
 
 def make_hard_synthetic(dim: int = 64, n_concepts: int = 8, n_distractors: int = 6, n_classes: int = 8,
-                        patches: int = 4, correlation: float = 0.5, noise: float = 0.2,
+                        patches: int = 4, correlation: float = 0.5, noise: float = 0.05,
                         n_per_class: int = 500, random_state=0) -> SyntheticData:
     """A harder setting: more dimensions, concepts, distractors and classes; correlated, mixed-sign
     directions; noise in every component. Class rules are random concept tuples (distinct classes)."""

@@ -246,6 +246,9 @@ class EDDP:
         The ε floor of the soft whitening, relative to the mean eigenvalue.
     n_init : int
         k-means restarts.
+    init_rounds : int
+        Rounds of discriminative re-clustering after k-means: every patch is reassigned to the
+        detector it lies deepest inside, and the detectors are refitted (1 = k-means labels only).
     batch_patches : int
         Patches per mini-batch (whole maps are drawn until at least this many patches).
     max_init_patches : int
@@ -281,7 +284,7 @@ class EDDP:
                  weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
                  lr_scale: float = 1.0, gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
-                 whiten_eps: float = 1e-2, n_init: int = 4, batch_patches: int = 2048,
+                 whiten_eps: float = 1e-2, n_init: int = 4, init_rounds: int = 10, batch_patches: int = 2048,
                  max_init_patches: int = 50_000, patience: int = 60, device=None,
                  random_state=None, progress: bool = False):
         self.n_concepts = n_concepts
@@ -297,6 +300,7 @@ class EDDP:
         self.kappa = kappa
         self.whiten_eps = whiten_eps
         self.n_init = n_init
+        self.init_rounds = init_rounds
         self.batch_patches = batch_patches
         self.max_init_patches = max_init_patches
         self.patience = patience
@@ -474,7 +478,16 @@ class EDDP:
         if (counts == 0).any():
             raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "
                                   f"{int((counts == 0).sum())} clusters empty); ask for fewer concepts.")
-        Wz, bz = _fit_margin_classifiers(Z.float(), labels, I)
+        Zf = Z.float()
+        Wz, bz = _fit_margin_classifiers(Zf, labels, I)
+        for _ in range(self.init_rounds - 1):
+            # discriminative re-clustering: each patch goes to the detector it is deepest inside
+            # (signed distance to the hyperplane), then the detectors are refitted
+            new = ((Zf @ Wz.T - bz) / Wz.norm(dim=1).clamp_min(1e-12)).argmax(1)
+            if torch.equal(new, labels) or (torch.bincount(new, minlength=I) < 2).any():
+                break
+            labels = new
+            Wz, bz = _fit_margin_classifiers(Zf, labels, I)
         Wz, bz = Wz.double(), bz.double()
         # z-space classifier: Wz·((x−μ) @ white) − bz  ->  scaled space x̃ = (x−μ)/σ
         Wt = (white @ Wz.T).T * sigma
