@@ -382,7 +382,11 @@ class KMeansBaseline(_Baseline):
                     random_state=self._seed()).fit(P)
         C = km.cluster_centers_
         mean = P.mean(0)
-        enc = C - mean
+        # exact cluster means of the final assignment: their weighted sum around the mean is exactly
+        # zero, so pinv drops that null direction instead of inverting a near-zero singular value
+        lab = km.labels_
+        enc = np.stack([(P[lab == k] - mean).mean(0) if (lab == k).any() else C[k] - mean
+                        for k in range(self.n_concepts)])
         dec = _pinv_rows(enc)
         self._pairs = _argmax_pairs(dec, enc, mean, 2 * C, -(C ** 2).sum(1), self._meta(
             detection_rule=self.detection_rule, encoders="centroid - data mean", decoders="rows of pinv(encoders^T)",
