@@ -23,6 +23,7 @@ def test_cli_runs_end_to_end_and_writes_valid_json(tmp_path, capsys):
     assert set(doc["methods"]) == set(METHODS)
     assert [h["seed"] for h in doc["heads"]] == [0, 1]
     assert all(0.5 < h["accuracy"] <= 1.0 for h in doc["heads"])
+    assert doc["heads"][0]["data"]["n_images"] == 450 and doc["heads"][0]["data"]["n_features"] == 16
     assert doc["versions"]["unveil"]
     for name, m in doc["methods"].items():
         assert m["detection_rule"]

@@ -148,7 +148,8 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
 
     Returns
     -------
-    dict with ``setting``, ``seeds``, ``fast``, ``versions``, ``heads`` (accuracy per seed),
+    dict with ``setting``, ``seeds``, ``fast``, ``versions``, ``heads`` (per seed: head accuracy and
+    the data's size and generation parameters),
     ``methods`` (per method: description, detection rule, ``per_seed`` records, ``summary``) and
     ``skipped`` (method -> reason).
 
@@ -195,7 +196,12 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
             t0 = time.perf_counter()
             head, acc = train_head(data, epochs=head_epochs, random_state=seed)
             heads.append({"seed": seed, "accuracy": acc, "epochs": head_epochs,
-                          "seconds": time.perf_counter() - t0})
+                          "seconds": time.perf_counter() - t0,
+                          "data": {"n_images": int(data.X.shape[0]), "n_features": int(data.X.shape[1]),
+                                   "patches": int(data.X.shape[2] * data.X.shape[3]),
+                                   "n_concepts": data.n_concepts, "n_distractors": int(data.Dist.shape[0]),
+                                   "n_classes": data.n_classes, "noise": float(data.noise),
+                                   **{k: v for k, v in data.info.items() if k != "random_state"}}})
             log.info("seed %d: %d images, %d concepts, head accuracy %.4f", seed, data.X.shape[0],
                      data.n_concepts, acc)
             for name in methods:
