@@ -1,0 +1,321 @@
+"""Correcting a model: remove concepts (e.g. a shortcut) at a layer on every forward pass.
+
+:class:`CorrectedModel` wraps the user's model; its ``forward`` runs the model with a forward hook
+that applies ``x'_p = ReLU(x_p − m_p·k·ŝ_i)`` at the layer (method.md §8; the edit of
+:mod:`unveil.edit.intervention`). :func:`choose_strength` picks ``k`` on held-out data.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import CorruptFileError, HeadError, LayerError, ValidationError
+from .._io import load_bundle, save_bundle
+from .._validation import check_in_range, check_positive_int
+from .counterfactual import check_images
+from .intervention import check_strength, edit_layer, edit_maps, resolve_concepts, resolve_directions
+
+__all__ = ["CorrectedModel", "choose_strength", "StrengthChoice", "default_grid"]
+logger = logging.getLogger("unveil")
+
+
+def _subset_pairs(pairs, idx: Sequence[int]):
+    from ..directions.pairs import DirectionPairs
+    idx = list(idx)
+    return DirectionPairs(pairs.decoders[idx], pairs.biases[idx], pairs.encoders[idx], pairs.mean,
+                          names=[pairs.names[i] for i in idx], meta=pairs.meta)
+
+
+class CorrectedModel(nn.Module):
+    """The user's model with concepts removed at one layer on every forward pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Wrapped as is (registered as the sub-module ``model``; not copied, moved or switched to
+        eval mode).
+    layer : str
+        The layer the pairs were fitted on.
+    pairs : DirectionPairs
+    concepts : int, str or list
+        Concepts to remove (indices into ``pairs`` or names).
+    strength : float or None
+        k >= 0 (layer units; the directions are unit vectors), or None to remove each concept's own
+        signal value at each position.
+    direction : {"signal", "filter"} or tensor (len(concepts), D)
+        Edit direction (the signal vector by default; the others are controls).
+    nonneg : bool or None
+        ReLU clamp after the edit; None detects a non-negative layer per batch.
+    tokens : {"patches", "all"}
+        For ViT layers (see :func:`unveil.capture.capture`).
+    model_id : str, optional
+        Recorded by :meth:`save` so the model can be found again (default ``pairs.meta["model_id"]``).
+
+    Examples
+    --------
+    >>> fixed = CorrectedModel(model, "layer4", pairs, concepts=[7], strength=2.0)  # doctest: +SKIP
+    >>> fixed(images).argmax(1)                                                    # doctest: +SKIP
+    >>> fixed.save("corrected/"); CorrectedModel.load("corrected/", model)          # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, layer: str, pairs, concepts, strength: Optional[float] = None, *,
+                 direction: Union[str, torch.Tensor] = "signal", nonneg: Optional[bool] = None,
+                 tokens: str = "patches", model_id: Optional[str] = None):
+        super().__init__()
+        from ..capture.layers import get_layer
+        if not isinstance(model, nn.Module):
+            raise ValidationError(f"model must be a torch nn.Module, got {type(model).__name__}.")
+        get_layer(model, layer)
+        self.model = model
+        self.layer = layer
+        self.concepts = resolve_concepts(pairs, concepts)
+        self.strength = check_strength(strength)
+        V = resolve_directions(pairs, self.concepts, direction)
+        self.direction_kind = direction if isinstance(direction, str) else "custom"
+        self.pairs = _subset_pairs(pairs, self.concepts)
+        self._directions = V.detach().cpu()
+        self.nonneg = nonneg
+        self.tokens = tokens
+        self.model_id = model_id if model_id is not None else pairs.meta.get("model_id")
+        if pairs.meta.get("layer") not in (None, layer):
+            logger.warning("the direction pairs were fitted on layer %r but are applied to layer %r",
+                           pairs.meta.get("layer"), layer)
+
+    def edit(self, maps: torch.Tensor) -> torch.Tensor:
+        """The edit applied to the layer's ``(N, D, H, W)`` maps."""
+        return edit_maps(maps, self.pairs, list(range(len(self.concepts))), strength=self.strength, mode="remove",
+                         direction=self._directions.to(maps.device), nonneg=self.nonneg)
+
+    def forward(self, x, *args, **kwargs):
+        with edit_layer(self.model, self.layer, self.edit, tokens=self.tokens):
+            return self.model(x, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer!r}, concepts={self.concepts}, strength={self.strength}, "
+                f"direction={self.direction_kind!r}")
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path) -> Path:
+        """Save the correction (not the model) as ``correction.json`` + ``correction.safetensors``.
+
+        The folder holds the selected concepts' pairs, the directions, k, the layer and the
+        concept ids; the model is referenced by ``model_id`` only.
+        """
+        p = self.pairs
+        tensors = {"decoders": p.decoders, "biases": p.biases, "encoders": p.encoders, "mean": p.mean,
+                   "directions": self._directions}
+        meta = {"layer": self.layer, "concepts": self.concepts, "strength": self.strength,
+                "direction": self.direction_kind, "nonneg": self.nonneg, "tokens": self.tokens,
+                "model_id": self.model_id, "names": p.names, "pairs_meta": p.meta}
+        return save_bundle(path, "correction", tensors, meta)
+
+    @classmethod
+    def load(cls, path, model: nn.Module) -> "CorrectedModel":
+        """Rebuild a saved correction around ``model`` (the same model it was made for)."""
+        from ..directions.pairs import DirectionPairs
+        tensors, doc = load_bundle(path, "correction")
+        try:
+            concepts = [int(c) for c in doc["concepts"]]
+            pairs = DirectionPairs(tensors["decoders"], tensors["biases"], tensors["encoders"], tensors["mean"],
+                                   names=doc.get("names"), meta=doc.get("pairs_meta"))
+            directions = tensors["directions"]
+            layer = doc["layer"]
+            strength = doc["strength"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFileError(f"saved correction at {str(path)!r} is inconsistent ({exc}).") from None
+        if directions.shape != pairs.decoders.shape:
+            raise CorruptFileError(f"saved correction at {str(path)!r} is inconsistent: directions "
+                                   f"{tuple(directions.shape)} vs decoders {tuple(pairs.decoders.shape)}.")
+        obj = cls(model, layer, pairs, list(range(len(concepts))), strength, direction=directions,
+                  nonneg=doc.get("nonneg"), tokens=doc.get("tokens", "patches"), model_id=doc.get("model_id"))
+        obj.concepts = concepts
+        obj.direction_kind = doc.get("direction", "custom")
+        return obj
+
+
+# --------------------------------------------------------------------------- choosing k
+@dataclass
+class StrengthChoice:
+    """The outcome of :func:`choose_strength`.
+
+    Attributes
+    ----------
+    strength : float
+        The chosen k.
+    accuracy : float
+        Accuracy on the held-out (e.g. poisoned) set at k.
+    clean_accuracy : float or None
+        Accuracy on the clean set at k.
+    accuracy_base, clean_accuracy_base : accuracies at k = 0.
+    table : list of dict
+        ``{"strength", "accuracy", "clean_accuracy", "allowed"}`` per grid value.
+    """
+
+    strength: float
+    accuracy: float
+    clean_accuracy: Optional[float]
+    accuracy_base: float
+    clean_accuracy_base: Optional[float]
+    table: List[Dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"strength": self.strength, "accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy,
+                "accuracy_base": self.accuracy_base, "clean_accuracy_base": self.clean_accuracy_base,
+                "table": self.table}
+
+
+class _Evaluator:
+    """Accuracy of the model with an edit at the layer, for many edits of the same images.
+
+    Fast path: the layer's maps are captured once and the head (the network above the layer) is
+    run on the edited maps. When no head can be cut (untraceable model, residual inside), every
+    evaluation runs the whole model with the editing hook.
+    """
+
+    def __init__(self, model, layer, images, labels, batch_size, head=None, tokens="patches"):
+        self.model, self.layer, self.batch_size, self.tokens = model, layer, batch_size, tokens
+        self.images = check_images(images)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).flatten()
+        if self.labels.shape[0] != self.images.shape[0]:
+            raise ValidationError(f"got {self.images.shape[0]} images but {self.labels.shape[0]} labels; pass one "
+                                  f"label per image.")
+        self.head = head
+        if head is None:
+            try:
+                from ..capture import make_head
+                self.head = make_head(model, layer, tokens=tokens, input_size=int(images.shape[-1]))
+            except (HeadError, LayerError) as exc:
+                logger.info("no head for layer %r (%s); evaluating with full forward passes", layer, exc)
+                self.head = None
+        self.maps = None
+        if self.head is not None:
+            from ..capture import capture
+            self.maps = capture(model, layer, self.images, batch_size=batch_size, tokens=tokens)
+
+    @torch.no_grad()
+    def accuracy(self, fn) -> float:
+        correct = 0
+        if self.maps is not None:
+            for s in range(0, self.maps.shape[0], self.batch_size):
+                m = self.maps[s:s + self.batch_size]
+                logits = self.head(fn(m) if fn is not None else m)
+                correct += int((logits.argmax(1).cpu() == self.labels[s:s + self.batch_size]).sum())
+        else:
+            from ..capture.hooks import model_device_dtype
+            device, dtype = model_device_dtype(self.model)
+            for s in range(0, self.images.shape[0], self.batch_size):
+                xb = self.images[s:s + self.batch_size].to(device=device, dtype=dtype)
+                if fn is None:
+                    logits = self.model(xb)
+                else:
+                    with edit_layer(self.model, self.layer, fn, tokens=self.tokens):
+                        logits = self.model(xb)
+                correct += int((logits.argmax(1).cpu() == self.labels[s:s + self.batch_size]).sum())
+        return correct / self.images.shape[0]
+
+
+@torch.no_grad()
+def default_grid(pairs, concepts, maps: torch.Tensor,
+                 multipliers: Sequence[float] = (0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8)) -> List[float]:
+    """Strengths to try: multiples of the concepts' median signal value on their detected positions.
+
+    The scale is measured along the signal vectors and shared by every direction, so controls
+    (filter, random directions) are compared at the same norms.
+    """
+    idx = resolve_concepts(pairs, concepts)
+    sub = _subset_pairs(pairs, idx)
+    a = sub.signal_values(maps)
+    y = sub.detect(maps)
+    vals = [a[:, j][y[:, j] > 0.5] for j in range(len(idx))]
+    vals = torch.cat([v for v in vals if v.numel()]) if any(v.numel() for v in vals) else a.flatten()
+    scale = float(vals.abs().median()) if vals.numel() else 1.0
+    if not scale > 0:
+        scale = 1.0
+    return [float(m) * scale for m in multipliers]
+
+
+def choose_strength(model: nn.Module, layer: str, pairs, concepts, images, labels, clean_images=None,
+                    clean_labels=None, *, grid: Optional[Sequence[float]] = None, max_clean_drop: float = 0.005,
+                    direction: Union[str, torch.Tensor] = "signal", nonneg: Optional[bool] = None,
+                    batch_size: int = 64, head: Optional[nn.Module] = None, tokens: str = "patches",
+                    _evaluators=None) -> StrengthChoice:
+    """Pick the removal strength k on held-out data.
+
+    k maximises the accuracy on ``images`` (e.g. a held-out *poisoned* split, where the shortcut
+    misleads the model) among the grid values whose accuracy on ``clean_images`` is at most
+    ``max_clean_drop`` below the unedited model's (0.005 = half a point). Ties go to the smaller k.
+    Without a clean set there is no constraint (the accuracy on ``images`` alone is maximised).
+
+    Parameters
+    ----------
+    model, layer, pairs, concepts :
+        As for :class:`CorrectedModel`.
+    images, labels :
+        Held-out images (N, C, H, W) and their true labels.
+    clean_images, clean_labels : optional
+        Clean held-out images for the constraint.
+    grid : sequence of float, optional
+        Strengths to try (default :func:`default_grid` on the held-out maps; 0 is always tried).
+    max_clean_drop : float
+        Allowed drop of clean accuracy (a fraction, not percent).
+    direction, nonneg, tokens :
+        As for :class:`CorrectedModel`.
+    batch_size : int
+    head : nn.Module, optional
+        The network above the layer (maps -> logits). Default: cut automatically with
+        :func:`unveil.capture.make_head` (maps are then captured once); without one, every grid
+        value runs the whole model.
+
+    Returns
+    -------
+    StrengthChoice
+
+    Examples
+    --------
+    >>> choice = choose_strength(model, "layer4", pairs, [7], val_x, val_y, clean_x, clean_y)  # doctest: +SKIP
+    >>> CorrectedModel(model, "layer4", pairs, [7], choice.strength)                          # doctest: +SKIP
+    """
+    idx = resolve_concepts(pairs, concepts)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    max_clean_drop = check_in_range(max_clean_drop, "max_clean_drop", 0.0, 1.0)
+    V = resolve_directions(pairs, idx, direction)
+    if _evaluators is not None:
+        ev, ev_clean = _evaluators
+    else:
+        ev = _Evaluator(model, layer, images, labels, batch_size, head, tokens)
+        ev_clean = None
+        if clean_images is not None:
+            if clean_labels is None:
+                raise ValidationError("clean_images needs clean_labels (one label per clean image).")
+            ev_clean = _Evaluator(model, layer, clean_images, clean_labels, batch_size, ev.head, tokens)
+    if grid is None:
+        if ev.maps is None:
+            from ..capture import capture
+            maps = capture(model, layer, ev.images[:256], batch_size=batch_size, tokens=tokens)
+        else:
+            maps = ev.maps
+        grid = default_grid(pairs, idx, maps)
+    grid = sorted({0.0, *[check_strength(float(k)) for k in grid]})
+
+    base = ev.accuracy(None)
+    base_clean = ev_clean.accuracy(None) if ev_clean is not None else None
+    table = []
+    for k in grid:
+        if k == 0.0:
+            acc, cacc = base, base_clean
+        else:
+            def fn(m, _k=k):
+                return edit_maps(m, pairs, idx, strength=_k, direction=V.to(m.device), nonneg=nonneg)
+            acc = ev.accuracy(fn)
+            cacc = ev_clean.accuracy(fn) if ev_clean is not None else None
+        allowed = cacc is None or cacc >= base_clean - max_clean_drop - 1e-12
+        table.append({"strength": k, "accuracy": acc, "clean_accuracy": cacc, "allowed": bool(allowed)})
+        logger.info("strength %.4g: accuracy %.4f, clean %s", k, acc, cacc)
+    best = max((r for r in table if r["allowed"]), key=lambda r: (r["accuracy"], -r["strength"]))
+    return StrengthChoice(best["strength"], best["accuracy"], best["clean_accuracy"], base, base_clean, table)
