@@ -1,0 +1,158 @@
+"""``unveil explain`` and ``unveil correct``: apply direction pairs to a model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    e = subparsers.add_parser("explain", help="explain predictions with concepts (PNG + json per image)",
+                              description="For each image: the prediction, the concept detectors' maps and each "
+                                          "concept's contribution (the change of the predicted class's logit when "
+                                          "the concept is removed at the layer with its signal vector).")
+    e.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
+    _model_args(e)
+    e.add_argument("--top-k", type=int, default=5, help="number of concepts listed per image")
+    e.add_argument("--strength", type=float, default=None,
+                   help="removal strength k (default: each position's own signal value)")
+    e.add_argument("--out", type=Path, required=True, help="output folder (<image stem>.png and .json)")
+    e.set_defaults(func=_explain)
+
+    c = subparsers.add_parser("correct", help="remove concepts (e.g. a shortcut) from a model at a layer",
+                              description="Save a correction: the model with the given concepts removed at the "
+                                          "layer (x' = ReLU(x - m*k*s) on every forward). k is --strength, or is "
+                                          "chosen on held-out data with --choose-on, or (neither) each position's "
+                                          "own signal value. Load it with CorrectedModel.load(DIR, model).")
+    _model_args(c)
+    c.add_argument("--concepts", type=int, nargs="+", required=True, metavar="I", help="concept indices to remove")
+    c.add_argument("--out", type=Path, required=True, help="folder to save the correction in")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--strength", type=float, default=None, help="removal strength k (layer units)")
+    g.add_argument("--choose-on", type=Path, default=None, metavar="DIR",
+                   help="held-out image folder with class sub-folders (e.g. a poisoned split): k maximises its "
+                        "accuracy")
+    c.add_argument("--clean", type=Path, default=None, metavar="DIR",
+                   help="clean held-out image folder (class sub-folders): with --choose-on, clean accuracy may "
+                        "drop by at most --max-clean-drop")
+    c.add_argument("--max-clean-drop", type=float, default=0.005, help="allowed clean accuracy drop (default 0.005)")
+    c.set_defaults(func=_correct)
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", required=True,
+                   help="resnet18, efficientnet-lite0, vit-tiny, worldnet, worldnet-shortcut or package.module:factory")
+    p.add_argument("--weights", type=Path, default=None, help=".safetensors or torch state_dict file to load")
+    p.add_argument("--image-size", type=int, default=None, help="input image size (default: the model's)")
+    p.add_argument("--layer", required=True, help="the layer the pairs were fitted on")
+    p.add_argument("--pairs", type=Path, required=True, help="direction pairs folder (from `unveil fit`)")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def _load(args):
+    from ..directions.pairs import DirectionPairs
+    from ..models import load_model
+    options = {} if args.image_size is None else {"image_size": args.image_size}
+    model, pre, model_id = load_model(args.model, weights=args.weights, **options)
+    pairs = DirectionPairs.load(args.pairs)
+    return model, pre, model_id, pairs
+
+
+def _class_names(model_name: str):
+    """Class names of the shipped world models (None for others)."""
+    if model_name in ("worldnet", "worldnet-shortcut"):
+        from ..data.world import CLASS_RULES
+        return [name for name, _, _ in CLASS_RULES]
+    return None
+
+
+def _explain(args) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .._errors import ValidationError
+    from .._io import atomic_write_json
+    from ..data.images import load_image
+    from ..explain import explain, plot_explanation
+    model, pre, model_id, pairs = _load(args)
+    tensors = []
+    for path in args.images:
+        try:
+            tensors.append(load_image(path, pre))
+        except (OSError, ValueError) as exc:
+            raise ValidationError(f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc}); pass image "
+                                  f"files (.jpg, .png, ...).") from None
+    stems = [p.stem for p in args.images]
+    if len(set(stems)) != len(stems):
+        stems = [f"{k:03d}_{s}" for k, s in enumerate(stems)]
+    images = torch.stack(tensors)
+    expls = explain(model, args.layer, pairs, images, top_k=args.top_k, remove_strength=args.strength,
+                    batch_size=args.batch_size, class_names=_class_names(args.model))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path, stem, img, ex in zip(args.images, stems, images, expls):
+        fig, ax = plt.subplots(figsize=(3.2, 3.8))
+        plot_explanation(ex, img, ax=ax)
+        fig.tight_layout()
+        fig.savefig(args.out / f"{stem}.png", dpi=120)
+        plt.close(fig)
+        doc = {"image": str(path), "model": model_id, "layer": args.layer, "pairs": str(args.pairs), **ex.to_dict()}
+        atomic_write_json(args.out / f"{stem}.json", doc)
+        top = ", ".join(f"{ex.names[i]} {float(ex.contributions[i]):+.2f}" for i in ex.top[:3])
+        label = ex.class_name if ex.class_name is not None else f"class {ex.predicted}"
+        print(f"{path}: {label} (p = {float(ex.probs[ex.predicted]):.2f}); top concepts: {top}")
+    print(f"wrote {len(expls)} explanation(s) (.png + .json) to {args.out}")
+    return 0
+
+
+def _folder(path, pre, class_names):
+    """Images and labels of a folder with class sub-folders (names matched to the model's classes)."""
+    import numpy as np
+
+    from .._errors import ValidationError
+    from ..data.images import load_batch, scan_images
+    folder = scan_images(path)
+    if folder.class_names is None:
+        raise ValidationError(f"{str(path)!r} has no class sub-folders; put the images in one sub-folder per class "
+                              f"(named by class index 0, 1, ... or by class name).")
+    mapping = {}
+    for name in folder.class_names:
+        if name.isdigit():
+            mapping[name] = int(name)
+        elif class_names is not None and name in class_names:
+            mapping[name] = class_names.index(name)
+        else:
+            known = f" or one of {class_names}" if class_names else ""
+            raise ValidationError(f"class sub-folder {name!r} of {str(path)!r} is not a class index{known}; name the "
+                                  f"sub-folders by the model's class indices.")
+    images, kept, skipped = load_batch(folder, range(len(folder)), pre)
+    if not kept:
+        raise ValidationError(f"no readable images in {str(path)!r}.")
+    labels = np.array([mapping[folder.class_names[folder.labels[i]]] for i in kept], dtype=np.int64)
+    return images, labels
+
+
+def _correct(args) -> int:
+    from ..edit import CorrectedModel, choose_strength
+    model, pre, model_id, pairs = _load(args)
+    strength = args.strength
+    choice = None
+    if args.choose_on is not None:
+        names = _class_names(args.model)
+        x, y = _folder(args.choose_on, pre, names)
+        xc = yc = None
+        if args.clean is not None:
+            xc, yc = _folder(args.clean, pre, names)
+        choice = choose_strength(model, args.layer, pairs, args.concepts, x, y, xc, yc,
+                                 max_clean_drop=args.max_clean_drop, batch_size=args.batch_size)
+        strength = choice.strength
+    fixed = CorrectedModel(model, args.layer, pairs, args.concepts, strength, model_id=model_id)
+    fixed.save(args.out)
+    if choice is not None:
+        print(json.dumps(choice.to_dict(), indent=2))
+        print(f"chosen strength k = {strength:.4g}: held-out accuracy {choice.accuracy_base:.4f} -> {choice.accuracy:.4f}"
+              + (f", clean {choice.clean_accuracy_base:.4f} -> {choice.clean_accuracy:.4f}"
+                 if choice.clean_accuracy is not None else ""))
+    ktxt = "each position's signal value" if strength is None else f"k = {strength:.4g}"
+    print(f"saved the correction of {model_id} (layer {args.layer!r}, concepts {args.concepts}, {ktxt}) to {args.out}")
+    return 0

@@ -1,0 +1,88 @@
+"""`unveil explain` and `unveil correct` end to end on the shipped worldnet-shortcut model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unveil import DirectionPairs
+from unveil.cli import main
+from unveil.data.world import CLASS_RULES, ConceptWorld
+from unveil.edit import CorrectedModel
+from unveil.models import load_model
+from unveil.models.worldnet import SHORTCUT_WATERMARK
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("apply")
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(3, 64, generator=g)
+    pairs = DirectionPairs(torch.randn(3, 64, generator=g), torch.zeros(3), S / S.norm(dim=1, keepdim=True),
+                           names=["a", "b", "c"], meta={"layer": "layer3", "model_id": "worldnet-shortcut"})
+    pairs.save(root / "pairs")
+    ds = ConceptWorld(7, split="poisoned_test", seed=3, watermark=SHORTCUT_WATERMARK)
+    files = []
+    for i in range(len(ds)):
+        s = ds[i]
+        sub = root / "held" / CLASS_RULES[s.label][0]
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(s.image).save(sub / f"{i}.png")
+        files.append(sub / f"{i}.png")
+    return root, files
+
+
+def test_explain_writes_png_and_json(setup, capsys):
+    root, files = setup
+    out = root / "expl"
+    rc = main(["explain", str(files[0]), str(files[1]), "--model", "worldnet-shortcut", "--layer", "layer3",
+               "--pairs", str(root / "pairs"), "--out", str(out), "--top-k", "2"])
+    assert rc == 0
+    for f in files[:2]:
+        doc = json.loads((out / f"{f.stem}.json").read_text())
+        assert doc["class_name"] in [c[0] for c in CLASS_RULES]
+        assert len(doc["top"]) == 2 and len(doc["contributions"]) == 3
+        assert np.array(doc["maps"]).shape == (3, 8, 8)
+        assert (out / f"{f.stem}.png").stat().st_size > 1000
+    assert "top concepts" in capsys.readouterr().out
+
+
+def test_correct_with_strength_and_choose_on(setup, capsys):
+    root, files = setup
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "1", "2", "--strength", "3.5", "--out", str(root / "corr")])
+    assert rc == 0
+    model, pre, _ = load_model("worldnet-shortcut")
+    fixed = CorrectedModel.load(root / "corr", model)
+    assert fixed.concepts == [1, 2] and fixed.strength == pytest.approx(3.5) and fixed.model_id == "worldnet-shortcut"
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255 for f in files])
+    ref = CorrectedModel(model, "layer3", DirectionPairs.load(root / "pairs"), [1, 2], 3.5)
+    torch.testing.assert_close(fixed(x), ref(x), atol=0, rtol=0)
+
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "0", "--choose-on", str(root / "held"), "--out", str(root / "corr2")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    doc = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert doc["table"][0]["strength"] == 0.0 and len(doc["table"]) == 11
+    assert doc["accuracy"] >= doc["accuracy_base"]
+    saved = CorrectedModel.load(root / "corr2", model)
+    assert saved.strength == pytest.approx(doc["strength"])
+
+
+def test_cli_errors_are_one_line(setup, capsys):
+    root, files = setup
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "9", "--out", str(root / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "unknown concept index 9" in err and len(err.strip().splitlines()) == 1
+    rc = main(["explain", str(files[0]), "--model", "worldnet-shortcut", "--layer", "layer4", "--pairs",
+               str(root / "pairs"), "--out", str(root / "e2")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "has 128 channels, but these direction pairs" in err
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "0", "--choose-on", str(root / "pairs"), "--out", str(root / "bad2")])
+    assert rc == 1 and "no images found" in capsys.readouterr().err
