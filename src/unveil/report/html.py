@@ -1,0 +1,436 @@
+"""The self-contained HTML report (inline CSS, images as base64 PNG, no external URL).
+
+Every piece of text that comes from data (concept, class, detector, method and file names, rules)
+goes through :func:`html.escape`; figures are rendered to PNG and inlined as ``data:`` URIs.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .._errors import ValidationError
+from . import figures as fg
+
+__all__ = ["build_report", "write_report"]
+
+logger = logging.getLogger("unveil")
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#1d2433}
+main{max-width:1280px;margin:0 auto;padding:18px 28px 40px}
+h1{font-size:1.6em;margin:.3em 0 .1em} h2{font-size:1.25em;margin:1.6em 0 .5em;border-bottom:2px solid #d5dae3;padding-bottom:.2em}
+h3{font-size:1.02em;margin:.9em 0 .3em}
+p,li{line-height:1.45;font-size:.93em} .muted{color:#5b6477;font-size:.86em}
+table{border-collapse:collapse;margin:.4em 0 .8em;font-size:.86em;background:#fff}
+th,td{border:1px solid #d5dae3;padding:3px 8px;text-align:right} th{background:#eef1f6}
+td.l,th.l{text-align:left} tr.best td{font-weight:600;background:#eef8ee}
+.cards{display:flex;flex-wrap:wrap;gap:10px}
+.card{background:#fff;border:1px solid #d5dae3;border-radius:6px;padding:6px 8px;max-width:100%}
+.card .t{font-size:.84em;margin-bottom:4px} .card img{display:block;max-width:100%;image-rendering:pixelated}
+.tag{display:inline-block;padding:0 6px;border-radius:8px;background:#e4e9f2;font-size:.8em;margin-left:4px}
+.fig{background:#fff;border:1px solid #d5dae3;border-radius:6px;padding:8px;display:inline-block;max-width:100%}
+.fig img{max-width:100%}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;font-size:.88em;margin:.6em 0}
+.grid2{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
+code{background:#eef1f6;padding:0 3px;border-radius:3px;font-size:.9em}
+"""
+
+_SUMMARY_KEYS = ("S1", "S2", "n_interpretable", "n_distinct", "mPrecision", "mRecall", "mAP", "mF1")
+_METHOD_NAMES = {"eddp": "EDDP", "pca": "PCA", "ica": "FastICA", "nmf": "NMF", "kmeans": "k-means",
+                 "sae": "sparse autoencoder"}
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _img(png: bytes, alt: str, width: Optional[int] = None) -> str:
+    w = f' width="{int(width)}"' if width else ""
+    return (f'<img alt="{_e(alt)}"{w} src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode("ascii")}">')
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return _e(v)
+    if not math.isfinite(f):
+        return "–"
+    return f"{f:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1, highlight: Optional[int] = None) -> str:
+    th = "".join(f'<th class="{"l" if j < left else ""}">{_e(h)}</th>' for j, h in enumerate(header))
+    body = []
+    for r, row in enumerate(rows):
+        cls = ' class="best"' if highlight is not None and r == highlight else ""
+        tds = "".join(f'<td class="{"l" if j < left else ""}">{v if isinstance(v, _Raw) else _fmt(v)}</td>'
+                      for j, v in enumerate(row))
+        body.append(f"<tr{cls}>{tds}</tr>")
+    return f"<table><tr>{th}</tr>{''.join(body)}</table>"
+
+
+class _Raw(str):
+    """Already-escaped HTML for a table cell."""
+
+
+def _txt(x) -> _Raw:
+    return _Raw(_e(x))
+
+
+# --------------------------------------------------------------------------- sections
+def _header(results: Mapping[str, Any], title: str) -> str:
+    model = results.get("model", {}) or {}
+    data = results.get("data", {}) or {}
+    cfg = results.get("config", {}) or {}
+    parts = [f"<h1>{_e(title)}</h1>"]
+    line = []
+    if model:
+        line.append(f"model <b>{_e(model.get('name', '?'))}</b>, layer <b>{_e(model.get('layer', '?'))}</b>")
+        if model.get("test_acc") is not None:
+            line.append(f"accuracy {_fmt(model['test_acc'])} on {_e(model.get('test_acc_split', 'held-out images'))}")
+    if data:
+        line.append(f"concept world: {_e(data.get('n_train', '?'))} train / {_e(data.get('n_val', '?'))} val images, "
+                    f"{_e(data.get('n_concepts', '?'))} concepts, seed {_e(data.get('seed', '?'))}")
+    if cfg.get("n_concepts"):
+        line.append(f"{_e(cfg['n_concepts'])} directions per method")
+    if cfg.get("fast"):
+        line.append("<b>--fast</b> (a smoke test, not a measurement)")
+    parts.append(f'<p class="muted">{" · ".join(line)}</p>')
+    return "\n".join(parts)
+
+
+def _comparison(results: Mapping[str, Any]) -> str:
+    diss = results.get("dissection") or {}
+    if not diss:
+        return ""
+    rules = results.get("detection_rules") or {}
+    methods = list(diss)
+    s1 = [float(diss[m].get("S1", 0.0)) for m in methods]
+    best = int(np.argmax(s1)) if s1 else None
+    rows = [[_txt(_METHOD_NAMES.get(m, m))] + [diss[m].get(k) for k in _SUMMARY_KEYS] for m in methods]
+    out = ["<h2>EDDP vs baselines (Network Dissection)</h2>",
+           "<p>Detectors are labelled with the concept of highest IoU on the train split and scored on the "
+           "validation split (method.md §7). S1 = Σ IoU over detectors; S2 = Σ over distinct labels of the best "
+           "IoU; a detector is interpretable at IoU ≥ 0.04; mPrecision/mRecall/mAP/mF1 are means over all "
+           "detectors (pixel level, against each detector's label).</p>",
+           _table(("method",) + _SUMMARY_KEYS, rows, highlight=best)]
+    try:
+        fig = fg._plt().figure(figsize=(7.5, 2.6))
+        ax = fig.add_subplot(1, 2, 1)
+        fg.plot_method_comparison({_METHOD_NAMES.get(m, m): diss[m] for m in methods}, ("S1", "S2"), ax=ax)
+        ax2 = fig.add_subplot(1, 2, 2)
+        fg.plot_method_comparison({_METHOD_NAMES.get(m, m): diss[m] for m in methods},
+                                  ("n_interpretable", "n_distinct"), ax=ax2)
+        for a in (ax, ax2):
+            a.tick_params(axis="x", labelrotation=30)
+        fig.tight_layout()
+        out.append(f'<div class="fig">{_img(fg.figure_png(fig), "bar chart of S1, S2 and detector counts per method")}</div>')
+    except Exception as exc:  # noqa: BLE001 - a figure failure must not lose the report
+        logger.warning("report: comparison figure failed: %s", exc)
+    if rules:
+        out.append("<h3>Detection rules (all label-free)</h3><ul>")
+        for m in methods:
+            if m in rules:
+                out.append(f"<li><b>{_e(_METHOD_NAMES.get(m, m))}</b>: {_e(rules[m])}</li>")
+        out.append("</ul>")
+    native = results.get("dissection_native_rules") or {}
+    if native:
+        rows = [[_txt(_METHOD_NAMES.get(m, m))] + [native[m].get(k) for k in _SUMMARY_KEYS] + [_txt(native[m].get("rule", ""))]
+                for m in native]
+        out.append("<h3>Baselines with their own label-free rule</h3>"
+                   "<p class=\"muted\">The same dissection with each baseline's built-in detection rule instead of the "
+                   "NetDissect top-quantile rule (Otsu threshold of the component score for PCA/ICA/NMF/SAE, nearest "
+                   "centroid for k-means).</p>")
+        out.append(_table(("method",) + _SUMMARY_KEYS + ("rule",), rows))
+    cats = results.get("category_counts") or {}
+    if cats:
+        allc = sorted({c for m in cats for c in cats[m]})
+        rows = [[_txt(_METHOD_NAMES.get(m, m))] + [cats[m].get(c, 0) for c in allc] for m in cats]
+        out.append("<h3>Interpretable detectors per concept category</h3>")
+        out.append(_table(("method",) + tuple(allc), rows))
+    return "\n".join(out)
+
+
+def _sample(ds, split_ds: Mapping[str, Any], split: str, index: int):
+    d = split_ds.get(split)
+    if d is None:
+        d = ds
+    return d[int(index)]
+
+
+def _detector_cards(res, split_ds, detector_maps, n_detectors: int, top_k: int) -> str:
+    order = np.lexsort((-res.val_iou, ~res.interpretable))  # interpretable first, then by validation IoU
+    chosen = [int(i) for i in order[:n_detectors]]
+    labels = res.label_names()
+    cats = [res.concept_categories[c] if c >= 0 else None for c in res.labels]
+    cards = []
+    for i in chosen:
+        tops = res.top_activations(i, top_k)
+        images, maps, boxes = [], [], []
+        for t in tops:
+            s = _sample(None, split_ds, t["split"], t["index"])
+            images.append(np.asarray(s.image))
+            maps.append(np.asarray(detector_maps[t["split"]][t["index"], i]))
+            boxes.append(t["box"])
+        mont = fg.detector_montage(images, maps, boxes=boxes)
+        lab = labels[i] if labels[i] is not None else "no label"
+        tag = f'<span class="tag">{_e(cats[i])}</span>' if cats[i] else ""
+        flag = "" if res.interpretable[i] else ' <span class="tag">not interpretable</span>'
+        cards.append(
+            f'<div class="card"><div class="t"><b>{_e(res.detector_names[i])}</b> → <b>{_e(lab)}</b>{tag}{flag} · '
+            f'IoU val {_fmt(res.val_iou[i])} (train {_fmt(res.train_iou[i])}) · P {_fmt(res.precision[i], 2)} '
+            f'R {_fmt(res.recall[i], 2)}</div>{_img(fg.png_bytes(mont), f"top activations of {res.detector_names[i]}")}</div>')
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _eddp_section(res, split_ds, detector_maps, n_detectors: int) -> str:
+    if detector_maps is None or not split_ds:
+        return ""
+    top_k = int(res.top_indices.shape[1]) if res.top_indices.ndim == 2 else 0
+    out = [f"<h2>EDDP detectors (the {min(n_detectors, res.n_detectors)} most interpretable of {res.n_detectors})</h2>",
+           "<p>Per detector: the images where it responds most (over train and validation images). Outside the "
+           "detector's mask (σ(wᵀx − b) &gt; 0.5, upsampled bilinearly) the image is dimmed; the mask is outlined "
+           "in magenta, the map cell of the maximum in yellow. Label = the concept with the highest train IoU.</p>"]
+    if top_k == 0:
+        out.append('<p class="muted">(no top activations were recorded)</p>')
+        return "\n".join(out)
+    out.append(_detector_cards(res, split_ds, detector_maps, n_detectors, top_k))
+    return "\n".join(out)
+
+
+def _heatmaps_section(res, ds, maps, n_images: int, per_image: int = 4) -> str:
+    if ds is None or maps is None or len(ds) == 0:
+        return ""
+    plt = fg._plt()
+    n_images = min(n_images, len(ds))
+    idx = np.linspace(0, len(ds) - 1, n_images).round().astype(int)
+    labels = res.label_names()
+    candidates = np.flatnonzero(res.interpretable) if res.interpretable.any() else np.arange(res.n_detectors)
+    fig, axes = plt.subplots(n_images, 1 + per_image, figsize=(1.75 * (1 + per_image), 1.9 * n_images),
+                             squeeze=False)
+    class_names = getattr(ds, "class_names", None)
+    for r, n in enumerate(idx):
+        s = ds[int(n)]
+        m = np.asarray(maps[int(n)])
+        # the detectors that fire on the largest area of this image
+        area = (m[candidates] > 0.5).mean(axis=(1, 2))
+        strength = m[candidates].max(axis=(1, 2))
+        pick = candidates[np.lexsort((-strength, -area))[:per_image]]
+        titles = [f"{res.detector_names[i]}: {labels[i] or 'no label'}" for i in pick]
+        fg.plot_detector_heatmaps(np.asarray(s.image), [m[i] for i in pick], titles, axes=axes[r])
+        if class_names is not None and 0 <= s.label < len(class_names):
+            axes[r][0].set_title(fg.safe_text(f"val #{n}: {class_names[s.label]}"), fontsize=7)
+        for ax in axes[r][1 + len(pick):]:
+            ax.set_axis_off()
+    fig.tight_layout()
+    return ("<h2>Detector heatmaps on validation images</h2>"
+            "<p>For a few validation images: the interpretable detectors that cover the largest area of the "
+            "image, as heatmaps of σ(wᵀx − b) (0 black … 1 yellow) with the 0.5 contour in cyan.</p>"
+            f'<div class="fig">{_img(fg.figure_png(fig), "detector heatmaps on sample images")}</div>')
+
+
+def _influence_section(infl, results: Mapping[str, Any], max_rows: int = 40) -> str:
+    if infl is None:
+        return ""
+    scores, sig = np.asarray(infl.scores, float), np.asarray(infl.significant, bool)
+    rows = np.flatnonzero(sig.any(axis=1))
+    what = "directions with at least one significant class"
+    if len(rows) == 0:
+        rows = np.argsort(-np.nan_to_num(np.abs(scores), nan=0.0).max(axis=1), kind="stable")[:max_rows]
+        what = "no direction is significant; the directions with the largest |score| are shown"
+    elif len(rows) > max_rows:
+        strength = np.nan_to_num(np.abs(scores[rows]), nan=0.0).max(axis=1)
+        rows = rows[np.argsort(-strength, kind="stable")[:max_rows]]
+        what += f" (the {max_rows} strongest)"
+    rows = np.sort(rows)
+    names = [infl.concept_names[i] for i in rows]
+    ax = fg.plot_influence(scores[rows], sig[rows], names, infl.class_names)
+    ax.set_title("RCAV: sign of Δp(class) when the concept is added", fontsize=8)
+    cfg = infl.config or {}
+    out = ["<h2>Concept → class influence (RCAV)</h2>",
+           f"<p>For class k and direction i, α·ŝ<sub>i</sub>/‖ŝ<sub>i</sub>‖ (α = {_fmt(cfg.get('alpha'), 1)}) is added "
+           "at every position of the validation maps of class-k images and the sign of the change of p(k) is "
+           "averaged (score ∈ [−1, 1]). <b>*</b> = significant against a null of noise signal vectors from "
+           f"label-permuted detector rules ({_e(cfg.get('n_permutations', '?'))} permutations), two-sided, "
+           f"Bonferroni over {_e(cfg.get('n_tests', '?'))} tests (level {_fmt(cfg.get('bonferroni_level'), 6)}). "
+           f"SDC = <b>{_e(infl.sdc)}</b> directions, SCDP = <b>{_e(infl.scdp)}</b> (class, direction) pairs. "
+           f"Shown: {_e(what)}.</p>",
+           '<div class="note">The null is <b>pooled</b> (one null per class shared by all directions). The '
+           "per-direction null of method.md §8 was measured to flag pure-noise directions as significant "
+           "(23–28 of 64 on ReLU'd Gaussian noise with a random linear head, 0 with the pooled null), so it is not "
+           "used here.</div>",
+           f'<div class="grid2"><div class="fig">{_img(fg.figure_png(ax.figure), "heatmap of RCAV scores")}</div>']
+    top = infl.top_concepts(3)
+    trs = []
+    for cname, d in top.items():
+        pos = ", ".join(f"{_e(x['concept'])} ({x['score']:+.2f})" for x in d["positive"]) or "–"
+        neg = ", ".join(f"{_e(x['concept'])} ({x['score']:+.2f})" for x in d["negative"]) or "–"
+        trs.append([_txt(cname), _Raw(pos), _Raw(neg)])
+    out.append("<div><h3>Most influential significant concepts per class</h3>"
+               + _table(("class", "raise p(class)", "lower p(class)"), trs, left=3) + "</div></div>")
+    return "\n".join(out)
+
+
+def _shortcut_section(results, res, split_ds, detector_maps, infl, channel: Optional[int]) -> str:
+    info = results.get("shortcut")
+    if channel is None or not info:
+        return ""
+    i = int(info["detector"])
+    out = ["<h2>Shortcut: the watermark detector</h2>",
+           f"<p>Model <b>{_e(results.get('model', {}).get('name', '?'))}</b> was trained with a watermark "
+           f"stamped on most images of one class. The EDDP detector with the highest validation IoU against the "
+           f"<code>watermark</code> mask is <b>{_e(res.detector_names[i])}</b> (IoU val <b>{_fmt(info['iou_val'])}</b>, "
+           f"train {_fmt(info['iou_train'])}; its dissection label: {_e(info.get('label') or 'none')}).</p>"]
+    rows = [[_txt("EDDP"), info["iou_val"]]] + [[_txt(_METHOD_NAMES.get(m, m)), v]
+                                                for m, v in (info.get("baselines_best_iou") or {}).items()]
+    out.append("<div class=\"grid2\"><div><h3>Best watermark IoU per method</h3>" + _table(("method", "IoU val"), rows)
+               + "</div>")
+    rc = info.get("rcav_scores") or {}
+    sg = info.get("rcav_significant") or {}
+    out.append("<div><h3>RCAV of the watermark direction</h3>"
+               + _table(("class", "score", "significant"), [[_txt(c), v, bool(sg.get(c))] for c, v in rc.items()])
+               + "</div></div>")
+    if detector_maps is not None and split_ds:
+        # the strongest watermark images plus the detector's top activations
+        wm_idx = [n for n in range(len(split_ds["val"])) if split_ds["val"][n].masks[channel].any()][:6]
+        images = [np.asarray(split_ds["val"][n].image) for n in wm_idx]
+        maps = [np.asarray(detector_maps["val"][n, i]) for n in wm_idx]
+        if images:
+            mont = fg.detector_montage(images, maps, scale=3)
+            out.append(f'<div class="card"><div class="t">{_e(res.detector_names[i])} on validation images that carry '
+                       f'the watermark (mask outlined)</div>{_img(fg.png_bytes(mont), "watermark detector")}</div>')
+        top_k = int(res.top_indices.shape[1])
+        if top_k:
+            tops = res.top_activations(i, top_k)
+            images = [np.asarray(_sample(None, split_ds, t["split"], t["index"]).image) for t in tops]
+            maps = [np.asarray(detector_maps[t["split"]][t["index"], i]) for t in tops]
+            mont = fg.detector_montage(images, maps, boxes=[t["box"] for t in tops], scale=3)
+            out.append(f'<div class="card"><div class="t">its top activations</div>'
+                       f'{_img(fg.png_bytes(mont), "watermark detector top activations")}</div>')
+    return "\n".join(out)
+
+
+def _efficientnet_section(results) -> str:
+    eff = results.get("efficientnet")
+    if not eff:
+        return ""
+    if not eff.get("available"):
+        return ("<h2>EfficientNet-Lite0 vs random initialisation</h2>"
+                f"<p class=\"muted\">Skipped: {_e(eff.get('reason', 'not available'))}</p>")
+    cats = sorted({c for k in ("pretrained", "random") for c in eff[k].get("category_counts", {})})
+    rows = []
+    for k in ("pretrained", "random"):
+        rows.append([_txt("ImageNet weights" if k == "pretrained" else "random init")]
+                    + [eff[k].get("category_counts", {}).get(c, 0) for c in cats]
+                    + [eff[k].get("n_interpretable"), eff[k].get("n_distinct"), eff[k].get("S1")])
+    return ("<h2>EfficientNet-Lite0 vs random initialisation</h2>"
+            f"<p>Network Dissection of the {_e(eff.get('n_units', '?'))} channels of block <code>{_e(eff.get('block'))}</code> "
+            f"on concept-world images resized to {_e(eff.get('image_size'))} px; rule: {_e(eff.get('rule', ''))}. "
+            "Random networks detect colours well (a colour is a linear read-out of the input that random "
+            "convolutions keep), so interpretable-unit counts must be compared per category.</p>"
+            + _table(("weights",) + tuple(cats) + ("interpretable", "distinct", "S1"), rows))
+
+
+def _footer(results) -> str:
+    timing = results.get("timing") or {}
+    stages = timing.get("stages_s") or {}
+    rows = [[_txt(k), v] for k, v in stages.items()]
+    out = ["<h2>Run</h2>"]
+    if rows:
+        total = timing.get("total_s")
+        out.append(_table(("stage", "seconds"), rows + ([[_txt("total (before the report)"), total]] if total else [])))
+    machine = results.get("machine") or {}
+    if machine:
+        out.append(f"<p class=\"muted\">{_e(machine.get('cpu_count', '?'))} CPUs, torch threads "
+                   f"{_e(machine.get('torch_threads', '?'))}, load average at start {_e(machine.get('loadavg_start'))}"
+                   f"; {_e(machine.get('platform', ''))}</p>")
+    vers = results.get("versions") or {}
+    if vers:
+        out.append("<p class=\"muted\">versions: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in vers.items())
+                   + f"; seed {_e(results.get('seed', '?'))}</p>")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- public
+def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, Any]] = None, *,
+                 influence=None, train=None, val=None, detector_maps: Optional[Mapping[str, Any]] = None,
+                 watermark_channel: Optional[int] = None, n_detectors: int = 24, n_heatmap_images: int = 4,
+                 title: str = "unveil — concepts of a vision network") -> str:
+    """The report as one self-contained HTML string.
+
+    Parameters
+    ----------
+    results : dict
+        The demo's ``results.json`` content (summaries, rules, model, timing, ...); missing parts are skipped.
+    dissections : dict, optional
+        ``{"eddp": DissectionResult, ...}``; the ``"eddp"`` entry drives the detector montages and heatmaps.
+    influence : InfluenceResult, optional
+    train, val : concept data sets (``ds[i].image``) that the dissection's top activations refer to.
+    detector_maps : ``{"train": (N_train, I, h, w), "val": (N_val, I, h, w)}`` EDDP detector values in [0, 1].
+    watermark_channel : int, optional
+        Mask channel of the watermark concept (shortcut section).
+    n_detectors : int
+        Detector cards (the most interpretable first).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> page = build_report({"dissection": {"eddp": {"S1": 1.0, "S2": 1.0}}})
+    >>> page.startswith("<!DOCTYPE html>")
+    True
+    """
+    if not isinstance(results, Mapping):
+        raise ValidationError(f"results must be a dict (the demo's results.json), got {type(results).__name__}.")
+    dissections = dict(dissections or {})
+    split_ds = {k: v for k, v in (("train", train), ("val", val)) if v is not None}
+    res = dissections.get("eddp")
+    maps = None if detector_maps is None else {k: v for k, v in detector_maps.items()}
+    body = [_header(results, title), _comparison(results)]
+    if res is not None:
+        for name, fn in (("detectors", lambda: _eddp_section(res, split_ds, maps, n_detectors)),
+                         ("heatmaps", lambda: _heatmaps_section(res, val, None if maps is None else maps.get("val"),
+                                                                n_heatmap_images)),
+                         ("shortcut", lambda: _shortcut_section(results, res, split_ds, maps, influence,
+                                                                watermark_channel))):
+            body.append(_guard(name, fn))
+    body.append(_guard("influence", lambda: _influence_section(influence, results)))
+    body.append(_efficientnet_section(results))
+    body.append(_footer(results))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body><main>\n" + "\n".join(b for b in body if b) + "\n</main></body></html>\n")
+
+
+def _guard(name: str, fn) -> str:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - one broken section must not lose the whole report
+        logger.warning("report: section %s failed: %s", name, exc, exc_info=True)
+        return f'<div class="note">The {_e(name)} section could not be drawn: {_e(type(exc).__name__)}: {_e(exc)}</div>'
+
+
+def write_report(path, results: Mapping[str, Any], dissections: Optional[Mapping[str, Any]] = None, **kwargs) -> Path:
+    """Build the report (see :func:`build_report`) and write it atomically to ``path``; returns the path."""
+    from .._io import atomic_write_bytes
+    path = Path(path)
+    page = build_report(results, dissections, **kwargs)
+    atomic_write_bytes(path, page.encode("utf-8"))
+    logger.info("report: wrote %s (%.1f kB)", path, len(page) / 1024)
+    return path

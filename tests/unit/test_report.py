@@ -1,0 +1,153 @@
+"""The HTML report: escaping, self-containment, detector cards on a data set with known answers; figures."""
+import base64
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from unveil import DirectionPairs, ValidationError  # noqa: E402
+from unveil.data.synthetic import PoolLinearHead  # noqa: E402
+from unveil.data.world import Concept, WorldSample  # noqa: E402
+from unveil.evaluate.dissection import dissect  # noqa: E402
+from unveil.evaluate.influence import rcav  # noqa: E402
+from unveil.report import (build_report, detector_montage, plot_detector_heatmaps, plot_influence,  # noqa: E402
+                           plot_method_comparison, write_report)
+
+EVIL_CONCEPT = "<script>alert('concept')</script>"
+EVIL_CLASS = '<img src=x onerror="alert(1)">'
+EVIL_MODEL = "</title><script>alert('model')</script>"
+
+
+class _Tiny:
+    """16 x 16 images; concept 0 = the left half (x < cut), concept 1 = the top half, cut varies."""
+
+    def __init__(self, n, seed):
+        rng = np.random.default_rng(seed)
+        self.concepts = [Concept(EVIL_CONCEPT, "color"), Concept('sky" onmouseover="x', "object")]
+        self.categories = ["color", "object"]
+        self.class_names = [EVIL_CLASS, "plain"]
+        self.samples = []
+        for i in range(n):
+            cut = int(rng.integers(4, 12))
+            m = np.zeros((2, 16, 16), bool)
+            m[0, :, :cut] = True
+            m[1, :cut, :] = True
+            img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            self.samples.append(WorldSample(img, m, i % 2))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[int(i)]
+
+    def maps(self):
+        # feature maps at the mask resolution: channel c is exactly mask c (so detector c has IoU 1 with c)
+        return torch.from_numpy(np.stack([s.masks for s in self.samples]).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def report_inputs():
+    torch.manual_seed(0)
+    train, val = _Tiny(8, 0), _Tiny(6, 1)
+    pairs = DirectionPairs(10 * torch.eye(2), torch.full((2,), 5.0), torch.eye(2),
+                           names=["d0:" + EVIL_CONCEPT, "d1:sky"])
+    det_tr, det_va = pairs.detect(train.maps()), pairs.detect(val.maps())
+    res = dissect(det_tr, train, range(8), range(6), val_dataset=val, val_maps=det_va, top_k=3,
+                  detector_names=["d0<b>", "d1"])
+    head = PoolLinearHead(2, 2)
+    labels = np.array([s.label for s in val.samples])
+    infl = rcav(val.maps(), labels, pairs, head, n_permutations=5, null="pooled",
+                class_names=val.class_names)
+    results = {"model": {"name": EVIL_MODEL, "layer": "layer<4>", "test_acc": 0.5},
+               "dissection": {"eddp": {k: res.summary[k] for k in res.summary},
+                              "pca": {k: 0.0 for k in res.summary}},
+               "detection_rules": {"eddp": "sigmoid > 0.5", "pca": "<i>quantile</i>"},
+               "data": {"n_train": 8, "n_val": 6, "n_concepts": 2, "seed": 0}}
+    return dict(results=results, dissections={"eddp": res}, influence=infl, train=train, val=val,
+                detector_maps={"train": det_tr, "val": det_va}), res
+
+
+def test_report_escapes_every_name(report_inputs):
+    kwargs = dict(report_inputs[0])
+    page = build_report(kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
+    for evil in (EVIL_CONCEPT, EVIL_CLASS, EVIL_MODEL, "<i>quantile</i>", "d0<b>", 'sky" onmouseover="x'):
+        assert evil not in page
+    assert "<script" not in page.lower()
+    assert "<img src=x" not in page and 'onmouseover="' not in page  # no tag or attribute breaks out
+    assert html_escaped(EVIL_CONCEPT) in page  # the label is shown, escaped
+    assert html_escaped(EVIL_CLASS) in page
+    assert "could not be drawn" not in page  # no section failed
+
+
+def html_escaped(s):
+    import html
+    return html.escape(s, quote=True)
+
+
+def test_report_is_self_contained(report_inputs, tmp_path):
+    kwargs, _ = report_inputs
+    kwargs = dict(kwargs)
+    path = write_report(tmp_path / "report.html", kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
+    page = path.read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(?!data:)[a-z]+:""", page, flags=re.I)
+    assert "<link" not in page.lower() and "@import" not in page
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert len(srcs) >= 4  # comparison bars, 2 detector cards, heatmaps, influence
+    for s in srcs:
+        assert s.startswith("data:image/png;base64,")
+        assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_detector_cards_show_known_labels(report_inputs):
+    kwargs, res = report_inputs
+    # detector c reads exactly concept c: label c, IoU 1 on both splits
+    assert res.labels.tolist() == [0, 1]
+    np.testing.assert_allclose(res.val_iou, [1.0, 1.0], rtol=0, atol=1e-12)
+    kwargs = dict(kwargs)
+    page = build_report(kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
+    assert page.count('<div class="card">') == 2
+    assert "IoU val 1.000 (train 1.000)" in page
+    assert "d0&lt;b&gt;</b> → <b>" + html_escaped(EVIL_CONCEPT) in page
+
+
+def test_report_minimal_results_and_bad_input():
+    page = build_report({"dissection": {"eddp": {"S1": 2.5, "S2": 1.25}}})
+    assert "2.500" in page and "1.250" in page
+    with pytest.raises(ValidationError, match="results must be a dict"):
+        build_report([1, 2])
+
+
+def test_detector_montage_dims_outside_and_outlines_mask():
+    img = np.full((8, 8, 3), 200, np.uint8)
+    mp = np.zeros((8, 8), np.float32)
+    mp[:, :4] = 1.0  # left half detected
+    m = detector_montage([img, img], [mp, np.zeros((8, 8))], scale=1, gap=2)
+    assert m.shape == (8, 18, 3)
+    np.testing.assert_array_equal(m[4, 1], [200, 200, 200])  # inside the mask: unchanged
+    np.testing.assert_array_equal(m[4, 6], [70, 70, 70])  # outside: dimmed to 0.35
+    np.testing.assert_array_equal(m[4, 3], [255, 0, 255])  # the mask's border: magenta
+    np.testing.assert_array_equal(m[:, 8:10], 255)  # the white gap
+    assert (m[:, 10:] == 70).all()  # an empty detector dims the whole image
+
+
+def test_plot_functions_return_their_axes():
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    assert plot_influence(np.array([[0.5, -1.0]]), np.array([[True, False]]), ["a$b"], ["x", "y"], ax=ax) is ax
+    assert ax.texts[0].get_text() == "*" and ax.texts[0].get_position() == (0, 0)
+    fig2, ax2 = plt.subplots()
+    assert plot_method_comparison({"eddp": {"S1": 1.0, "S2": 0.5}}, ax=ax2) is ax2
+    fig3, axes = plt.subplots(1, 2)
+    out = plot_detector_heatmaps(np.zeros((8, 8, 3), np.uint8), [np.ones((2, 2))], ["t"], axes=axes)
+    assert list(out) == list(axes)
+    ax4 = plot_influence(np.zeros((2, 2)), np.zeros((2, 2), bool), ["a", "b"], ["x", "y"])
+    assert ax4.figure is not None
+    for f in (fig, fig2, fig3, ax4.figure):
+        plt.close(f)
