@@ -215,9 +215,7 @@ def plot_method_comparison(summaries: dict, keys: Sequence[str] = ("S1", "S2", "
     x = np.arange(len(methods))
     for j, key in enumerate(keys):
         vals = [float(summaries[m].get(key, 0.0)) for m in methods]
-        bars = ax.bar(x + (j - (len(keys) - 1) / 2) * width, vals, width, label=safe_text(key))
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{v:.3g}", ha="center", va="bottom", fontsize=6)
+        ax.bar(x + (j - (len(keys) - 1) / 2) * width, vals, width, label=safe_text(key))
     ax.set_xticks(x)
     ax.set_xticklabels([safe_text(m) for m in methods], fontsize=8)
     ax.legend(fontsize=7, frameon=False)

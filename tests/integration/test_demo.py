@@ -1,0 +1,93 @@
+"""`unveil demo` end to end on tiny configurations (a smoke test of the pipeline, not a measurement)."""
+import json
+import re
+
+import pytest
+import torch
+
+from unveil import DirectionPairs, ValidationError
+from unveil.cli import main
+from unveil.demo import BASELINES, DemoConfig, run_demo
+
+METHODS = ("eddp",) + BASELINES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _tiny(**kw):
+    cfg = DemoConfig.fast_config()
+    cfg.n_train, cfg.n_val, cfg.n_concepts = 21, 14, 5
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _check_results(doc, n_concepts):
+    for m in METHODS:
+        s = doc["dissection"][m]
+        for k in ("S1", "S2", "n_interpretable", "n_distinct", "mF1", "mPrecision", "mRecall", "mAP"):
+            assert k in s, (m, k)
+        assert 0.0 <= s["S2"] <= s["S1"] + 1e-9 <= n_concepts + 1e-9
+        assert 0 <= s["n_distinct"] <= s["n_interpretable"] <= n_concepts
+        assert 0.0 <= s["mF1"] <= 1.0
+        assert m in doc["detection_rules"]
+    assert set(doc["dissection_native_rules"]) == set(BASELINES)
+    assert 0 <= doc["influence"]["SCDP"] and 0 <= doc["influence"]["SDC"] <= n_concepts
+    assert doc["influence"]["null"] == "pooled"
+    assert 0.0 <= doc["model"]["test_acc"] <= 1.0
+    assert doc["timing"]["total_s"] > 0 and "fit_eddp" in doc["timing"]["stages_s"]
+    assert doc["versions"]["unveil"] and doc["seed"] == 0
+
+
+def test_run_demo_tiny_writes_results_and_report(tmp_path):
+    out = tmp_path / "demo"
+    doc = run_demo(out, config=_tiny(), progress=False, seed=0)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["dissection"] == doc["dissection"]
+    _check_results(on_disk, 5)
+    assert on_disk["model"]["name"] == "worldnet" and on_disk["model"]["layer"] == "layer4"
+    assert on_disk["shortcut"] is None
+    # the saved EDDP pairs load back and are named by their dissection labels
+    pairs = DirectionPairs.load(out / "eddp_pairs")
+    assert pairs.n_concepts == 5 and pairs.meta["layer"] == "layer4"
+    labels = [d["label"] for d in doc["eddp"]["detectors"]]
+    assert pairs.names == [f"d{i}:{lab}" if lab else f"d{i}" for i, lab in enumerate(labels)]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "EDDP vs baselines" in page
+    assert "could not be drawn" not in page
+    assert "http://" not in page and "https://" not in page
+    assert len(page.encode()) < 5 * 2 ** 20
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 4
+
+
+def test_run_demo_shortcut_finds_a_watermark_detector(tmp_path):
+    doc = run_demo(tmp_path / "sc", shortcut=True, config=_tiny(n_train=28), progress=False)
+    assert doc["model"]["name"] == "worldnet-shortcut"
+    sc = doc["shortcut"]
+    assert sc["concept"] == "watermark" and 0 <= sc["detector"] < 5
+    assert 0.0 <= sc["iou_val"] <= 1.0
+    assert set(sc["baselines_best_iou"]) == set(BASELINES)
+    page = (tmp_path / "sc" / "report.html").read_text(encoding="utf-8")
+    assert "Shortcut: the watermark detector" in page
+
+
+def test_run_demo_rejects_other_models(tmp_path):
+    with pytest.raises(ValidationError, match="model must be one of"):
+        run_demo(tmp_path, model="resnet18", fast=True, progress=False)
+
+
+def test_cli_demo_fast(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["demo", "--fast", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "eddp" in text and "SDC" in text
+    doc = json.loads((out / "results.json").read_text())
+    _check_results(doc, 8)
+    assert doc["config"]["fast"] is True
+    assert (out / "report.html").stat().st_size > 10_000
