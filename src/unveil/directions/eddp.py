@@ -139,42 +139,20 @@ def _stream_stats(source, batch_maps: int, max_sample: int, gen: torch.Generator
     return _Stats(mean=m + shift, cov=(cov + cov.T) / 2, sample=sample, n_patches=n)
 
 
-def _kmeans_torch(Z: torch.Tensor, k: int, n_init: int, gen: torch.Generator, iters: int = 100) -> torch.Tensor:
-    """k-means++ with Lloyd iterations; the best of ``n_init`` runs by inertia. Returns labels."""
-    best, best_inertia = None, math.inf
-    n = Z.shape[0]
-    zz = (Z * Z).sum(1)
-    for _ in range(n_init):
-        idx = [int(torch.randint(n, (1,), generator=gen))]
-        d2 = ((Z - Z[idx[0]]) ** 2).sum(1)
-        for _ in range(1, k):
-            p = (d2 / d2.sum()).clamp_min(0).cpu()
-            j = int(torch.multinomial(p, 1, generator=gen)) if float(p.sum()) > 0 else int(torch.randint(n, (1,), generator=gen))
-            idx.append(j)
-            d2 = torch.minimum(d2, ((Z - Z[j]) ** 2).sum(1))
-        C = Z[idx].clone()
-        labels = None
-        for _ in range(iters):
-            dist = zz[:, None] - 2 * Z @ C.T + (C * C).sum(1)[None]
-            new = dist.argmin(1)
-            if labels is not None and torch.equal(new, labels):
-                break
-            labels = new
-            counts = torch.bincount(labels, minlength=k).to(Z.dtype)
-            sums = torch.zeros_like(C).index_add_(0, labels, Z)
-            empty = counts == 0
-            C = torch.where(empty[:, None], C, sums / counts.clamp_min(1)[:, None])
-            if empty.any():  # re-seed empty clusters at the farthest points
-                far = dist.min(1).values.topk(int(empty.sum())).indices
-                C[empty] = Z[far]
-        inertia = float((zz - 2 * (Z * C[labels]).sum(1) + (C[labels] ** 2).sum(1)).sum())
-        if inertia < best_inertia:
-            best, best_inertia = labels, inertia
-    return best
+def _kmeans(Z: torch.Tensor, k: int, n_init: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ / Lloyd (scikit-learn), the best of ``n_init`` runs by inertia; labels as a tensor.
+
+    The seed is drawn from ``gen`` so the result is reproducible from ``random_state``."""
+    from sklearn.cluster import KMeans
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, max_iter=100)
+    labels = km.fit_predict(Z.detach().cpu().numpy().astype(np.float32))
+    return torch.as_tensor(labels, dtype=torch.long, device=Z.device)
 
 
-def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps: int = 300,
-                            l2: float = 1e-8) -> Tuple[torch.Tensor, torch.Tensor]:
+def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps: int = 60,
+                            l2: float = 1e-8, start=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One-vs-rest logistic regressions (all k at once) in the whitened space: weights (k, d), bias (k,).
 
     Classes are balanced by weighting, so a small concept is separated as carefully as a large one.
@@ -183,16 +161,18 @@ def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps
     pos = Y.sum(0).clamp_min(1)
     neg = (Y.shape[0] - Y.sum(0)).clamp_min(1)
     weight = Y / pos + (1 - Y) / neg  # each side of each problem sums to 1
-    W = torch.zeros(k, Z.shape[1], dtype=Z.dtype, device=Z.device)
-    b = torch.zeros(k, dtype=Z.dtype, device=Z.device)
-    with torch.no_grad():  # start from the difference of means (a good direction)
-        mu_pos = (Y.T @ Z) / pos[:, None]
-        mu_neg = ((1 - Y).T @ Z) / neg[:, None]
-        W += mu_pos - mu_neg
-        b += ((mu_pos + mu_neg) / 2 * W).sum(1)
+    if start is not None:  # warm start (re-clustering rounds)
+        W, b = start[0].clone(), start[1].clone()
+    else:  # start from the difference of means (a good direction)
+        with torch.no_grad():
+            mu_pos = (Y.T @ Z) / pos[:, None]
+            mu_neg = ((1 - Y).T @ Z) / neg[:, None]
+            W = mu_pos - mu_neg
+            b = ((mu_pos + mu_neg) / 2 * W).sum(1)
     W.requires_grad_(True)
     b.requires_grad_(True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, max_eval=int(steps * 1.5), history_size=20,
+                            line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
     sign = 2 * Y - 1
 
@@ -284,8 +264,8 @@ class EDDP:
                  weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
                  lr_scale: float = 1.0, gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
-                 whiten_eps: float = 1e-2, n_init: int = 4, init_rounds: int = 10, batch_patches: int = 2048,
-                 max_init_patches: int = 50_000, patience: int = 60, device=None,
+                 whiten_eps: float = 1e-2, n_init: int = 4, init_rounds: int = 5, batch_patches: int = 2048,
+                 max_init_patches: int = 20_000, patience: int = 60, device=None,
                  random_state=None, progress: bool = False):
         self.n_concepts = n_concepts
         self.init = init
@@ -473,7 +453,7 @@ class EDDP:
         white = U / torch.sqrt(ev + check_in_range(self.whiten_eps, "whiten_eps", 0, None, low_inclusive=False)
                                * ev.mean().clamp_min(1e-30))[None, :]  # (D, D): z = (x−μ) @ white
         Z = (stats.sample - mu) @ white
-        labels = _kmeans_torch(Z.float(), I, check_positive_int(self.n_init, "n_init"), gen)
+        labels = _kmeans(Z.float(), I, check_positive_int(self.n_init, "n_init"), gen)
         counts = torch.bincount(labels, minlength=I)
         if (counts == 0).any():
             raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "
@@ -487,7 +467,7 @@ class EDDP:
             if torch.equal(new, labels) or (torch.bincount(new, minlength=I) < 2).any():
                 break
             labels = new
-            Wz, bz = _fit_margin_classifiers(Zf, labels, I)
+            Wz, bz = _fit_margin_classifiers(Zf, labels, I, steps=30, start=(Wz, bz))
         Wz, bz = Wz.double(), bz.double()
         # z-space classifier: Wz·((x−μ) @ white) − bz  ->  scaled space x̃ = (x−μ)/σ
         Wt = (white @ Wz.T).T * sigma
