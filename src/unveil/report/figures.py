@@ -192,9 +192,11 @@ def plot_influence(scores: np.ndarray, significant: np.ndarray, row_names: Seque
     if ax is None:
         _, ax = plt.subplots(figsize=(1.2 + 0.75 * scores.shape[1], 0.9 + 0.22 * scores.shape[0]))
     im = ax.imshow(np.nan_to_num(scores, nan=0.0), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    from matplotlib import patheffects
     for (i, k), sig in np.ndenumerate(np.asarray(significant, bool)):
-        if sig:
-            ax.text(k, i, "*", ha="center", va="center", fontsize=9, color="black", fontweight="bold")
+        if sig:  # a white star with a black outline reads on every cell colour
+            ax.text(k, i, "*", ha="center", va="center", fontsize=11, color="white", fontweight="bold",
+                    path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
     ax.set_xticks(range(len(col_names)))
     ax.set_xticklabels([safe_text(c) for c in col_names], rotation=35, ha="right", fontsize=7)
     ax.set_yticks(range(len(row_names)))

@@ -41,6 +41,7 @@ td.l,th.l{text-align:left} tr.best td{font-weight:600;background:#eef8ee}
 code{background:#eef1f6;padding:0 3px;border-radius:3px;font-size:.9em}
 """
 
+_CATEGORY_ORDER = ("color", "texture", "material", "object", "part", "shortcut")
 _SUMMARY_KEYS = ("S1", "S2", "n_interpretable", "n_distinct", "mPrecision", "mRecall", "mAP", "mF1")
 _METHOD_NAMES = {"eddp": "EDDP", "pca": "PCA", "ica": "FastICA", "nmf": "NMF", "kmeans": "k-means",
                  "sae": "sparse autoencoder"}
@@ -125,6 +126,12 @@ def _best(table: Mapping[str, Mapping[str, Any]], key: str) -> str:
     return " and ".join(_e(_METHOD_NAMES.get(m, m)) for m in winners) + f" ({_fmt(top, 2 if key in ('S1', 'S2', 'mF1') else 0)})"
 
 
+def _categories(seen) -> tuple:
+    """The five Broden categories (always, zeros included) in their usual order, then any other seen."""
+    seen = set(seen)
+    return tuple(c for c in _CATEGORY_ORDER if c in seen or c != "shortcut") + tuple(sorted(seen - set(_CATEGORY_ORDER)))
+
+
 def _comparison(results: Mapping[str, Any]) -> str:
     diss = results.get("dissection") or {}
     if not diss:
@@ -148,9 +155,11 @@ def _comparison(results: Mapping[str, Any]) -> str:
         both = {"eddp": diss["eddp"], **native} if "eddp" in diss else dict(native)
         verdict.append("<li>Baselines with their own rule: highest "
                        + "; ".join(f"{k} {_best(both, k)}" for k in keys) + ".</li>")
+    q = (results.get("config") or {}).get("quantile")
+    share = f"{100 * (1 - float(q)):.3g} %" if isinstance(q, (int, float)) else "a small top share"
     out.append('<div class="note"><b>Which method wins depends on the baselines\' detection rule.</b><ul>'
-               + "".join(verdict) + "</ul>The top-quantile rule lets a component fire on only "
-               "0.5 % of the map cells, which caps the IoU with large concepts (sky, grass, walls); the "
+               + "".join(verdict) + f"</ul>The top-quantile rule lets a component fire on only {_e(share)} of "
+               "the map cells of the train split, which caps its IoU with large concepts (sky, grass, walls); the "
                "Otsu rules fire on far more. EDDP's rule is the same in both tables.</div>")
     out.append("<h3>A. Baselines with the NetDissect top-quantile rule</h3>")
     out.append(_table(("method",) + _SUMMARY_KEYS, rows, highlight=best))
@@ -186,7 +195,7 @@ def _comparison(results: Mapping[str, Any]) -> str:
         out.append("</ul>")
     cats = results.get("category_counts") or {}
     if cats:
-        allc = sorted({c for m in cats for c in cats[m]})
+        allc = _categories(c for m in cats for c in cats[m])
         rows = [[_txt(_METHOD_NAMES.get(m, m))] + [cats[m].get(c, 0) for c in allc] for m in cats]
         out.append("<h3>Interpretable detectors per concept category (table A)</h3>")
         out.append(_table(("method",) + tuple(allc), rows))
@@ -342,7 +351,8 @@ def _shortcut_section(results, res, split_ds, detector_maps, infl, channel: Opti
            f"train {_fmt(info['iou_train'])}; its dissection label: {_e(info.get('label') or 'none')}).</p>"]
     rows = [[_txt("EDDP"), info["iou_val"]]] + [[_txt(_METHOD_NAMES.get(m, m)), v]
                                                 for m, v in (info.get("baselines_best_iou") or {}).items()]
-    out.append("<div class=\"grid2\"><div><h3>Best watermark IoU per method</h3>" + _table(("method", "IoU val"), rows)
+    out.append("<div class=\"grid2\"><div><h3>Best watermark IoU per method</h3><p class=\"muted\">max over detectors; "
+               "baselines with the rule of table A</p>" + _table(("method", "IoU val"), rows)
                + "</div>")
     rc = info.get("rcav_scores") or {}
     sg = info.get("rcav_significant") or {}
@@ -376,7 +386,7 @@ def _efficientnet_section(results) -> str:
     if not eff.get("available"):
         return ("<h2>EfficientNet-Lite0 vs random initialisation</h2>"
                 f"<p class=\"muted\">Skipped: {_e(eff.get('reason', 'not available'))}</p>")
-    cats = sorted({c for k in ("pretrained", "random") for c in eff[k].get("category_counts", {})})
+    cats = _categories(c for k in ("pretrained", "random") for c in eff[k].get("category_counts", {}))
     rows = []
     for k in ("pretrained", "random"):
         rows.append([_txt("ImageNet weights" if k == "pretrained" else "random init")]
@@ -384,9 +394,11 @@ def _efficientnet_section(results) -> str:
                     + [eff[k].get("n_interpretable"), eff[k].get("n_distinct"), eff[k].get("S1")])
     return ("<h2>EfficientNet-Lite0 vs random initialisation</h2>"
             f"<p>Network Dissection of the {_e(eff.get('n_units', '?'))} channels of block <code>{_e(eff.get('block'))}</code> "
-            f"on concept-world images resized to {_e(eff.get('image_size'))} px; rule: {_e(eff.get('rule', ''))}. "
-            "Random networks detect colours well (a colour is a linear read-out of the input that random "
-            "convolutions keep), so interpretable-unit counts must be compared per category.</p>"
+            f"on concept-world images resized to {_e(eff.get('image_size'))} px ({_e(eff.get('n_train', '?'))} train / "
+            f"{_e(eff.get('n_val', '?'))} val images); rule: {_e(eff.get('rule', ''))}. Randomly initialised networks "
+            "are known to give good colour detectors, so counts of interpretable units only mean something per "
+            "category: the random copy is the reference that a trained network's texture, material, object and "
+            "part units must beat.</p>"
             + _table(("weights",) + tuple(cats) + ("interpretable", "distinct", "S1"), rows))
 
 
