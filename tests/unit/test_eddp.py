@@ -8,7 +8,7 @@ from unveil import EDDP, CorruptFileError, DirectionPairs, HeadError, NotFittedE
 from unveil.data.synthetic import PoolLinearHead, make_synthetic, train_head
 from unveil.evaluate.recovery import score_pairs
 
-FAST = dict(steps={"b": 30, "d": 40}, n_init=2)
+FAST = dict(steps={"b": 30, "d": 40})
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_fits_without_head_and_in_constrained_mode(paper_small):
     no_head = EDDP(n_concepts=3, random_state=0, **FAST).fit(data.X)
     assert "uur" not in no_head.history_["b"]
     assert min(score_pairs(no_head.pairs_, data).matched_iou) >= 0.9
-    con = EDDP(n_concepts=3, random_state=0, mode="constrained", steps={"b": 20, "d": 20}, n_init=2).fit(
+    con = EDDP(n_concepts=3, random_state=0, mode="constrained", steps={"b": 20, "d": 20}).fit(
         data.X, head=head)
     assert min(score_pairs(con.pairs_, data).matched_iou) >= 0.9
 

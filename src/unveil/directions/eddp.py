@@ -264,7 +264,7 @@ class EDDP:
                  weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
                  lr_scale: float = 1.0, gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
-                 whiten_eps: float = 1e-2, n_init: int = 4, init_rounds: int = 5, batch_patches: int = 2048,
+                 whiten_eps: float = 1e-2, n_init: int = 8, init_rounds: int = 5, batch_patches: int = 2048,
                  max_init_patches: int = 20_000, patience: int = 60, device=None,
                  random_state=None, progress: bool = False):
         self.n_concepts = n_concepts
