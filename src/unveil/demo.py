@@ -71,13 +71,14 @@ class DemoConfig:
     rcav_per_direction: bool = True
     top_k: int = 8
     n_report_detectors: int = 24
+    extra_layers: tuple = ("layer3",)  # EDDP + dissection only (no baselines, no RCAV), for a layer table
 
     @classmethod
     def fast_config(cls) -> "DemoConfig":
         return cls(n_train=56, n_val=28, n_concepts=8, eddp_steps={"b": 5, "d": 5}, eddp_n_init=1,
                    eddp_init_rounds=1, eddp_max_init_patches=2000, kmeans_n_init=1, sae_epochs=2,
                    decomposition_max_iter=100, max_baseline_patches=2000, rcav_permutations=10, top_k=4,
-                   n_report_detectors=6)
+                   n_report_detectors=6, extra_layers=())
 
 
 # --------------------------------------------------------------------------- data held in memory
@@ -402,14 +403,33 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
                                          for c, v in zip(infl.class_names, infl.scores[best])},
                          "rcav_significant": {c: bool(v) for c, v in zip(infl.class_names, infl.significant[best])}}
 
-    # 9. optional EfficientNet comparison ---------------------------------------------------
+    # 9. other layers: EDDP + dissection only -------------------------------------------------
+    layers_doc = {layer_name: {**_dissect_summary(eddp_res), "category_counts": _category_counts(eddp_res),
+                               "map_shape": [int(D), int(H), int(W)], "main": True}}
+    for extra in cfg.extra_layers:
+        if extra == layer_name:
+            continue
+        with timer.stage(f"layer_{extra}"):
+            e_tr = capture(net, extra, x_train, progress=progress)
+            e_va = capture(net, extra, x_val, progress=progress)
+            e_pairs = EDDP(n_concepts=I, steps=dict(cfg.eddp_steps), n_init=cfg.eddp_n_init,
+                           init_rounds=cfg.eddp_init_rounds, max_init_patches=cfg.eddp_max_init_patches,
+                           random_state=seed, progress=progress).fit(e_tr, head=make_head(net, extra)).pairs_
+            with torch.no_grad():
+                e_res = dissect(e_pairs.detect(e_tr), train, tr_idx, va_idx, threshold=0.5,
+                                val_maps=e_pairs.detect(e_va), val_dataset=val, top_k=0, progress=progress)
+            layers_doc[extra] = {**_dissect_summary(e_res), "category_counts": _category_counts(e_res),
+                                 "map_shape": [int(x) for x in e_tr.shape[1:]], "main": False}
+            del e_tr, e_va
+
+    # 10. optional EfficientNet comparison ---------------------------------------------------
     effnet = None
     if efficientnet:
         with timer.stage("efficientnet"):
             effnet = compare_pretrained_random(n_train=min(cfg.n_train, 400), n_val=min(cfg.n_val, 200),
                                                seed=seed, progress=progress)
 
-    # 10. results + report ------------------------------------------------------------------
+    # 11. results + report ------------------------------------------------------------------
     pairs.names = names
     pairs.meta = {**pairs.meta, "layer": layer_name, "model": model_id}
     pairs.save(out / "eddp_pairs")
@@ -427,6 +447,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
                  "class_names": train.class_names},
         "shortcut": shortcut_info,
         "efficientnet": effnet,
+        "layers": layers_doc,
         "config": {**asdict(cfg), "n_concepts": I, "layer": layer_name, "fast": bool(fast), "model": model_name},
         "seed": seed,
         "versions": versions(),

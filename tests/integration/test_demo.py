@@ -47,19 +47,22 @@ def _check_results(doc, n_concepts):
 
 def test_run_demo_tiny_writes_results_and_report(tmp_path):
     out = tmp_path / "demo"
-    doc = run_demo(out, config=_tiny(), progress=False, seed=0)
+    doc = run_demo(out, config=_tiny(extra_layers=("layer3",)), progress=False, seed=0)
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["dissection"] == doc["dissection"]
     _check_results(on_disk, 5)
     assert on_disk["model"]["name"] == "worldnet" and on_disk["model"]["layer"] == "layer4"
     assert on_disk["shortcut"] is None
+    assert on_disk["layers"]["layer4"]["main"] is True and on_disk["layers"]["layer4"]["S1"] == doc["dissection"]["eddp"]["S1"]
+    assert on_disk["layers"]["layer3"]["map_shape"] == [64, 8, 8]
+    assert 0 <= on_disk["layers"]["layer3"]["n_interpretable"] <= 5
     # the saved EDDP pairs load back and are named by their dissection labels
     pairs = DirectionPairs.load(out / "eddp_pairs")
     assert pairs.n_concepts == 5 and pairs.meta["layer"] == "layer4"
     labels = [d["label"] for d in doc["eddp"]["detectors"]]
     assert pairs.names == [f"d{i}:{lab}" if lab else f"d{i}" for i, lab in enumerate(labels)]
     page = (out / "report.html").read_text(encoding="utf-8")
-    assert page.startswith("<!DOCTYPE html>") and "EDDP vs baselines" in page
+    assert page.startswith("<!DOCTYPE html>") and "EDDP vs baselines" in page and "EDDP at other layers" in page
     assert "could not be drawn" not in page
     assert "http://" not in page and "https://" not in page
     assert len(page.encode()) < 5 * 2 ** 20

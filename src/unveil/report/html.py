@@ -379,6 +379,21 @@ def _shortcut_section(results, res, split_ds, detector_maps, infl, channel: Opti
     return "\n".join(out)
 
 
+def _layers_section(results) -> str:
+    layers = results.get("layers") or {}
+    if len(layers) < 2:
+        return ""
+    cats = _categories(c for v in layers.values() for c in v.get("category_counts", {}))
+    rows = [[_txt(f"{name} (main)" if v.get("main") else name), _txt(" x ".join(map(str, v.get("map_shape", []))))]
+            + [v.get(k) for k in ("S1", "S2", "n_interpretable", "n_distinct", "mF1")]
+            + [v.get("category_counts", {}).get(c, 0) for c in cats] for name, v in layers.items()]
+    return ("<h2>EDDP at other layers</h2><p>The same EDDP fit and dissection at other layers of the network "
+            "(same number of directions; no baselines and no RCAV there). Interpretable detectors per category on "
+            "the right.</p>"
+            + _table(("layer", "maps (D x H x W)", "S1", "S2", "n_interpretable", "n_distinct", "mF1") + cats, rows,
+                     left=2))
+
+
 def _efficientnet_section(results) -> str:
     eff = results.get("efficientnet")
     if not eff:
@@ -468,6 +483,7 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
                                                                 watermark_channel))):
             body.append(_guard(name, fn))
     body.append(_guard("influence", lambda: _influence_section(influence, results)))
+    body.append(_layers_section(results))
     body.append(_efficientnet_section(results))
     body.append(_footer(results))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
