@@ -151,3 +151,11 @@ def test_plot_functions_return_their_axes():
     assert ax4.figure is not None
     for f in (fig, fig2, fig3, ax4.figure):
         plt.close(f)
+
+
+def test_report_leaves_pyplot_alone(report_inputs):
+    import matplotlib.pyplot as plt
+    before, backend = plt.get_fignums(), matplotlib.get_backend()
+    kwargs = dict(report_inputs[0])
+    build_report(kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
+    assert plt.get_fignums() == before and matplotlib.get_backend() == backend

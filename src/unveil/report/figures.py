@@ -1,8 +1,10 @@
 """Figures of the report: detector montages, detector heatmaps, the influence heatmap, method bars.
 
 Montages are plain image arrays (:func:`detector_montage`, no matplotlib needed); the plot
-functions draw on a matplotlib Axes (``ax=None`` makes a new figure), return the Axes and never call
-``show()``. Matplotlib is imported lazily with the non-interactive Agg backend.
+functions draw on a matplotlib Axes (``ax=None`` makes a new pyplot figure), return the Axes and
+never call ``show()``. Matplotlib is imported lazily. The report itself draws on
+:func:`new_figure` figures (``matplotlib.figure.Figure`` rendered by the Agg canvas), so writing a
+report never touches pyplot's global state or the user's backend.
 """
 from __future__ import annotations
 
@@ -13,21 +15,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["detector_montage", "upsample_maps", "plot_detector_montage", "plot_detector_heatmaps",
+__all__ = ["detector_montage", "upsample_maps", "new_figure", "overlay_mask", "plot_detector_montage", "plot_detector_heatmaps",
            "plot_influence", "plot_method_comparison", "png_bytes", "figure_png", "safe_text"]
 
 _MASK_RGB = np.array([255, 0, 255], np.float32)
 
 
 def _plt():
-    import matplotlib
-    if matplotlib.get_backend().lower() != "agg":
-        try:
-            matplotlib.use("Agg", force=False)
-        except Exception:  # noqa: BLE001 - a backend already in use stays
-            pass
     import matplotlib.pyplot as plt
     return plt
+
+
+def new_figure(figsize=(6.0, 4.0)):
+    """A matplotlib Figure outside pyplot (Agg canvas): no global state, no backend change."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def safe_text(s) -> str:
@@ -124,13 +129,13 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def figure_png(fig, dpi: int = 90) -> bytes:
-    """Render a matplotlib Figure to PNG bytes and close it."""
-    plt = _plt()
+    """Render a matplotlib Figure to PNG bytes (a pyplot-managed figure is closed afterwards)."""
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        if getattr(fig.canvas, "manager", None) is not None:
+            _plt().close(fig)
     return buf.getvalue()
 
 

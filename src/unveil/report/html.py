@@ -171,7 +171,7 @@ def _comparison(results: Mapping[str, Any]) -> str:
         out.append("<h3>B. Baselines with their own label-free rule</h3>")
         out.append(_table(("method",) + _SUMMARY_KEYS + ("rule",), rows_b, left={0, len(_SUMMARY_KEYS) + 1}))
     try:
-        fig = fg._plt().figure(figsize=(9.5, 2.7))
+        fig = fg.new_figure(figsize=(9.5, 2.7))
         for j, key in enumerate(("S1", "S2", "n_distinct")):
             ax = fig.add_subplot(1, 3, j + 1)
             table = {_METHOD_NAMES.get(m, m): {"A: top-quantile": diss[m].get(key, 0.0),
@@ -252,14 +252,13 @@ def _eddp_section(res, split_ds, detector_maps, n_detectors: int) -> str:
 def _heatmaps_section(res, ds, maps, n_images: int, per_image: int = 4) -> str:
     if ds is None or maps is None or len(ds) == 0:
         return ""
-    plt = fg._plt()
     n_images = min(n_images, len(ds))
     idx = np.linspace(0, len(ds) - 1, n_images).round().astype(int)
     labels = res.label_names()
     candidates = np.flatnonzero(res.interpretable) if res.interpretable.any() else np.arange(res.n_detectors)
     per_image = max(1, min(per_image, len(candidates)))
-    fig, axes = plt.subplots(n_images, 1 + per_image, figsize=(1.75 * (1 + per_image), 1.9 * n_images),
-                             squeeze=False)
+    fig = fg.new_figure(figsize=(1.75 * (1 + per_image), 1.9 * n_images))
+    axes = fig.subplots(n_images, 1 + per_image, squeeze=False)
     class_names = getattr(ds, "class_names", None)
     for r, n in enumerate(idx):
         s = ds[int(n)]
@@ -296,7 +295,8 @@ def _influence_section(infl, results: Mapping[str, Any], max_rows: int = 40) -> 
         what += f" (the {max_rows} strongest)"
     rows = np.sort(rows)
     names = [infl.concept_names[i] for i in rows]
-    ax = fg.plot_influence(scores[rows], sig[rows], names, infl.class_names)
+    fig = fg.new_figure(figsize=(1.2 + 0.75 * scores.shape[1], 0.9 + 0.22 * len(rows)))
+    ax = fg.plot_influence(scores[rows], sig[rows], names, infl.class_names, ax=fig.add_subplot(1, 1, 1))
     ax.set_title("RCAV: sign of Δp(class) when the concept is added", fontsize=8)
     cfg = infl.config or {}
     out = ["<h2>Concept → class influence (RCAV)</h2>",
