@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from .._errors import CorruptFileError, HeadError, ValidationError
-from .._io import atomic_write_json, versions
+from .._io import atomic_write_json, atomic_writer, sha256_file, versions
 from .._progress import progress as _progress
 from .._validation import check_positive_int, make_generator
 from .hooks import Capturer, TokenLayout
@@ -242,38 +241,17 @@ class ActivationStore:
             if rec["n"] == 0:
                 continue
             f = self.path / rec["file"]
-            if _sha256_file(f) != rec.get("sha256"):
+            if sha256_file(f) != rec.get("sha256"):
                 raise CorruptFileError(f"shard file {str(f)!r} does not match its recorded checksum (modified or "
                                        f"truncated). Extract again.")
 
 
 # ------------------------------------------------------------------------------------- extraction
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> str:
     """``np.save`` via a temporary file + ``os.replace``; returns the file's sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = _sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return digest
+    with atomic_writer(path) as f:
+        np.save(f, arr, allow_pickle=False)
+    return sha256_file(path)
 
 
 class _Source:
@@ -579,7 +557,7 @@ def head_for_store(store: Union[ActivationStore, str, os.PathLike], model: Optio
                         f"without subsample.")
     src = m.get("model")
     if model is None:
-        from ..models import _file_sha256, load_model
+        from ..models import load_model
         if not src:
             raise HeadError(f"the store at {str(store.path)!r} does not record how to rebuild its model "
                             f"({m.get('model_id')!r}); pass model=.")
@@ -587,7 +565,7 @@ def head_for_store(store: Union[ActivationStore, str, os.PathLike], model: Optio
         if weights is not None:
             if not Path(weights).is_file():
                 raise HeadError(f"the weights file {weights!r} the store was extracted with is missing; pass model=.")
-            if src.get("weights_sha256") and _file_sha256(weights) != src["weights_sha256"]:
+            if src.get("weights_sha256") and sha256_file(weights) != src["weights_sha256"]:
                 raise HeadError(f"the weights file {weights!r} changed since the store was extracted (sha256 differs); "
                                 f"pass model= or extract again.")
         model, _, _ = load_model(src["name"], weights=weights, **src.get("options", {}))

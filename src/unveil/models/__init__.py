@@ -20,7 +20,6 @@ model in eval mode on the CPU. Names:
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from .._errors import ValidationError
+from .._io import sha256_file
 from ..data.images import Preprocessing
 
 __all__ = ["load_model", "load_weights", "available_models", "model_source",
@@ -160,20 +160,12 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     return model
 
 
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_source(name: str, weights=None, **options) -> dict:
     """What to record so that :func:`load_model` can rebuild the same model later."""
     src = {"name": name, "weights": None, "weights_sha256": None, "options": dict(options)}
     if weights is not None:
         src["weights"] = str(Path(weights).resolve())
-        src["weights_sha256"] = _file_sha256(weights)
+        src["weights_sha256"] = sha256_file(weights)
     return src
 
 
@@ -247,7 +239,7 @@ def load_model(name: str, weights=None, **options) -> Tuple[nn.Module, Preproces
     model_id = name
     if weights is not None:
         load_weights(model, weights)
-        model_id = f"{name}@{_file_sha256(weights)[:12]}"
+        model_id = f"{name}@{sha256_file(weights)[:12]}"
     elif random_init:
         logger.info("model %s has random weights (no weights file given)", name)
     model.eval()
