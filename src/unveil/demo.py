@@ -69,6 +69,8 @@ class DemoConfig:
     quantile: float = 0.995
     rcav_permutations: int = 100
     rcav_per_direction: bool = True
+    rcav_max_maps_full_head: int = 400  # RCAV maps when the head is not pool -> linear (other layers)
+    rcav_permutations_full_head: int = 100
     top_k: int = 8
     n_report_detectors: int = 24
     extra_layers: tuple = ("layer3",)  # EDDP + dissection only (no baselines, no RCAV), for a layer table
@@ -176,6 +178,14 @@ def _fit_baselines(train_maps: torch.Tensor, n_concepts: int, cfg: DemoConfig, s
                 warnings.simplefilter("ignore")  # convergence warnings of the capped iteration budgets
                 out[name] = makers[name]().fit(P).pairs_
     return out
+
+
+def _balanced_subset(labels: np.ndarray, n_max: int) -> np.ndarray:
+    """At most ``n_max`` indices, the first ``ceil(n_max / K)`` of each class (sorted)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    per = max(1, -(-int(n_max) // max(len(classes), 1)))
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per] for c in classes]))
 
 
 def _dissect_summary(res) -> Dict[str, Any]:
@@ -369,15 +379,23 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
     with timer.stage("influence"):
         # above layer4 WorldNet is global average pool -> fc, so RCAV can use the pooled fast path
         pooled = net.fc if layer_name == "layer4" else None
-        common_rcav = dict(n_permutations=cfg.rcav_permutations, pooled_head=pooled, random_state=seed,
+        r_maps, r_labels, n_perm, per_dir = m_val, val.labels, cfg.rcav_permutations, cfg.rcav_per_direction
+        if pooled is None:
+            # the whole head runs on every shifted map: a class-balanced subset, fewer permutations, and
+            # no per-direction null (I x n_permutations directions would cost minutes)
+            keep = _balanced_subset(val.labels, cfg.rcav_max_maps_full_head)
+            r_maps, r_labels = m_val[torch.as_tensor(keep)], val.labels[keep]
+            n_perm, per_dir = min(n_perm, cfg.rcav_permutations_full_head), False
+        common_rcav = dict(n_permutations=n_perm, pooled_head=pooled, random_state=seed,
                            concept_names=names, class_names=train.class_names)
-        infl = rcav(m_val, val.labels, pairs, head, null="pooled", progress=progress, **common_rcav)
+        infl = rcav(r_maps, r_labels, pairs, head, null="pooled", progress=progress, **common_rcav)
         infl_dir = None
-        if cfg.rcav_per_direction:
-            infl_dir = rcav(m_val, val.labels, pairs, head, null="per_direction", progress=progress, **common_rcav)
+        if per_dir:
+            infl_dir = rcav(r_maps, r_labels, pairs, head, null="per_direction", progress=progress, **common_rcav)
         finite = np.isfinite(infl.null_scores)
         influence_doc = {
-            "SDC": infl.sdc, "SCDP": infl.scdp, "null": "pooled", "n_permutations": cfg.rcav_permutations,
+            "SDC": infl.sdc, "SCDP": infl.scdp, "null": "pooled", "n_permutations": n_perm,
+            "n_maps": int(len(r_labels)), "pooled_head_fast_path": pooled is not None,
             "alpha": infl.config["alpha"], "bonferroni_level": infl.config["bonferroni_level"],
             "mean_abs_score": float(np.nanmean(np.abs(infl.scores))),
             "null_mean_abs_score": float(np.abs(infl.null_scores[finite]).mean()) if finite.any() else None,

@@ -331,11 +331,14 @@ def _influence_note(doc: Mapping[str, Any], infl) -> str:
     real, null = doc.get("mean_abs_score"), doc.get("null_mean_abs_score")
     if real is not None and null is not None:
         parts.append(f"Mean |score|: {_fmt(real, 2)} for the EDDP directions, {_fmt(null, 2)} for the noise "
-                     f"directions (mean null spread {_fmt(doc.get('null_mean_std'), 2)}). When the network above the "
-                     "layer is a global average pool followed by a linear layer, adding a constant vector changes "
-                     "the logits of every image by the same amount, so the sign of Δp(k) varies little across "
-                     "images and scores near ±1 are common for noise directions as well: a large |score| alone is "
+                     f"directions (mean null spread {_fmt(doc.get('null_mean_std'), 2)}): a large |score| alone is "
                      "not evidence of influence.")
+        if doc.get("pooled_head_fast_path", True):
+            parts.append("Above this layer the network is a global average pool followed by a linear layer, so "
+                         "adding a constant vector changes the logits of every image by the same amount and the "
+                         "sign of Δp(k) varies little across images, for noise directions as well.")
+    if doc.get("n_maps") is not None:
+        parts.append(f"Scored on {_e(doc['n_maps'])} validation maps.")
     return '<div class="note">' + " ".join(parts) + "</div>"
 
 
