@@ -59,7 +59,7 @@ class DemoConfig:
     n_concepts: Optional[int] = None  # None: 2 x world concepts, at most 64
     layer: Optional[str] = None  # None: 'layer4' (the last conv stage)
     eddp_steps: Dict[str, int] = field(default_factory=lambda: {"b": 100, "d": 150})
-    eddp_n_init: int = 2
+    eddp_n_init: int = 4
     eddp_init_rounds: int = 3
     eddp_max_init_patches: int = 20_000
     kmeans_n_init: int = 3
