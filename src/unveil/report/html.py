@@ -144,7 +144,7 @@ def _comparison(results: Mapping[str, Any]) -> str:
     rows = [[_txt(_METHOD_NAMES.get(m, m))] + [diss[m].get(k) for k in _SUMMARY_KEYS] for m in methods]
     out = ["<h2>EDDP vs baselines (Network Dissection)</h2>",
            "<p>Detectors are labelled with the concept of highest IoU on the train split and scored on the "
-           "validation split (method.md §7). S1 = Σ IoU over detectors; S2 = Σ over distinct labels of the best "
+           "validation split (docs/method.md §7). S1 = Σ IoU over detectors; S2 = Σ over distinct labels of the best "
            "IoU; a detector is interpretable at IoU ≥ 0.04; n_distinct = distinct labels among interpretable "
            "detectors; mPrecision/mRecall/mAP/mF1 are means over all detectors (pixel level, against each "
            "detector's label). Every detection rule is label-free (listed below).</p>"]
@@ -330,7 +330,7 @@ def _per_class_counts(infl) -> str:
 
 def _influence_note(doc: Mapping[str, Any], infl) -> str:
     parts = ["The null is <b>pooled</b> (one null per class, shared by all directions). The per-direction "
-             "null of method.md §8 was measured to flag pure-noise directions as significant (23–28 of 64 on "
+             "null of docs/method.md §8 was measured to flag pure-noise directions as significant (23–28 of 64 on "
              "ReLU'd Gaussian noise with a random linear head; 0 with the pooled null), so it does not decide here."]
     pd = doc.get("per_direction_null")
     if pd:
