@@ -109,7 +109,7 @@ def _fit(args) -> int:
         head = head_for_store(store)
     est = EDDP(n_concepts=args.concepts, random_state=args.seed, progress=True, device=args.device)
     if args.epochs_scale != 1.0:
-        defaults = est._resolved()[1]
+        defaults = est.resolved_steps()
         est.steps = {k: int(round(v * args.epochs_scale)) for k, v in defaults.items()}
     est.fit(store, head=head)
     pairs = est.pairs_

@@ -319,6 +319,10 @@ class EDDP:
         check_in_range(k1, "kappa[1]", k0, 1)
         return I, steps, weights, lr, tau, rho
 
+    def resolved_steps(self) -> Dict[str, int]:
+        """The optimisation steps per schedule step that ``fit`` will run (defaults merged with ``steps``)."""
+        return dict(self._resolved()[1])
+
     def _check_fitted(self):
         if not hasattr(self, "pairs_"):
             raise NotFittedError("this EDDP instance is not fitted yet; call fit(X, head=...) first.")
