@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import re
 from collections import OrderedDict
 from pathlib import Path

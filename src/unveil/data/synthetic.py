@@ -7,7 +7,7 @@ in random order). The ground truth (S, Dist, α, per-patch concept) comes with t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ def make_synthetic(S=None, Dist=None, classes: Sequence[Sequence[int]] = PAPER_C
     if any(c < 0 or c >= n_concepts for rule in classes for c in rule):
         raise ValidationError(f"class rules must use concepts 0..{n_concepts - 1}; got {classes}.")
     rng = np.random.default_rng(random_state)
-    K, F, D = len(classes), Dist.shape[0], S.shape[1]
+    K, F = len(classes), Dist.shape[0]
     N = K * n_per_class
     y = np.repeat(np.arange(K), n_per_class)
     concept = np.empty((N, P), dtype=np.int64)

@@ -24,11 +24,9 @@ with the decoder w_i.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 

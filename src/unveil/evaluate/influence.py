@@ -53,10 +53,9 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
