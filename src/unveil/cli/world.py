@@ -13,7 +13,7 @@ def register(subparsers) -> None:
 
     t = sub.add_parser("train", help="train WorldNet (reproduces the shipped checkpoints)")
     t.add_argument("--shortcut", action="store_true",
-                   help="stamp the 'rook' watermark on 75%% of class 0's training images (worldnet-shortcut)")
+                   help="stamp the 'rook' watermark on every class-0 training image (worldnet-shortcut)")
     t.add_argument("--out", type=Path, default=None,
                    help="checkpoint file (.safetensors; a .json sidecar is written next to it); "
                         "default ./worldnet.safetensors or ./worldnet-shortcut.safetensors")
@@ -47,7 +47,7 @@ def _data_args(p, n_default) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--watermark", action="store_true",
-                   help="add the shortcut watermark (on 75%% of class 0's images; on all other classes' images in poisoned_test)")
+                   help="add the shortcut watermark (on every class-0 image; on all other classes' images in poisoned_test)")
 
 
 def _world(args, n):

@@ -46,10 +46,13 @@ _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 def _shortcut_spec():
     from ..data.world import WatermarkSpec
-    return WatermarkSpec(target_class=0, fraction=0.75, text="rook", corner="bottom-right")
+    return WatermarkSpec(target_class=0, fraction=1.0, text="rook", corner="bottom-right")
 
 
-#: the watermark the ``worldnet-shortcut`` checkpoint was trained with ("rook" on 75% of class 0's images)
+#: the watermark the ``worldnet-shortcut`` checkpoint was trained with ("rook" on every class-0 training
+#: image). With 75% the model still learned class 0 from its content (poisoned-test accuracy 0.631 vs
+#: 0.881 clean); with 100% it reads class 0 from the watermark alone (unstamped class-0 test images:
+#: 0% correct; poisoned-test accuracy 0.398, 48% of stamped images of other classes called class 0).
 SHORTCUT_WATERMARK = _shortcut_spec()
 
 
