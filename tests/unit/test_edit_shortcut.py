@@ -18,3 +18,21 @@ def test_watermark_iou_known_overlap():
     assert iou.tolist() == pytest.approx([1.0, 0.5, 0.0], abs=1e-6)
     iou_bilinear = watermark_iou(maps, masks)   # 2x2 -> 8x8 bilinear, cut at 0.5
     assert float(iou_bilinear[0]) == pytest.approx(15 / 16, abs=1e-6)  # the corner pixel (4, 4) falls below 0.5
+
+
+def test_experiment_rejects_a_checkpoint_without_watermark():
+    from unveil import ValidationError
+    from unveil.evaluate.shortcut import run_shortcut_experiment
+    from unveil.models.worldnet import checkpoint_path
+    with pytest.raises(ValidationError, match="was not trained with a watermark"):
+        run_shortcut_experiment(checkpoint=checkpoint_path(shortcut=False), n_fit=7, n_val=7, n_test=7,
+                                actmax=False)
+
+
+def test_grid_reaches_well_past_the_default():
+    from unveil.edit.correction import default_grid
+    from unveil.evaluate.shortcut import GRID_MULTIPLIERS
+    import inspect
+    default_top = max(inspect.signature(default_grid).parameters["multipliers"].default)
+    assert GRID_MULTIPLIERS[0] == 0 and max(GRID_MULTIPLIERS) >= 4 * default_top
+    assert list(GRID_MULTIPLIERS) == sorted(GRID_MULTIPLIERS)

@@ -2,14 +2,16 @@
 
 Protocol
 --------
-1. Model: ``worldnet-shortcut`` (trained with the "rook" watermark on 75% of class 0's images).
+1. Model: ``worldnet-shortcut`` (trained with the "rook" watermark on class 0's images; the
+   watermark spec is read from the checkpoint's json sidecar), or any WorldNet checkpoint file.
 2. Fit data: ``n_fit`` images of the *training distribution* (the ``train`` split with the
    watermark, seed ``seed``); capture ``layer``; fit :class:`~unveil.EDDP` with the head above
    the layer (URA terms on).
 3. The watermark detector: the detector whose maps (bilinearly upsampled to the image, cut at 0.5)
    have the highest IoU with the pixel mask of the watermark concept over the fit images (the
    Network Dissection IoU, computed directly).
-4. Strength: :func:`~unveil.edit.choose_strength` on held-out data — the ``poisoned_test`` split
+4. Strength: :func:`~unveil.edit.choose_strength` over :data:`GRID_MULTIPLIERS` times the
+   detector's median signal value, on held-out data — the ``poisoned_test`` split
    of seed ``val_seed`` (the watermark stamped on every image of the other classes) under the
    constraint that the clean ``test`` split of the same seed loses at most ``max_clean_drop``.
 5. Evaluation on the test images of seed ``seed`` (the checkpoint's own test set): clean accuracy and
@@ -21,7 +23,9 @@ Protocol
    labelled by the watermark covering ≥ ``cav_cover`` of their cell) — normalised.
 
 An "oracle" row replaces the positions the true watermark mask covers with the mean activation of
-non-watermark positions: how much any edit at this layer could recover.
+non-watermark positions: how much any edit at this layer could recover. "True-mask" rows apply the
+signal, filter and Pattern-CAV edits with the true watermark cells as the mask instead of ``m_p``
+(strength chosen by the same rule): they separate the direction's quality from the mask's.
 """
 from __future__ import annotations
 
@@ -33,10 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._errors import ValidationError
 from .._validation import make_generator
 
-__all__ = ["run_shortcut_experiment", "watermark_iou"]
+__all__ = ["run_shortcut_experiment", "watermark_iou", "GRID_MULTIPLIERS"]
 logger = logging.getLogger("unveil")
+
+#: strengths tried for every direction, in units of the watermark detector's median signal value
+GRID_MULTIPLIERS = (0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def watermark_iou(det_maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -66,11 +74,29 @@ def _accuracy(head, maps, labels, fn=None, batch=256) -> float:
     return correct / maps.shape[0]
 
 
+def _region_accuracy(head, maps, labels, region, fn, k, batch=256) -> float:
+    """Accuracy of ``head(fn(maps, region, k))`` with a per-image (N, 1, h, w) region mask."""
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, maps.shape[0], batch):
+            m = maps[s:s + batch]
+            out = m if k == 0 else fn(m, region[s:s + batch, 0], k)
+            correct += int((head(out).argmax(1) == labels[s:s + batch]).sum())
+    return correct / maps.shape[0]
+
+
 def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fit: int = 1400, n_val: int = 700,
                             n_test: int = 1000, seed: int = 0, val_seed: int = 1, n_random: int = 10,
                             max_clean_drop: float = 0.005, cav_cover: float = 0.3, eddp_params: Optional[dict] = None,
-                            actmax: bool = True, actmax_steps: int = 96, progress: bool = False) -> dict:
+                            actmax: bool = True, actmax_steps: int = 96, checkpoint=None,
+                            progress: bool = False) -> dict:
     """Run the shortcut experiment (see the module docstring) and return every number.
+
+    Parameters
+    ----------
+    checkpoint : path, optional
+        A WorldNet checkpoint (``.safetensors`` + ``.json`` sidecar) trained with a watermark;
+        default the shipped ``worldnet-shortcut``. The watermark is the one recorded in its sidecar.
 
     Returns
     -------
@@ -91,11 +117,18 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     from ..edit import choose_strength
     from ..edit.correction import _Evaluator
     from ..edit.intervention import edit_maps
-    from ..models import load_model
-    from ..models.worldnet import SHORTCUT_WATERMARK as WM
+    from ..data.world import WatermarkSpec
+    from ..models.worldnet import checkpoint_path, load_worldnet_file
 
     t0 = time.perf_counter()
-    model, _, model_id = load_model("worldnet-shortcut")
+    path = checkpoint_path(shortcut=True) if checkpoint is None else checkpoint
+    model, meta = load_worldnet_file(path)
+    model_id = "worldnet-shortcut" if checkpoint is None else f"worldnet@{meta['tensors_sha256'][:12]}"
+    wm_doc = meta.get("metrics", {}).get("data", {}).get("watermark")
+    if not wm_doc:
+        raise ValidationError(f"checkpoint {str(path)!r} was not trained with a watermark (its sidecar records "
+                              f"none); train one with `unveil world train --shortcut`.")
+    WM = WatermarkSpec(**wm_doc)
     head = make_head(model, layer, input_size=64)
 
     fit = ConceptWorld(n_fit, split="train", seed=seed, watermark=WM)
@@ -113,6 +146,12 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     iou = watermark_iou(det_fit, wm_fit)
     j = int(iou.argmax())
     logger.info("watermark detector %d, IoU %.3f", j, float(iou[j]))
+    # on the layer's cells: precision of the detector (y > 0.5) and recall of the cells the watermark
+    # touches (>= 5% of the cell covered)
+    cells = F.adaptive_avg_pool2d(wm_fit.float()[:, None], X.shape[-1])[:, 0] > 0.05
+    fired = det_fit[:, j] > 0.5
+    det_prec = float((fired & cells).sum() / fired.sum().clamp_min(1))
+    det_rec = float((fired & cells).sum() / cells.sum().clamp_min(1))
 
     # held-out (strength choice) and test (evaluation) sets
     def split(n, s):
@@ -120,7 +159,7 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
         pois = ConceptWorld(n, split="poisoned_test", seed=s, watermark=WM)
         y = torch.from_numpy(clean.labels.copy())
         return clean.images_tensor(progress=progress), pois.images_tensor(progress=progress), y, pois
-    xv_clean, xv_pois, yv, _ = split(n_val, val_seed)
+    xv_clean, xv_pois, yv, pois_val = split(n_val, val_seed)
     xt_clean, xt_pois, yt, pois_test = split(n_test, seed)
     ev = _Evaluator(model, layer, xv_pois, yv, 256, head)
     ev_clean = _Evaluator(model, layer, xv_clean, yv, 256, head)
@@ -141,7 +180,10 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
         directions[f"random_{r}"] = (rand[r] / rand[r].norm())[None]
 
     from ..edit.correction import default_grid
-    grid = default_grid(pairs, [j], ev.maps)
+    # multiples of the watermark detector's median signal value; the top end is wide (32x) because the
+    # filter and Pattern-CAV controls can keep gaining up to ~8x (measured at layer2), and a grid that
+    # stopped there would cap the controls, not the signal vector
+    grid = default_grid(pairs, [j], ev.maps, multipliers=GRID_MULTIPLIERS)
     base_clean, base_pois = _accuracy(head, Xt_clean, yt), _accuracy(head, Xt_pois, yt)
     rows = {}
     for name, d in directions.items():
@@ -162,6 +204,22 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     cov_t = (F.adaptive_avg_pool2d(wm_test[:, None], h) > 0.05).float()
     mu_neg = P[~pos].mean(0)[None, :, None, None]
     oracle = _accuracy(head, Xt_pois * (1 - cov_t) + cov_t * mu_neg, yt)
+    # the same directions with the true watermark cells as the mask (instead of the detector's m_p):
+    # separates the quality of the direction from the quality of the detector's mask. k is chosen on
+    # the held-out poisoned split by the same rule (clean images carry no watermark, so their mask is
+    # empty and the clean constraint holds trivially).
+    wm_val = torch.from_numpy(pois_val.masks_array()[:, -1]).float()
+    cov_v = (F.adaptive_avg_pool2d(wm_val[:, None], h) > 0.05).float()
+    true_mask = {}
+    for name in ("signal", "filter", "pattern_cav"):
+        d = directions[name]
+
+        def fn_region(m, r, _k, _d=d):
+            return edit_maps(m, pairs, [j], strength=_k, direction=_d, nonneg=nonneg, region=r)
+        table = [(_region_accuracy(head, ev.maps, yv, cov_v, fn_region, k), k) for k in grid]
+        best_acc, best_k = max(table, key=lambda t: (t[0], -t[1]))
+        true_mask[name] = {"strength": best_k, "val_poisoned_acc": best_acc,
+                           "poisoned_acc_after": _region_accuracy(head, Xt_pois, yt, cov_t, fn_region, best_k)}
 
     rnd = [rows[f"random_{r}"] for r in range(n_random)]
     correction = {
@@ -178,12 +236,13 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
         "second_best_iou": float(iou.topk(2).values[1]) if len(iou) > 1 else None,
         "strength": rows["signal"]["strength"], "filter_strength": rows["filter"]["strength"],
         "pattern_cav_strength": rows["pattern_cav"]["strength"],
-        "signal_value_removal": auto, "oracle_poisoned_acc": oracle,
+        "signal_value_removal": auto, "oracle_poisoned_acc": oracle, "true_mask": true_mask,
+        "detector_precision": det_prec, "detector_recall": det_rec,
         "grid": grid, "rows": rows,
     }
     result = {"correction": correction,
               "setup": {"model": model_id, "layer": layer, "n_concepts": n_concepts, "n_fit": n_fit, "n_val": n_val,
-                        "n_test": n_test, "seed": seed, "val_seed": val_seed, "n_random": n_random,
+                        "n_test": n_test, "seed": seed, "watermark": WM.to_dict(), "val_seed": val_seed, "n_random": n_random,
                         "max_clean_drop": max_clean_drop, "cav_cover": cav_cover, "nonneg_layer": nonneg,
                         "fit_seconds": t_fit, "eddp_params": eddp_params or {}}}
     if actmax:
