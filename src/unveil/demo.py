@@ -73,13 +73,24 @@ class DemoConfig:
     top_k: int = 8
     n_report_detectors: int = 24
     extra_layers: tuple = ("layer3",)  # EDDP + dissection only (no baselines, no RCAV), for a layer table
+    n_explanations: int = 4  # explanation gallery (validation images)
+    n_counterfactuals: int = 2  # of the gallery images: the top concept removed
+    # --shortcut only: keyword arguments of unveil.evaluate.shortcut.run_shortcut_experiment (the layer and
+    # number of concepts of benchmarks/results/shortcut.md, fewer fit/held-out/test images)
+    shortcut_experiment: Dict[str, Any] = field(default_factory=lambda: {
+        "layer": "layer2", "n_concepts": 64, "n_fit": 1000, "n_val": 500, "n_test": 800, "n_random": 10,
+        "actmax_steps": 96})
 
     @classmethod
     def fast_config(cls) -> "DemoConfig":
         return cls(n_train=56, n_val=28, n_concepts=8, eddp_steps={"b": 5, "d": 5}, eddp_n_init=1,
                    eddp_init_rounds=1, eddp_max_init_patches=2000, kmeans_n_init=1, sae_epochs=2,
                    decomposition_max_iter=100, max_baseline_patches=2000, rcav_permutations=10, top_k=4,
-                   n_report_detectors=6, extra_layers=())
+                   n_report_detectors=6, extra_layers=(), n_explanations=3,
+                   shortcut_experiment={"layer": "layer2", "n_concepts": 4, "n_fit": 28, "n_val": 14, "n_test": 14,
+                                        "n_random": 2, "actmax_steps": 2,
+                                        "eddp_params": {"steps": {"b": 5, "d": 5}, "n_init": 1, "init_rounds": 1,
+                                                        "max_init_patches": 2000}})
 
 
 # --------------------------------------------------------------------------- data held in memory
@@ -208,6 +219,60 @@ def _resolve_model(model: str, shortcut: bool):
     if shortcut or model == "worldnet-shortcut":
         return "worldnet-shortcut", True
     return "worldnet", False
+
+
+def _gallery_indices(val: "_Materialized", n: int, shortcut: bool) -> List[int]:
+    """Up to ``n`` validation images of distinct classes (with --shortcut, first a watermarked one)."""
+    chosen: List[int] = []
+    if shortcut and val.watermarked.any():
+        chosen.append(int(np.flatnonzero(val.watermarked)[0]))
+    seen = {int(val.labels[i]) for i in chosen}
+    for i in range(len(val)):
+        if len(chosen) >= n:
+            break
+        if int(val.labels[i]) not in seen and i not in chosen:
+            chosen.append(i)
+            seen.add(int(val.labels[i]))
+    for i in range(len(val)):  # fewer classes than n: fill with the next images
+        if len(chosen) >= n:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return chosen
+
+
+def _explanations(net, layer, pairs, val, x_val, cfg: DemoConfig, shortcut: bool):
+    """Explanation gallery and counterfactuals on validation images; returns (report objects, json doc)."""
+    from .edit import counterfactual
+    from .explain import explain
+    idx = _gallery_indices(val, cfg.n_explanations, shortcut) if cfg.n_explanations > 0 else []
+    if not idx:
+        return {}, None
+    images = x_val[torch.as_tensor(idx)]
+    expl = explain(net, layer, pairs, images, top_k=5, class_names=val.class_names)
+    doc: Dict[str, Any] = {"layer": layer, "explanations": [], "counterfactuals": [],
+                           "contribution": "logit_c - logit_c(concept removed with its signal value), c = predicted"}
+    for n, (i, e) in enumerate(zip(idx, expl)):
+        doc["explanations"].append({"val_index": i, "true_class": val.class_names[int(val.labels[i])],
+                                    "watermarked": bool(val.watermarked[i]),
+                                    **e.to_dict(include_maps=False)})
+    cands = []
+    for n in range(len(idx)):  # every gallery image; the largest drops of p(predicted class) are shown
+        top = expl[n].top[0]
+        cf = counterfactual(net, layer, pairs, images[n:n + 1], concept=top)
+        c0 = int(cf.pred_before[0])
+        drop = float(cf.probs_before[0, c0] - cf.probs_after[0, c0])
+        cands.append((drop, n, {
+            "val_index": idx[n], "gallery_position": n, "concept": int(top), "name": pairs.names[top],
+            "probs_before": cf.probs_before[0].tolist(), "probs_after": cf.probs_after[0].tolist(),
+            "p_drop": drop, "pred_before": val.class_names[c0],
+            "pred_after": val.class_names[int(cf.pred_after[0])], "class_names": list(val.class_names)}))
+    cands.sort(key=lambda t: (-t[0], t[1]))
+    doc["counterfactuals"] = [d for _, _, d in cands[:max(0, int(cfg.n_counterfactuals))]]
+    doc["counterfactual_selection"] = (f"the {len(doc['counterfactuals'])} of {len(idx)} gallery images whose "
+                                       f"predicted-class probability dropped most when their top concept was removed")
+    report_objs = {"explanations": expl, "images": val.images[np.asarray(idx)], "class_names": list(val.class_names)}
+    return report_objs, doc
 
 
 # --------------------------------------------------------------------------- the demo
@@ -450,6 +515,16 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
     pairs.names = names
     pairs.meta = {**pairs.meta, "layer": layer_name, "model": model_id}
     pairs.save(out / "eddp_pairs")
+    with timer.stage("explanations"):
+        applications, app_doc = _explanations(net, layer_name, pairs, val, x_val, cfg, shortcut)
+    experiment = None
+    if shortcut:
+        from .evaluate.shortcut import run_shortcut_experiment
+        with timer.stage("shortcut_experiment"):
+            experiment = run_shortcut_experiment(seed=seed, progress=progress, **dict(cfg.shortcut_experiment))
+        am = experiment.get("activation_maximization")
+        if am is not None:
+            applications["actmax_images"] = am.pop("images", None)
     doc: Dict[str, Any] = {
         "dissection": {m: _dissect_summary(r) for m, r in results.items()},
         "dissection_native_rules": native,
@@ -464,6 +539,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
                  "class_names": train.class_names},
         "shortcut": shortcut_info,
         "efficientnet": effnet,
+        "applications": app_doc,
         "layers": layers_doc,
         "config": {**asdict(cfg), "n_concepts": I, "layer": layer_name, "fast": bool(fast), "model": model_name},
         "seed": seed,
@@ -471,6 +547,10 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "loadavg_start": load_start},
     }
+    if experiment is not None:
+        doc["correction"] = experiment["correction"]
+        doc["activation_maximization"] = experiment.get("activation_maximization")
+        doc["shortcut_experiment"] = experiment["setup"]
     doc["timing"] = {"stages_s": dict(timer.seconds), "total_s": round(time.perf_counter() - t_start, 3),
                      "loadavg_start": load_start}
     with timer.stage("report"):
@@ -480,7 +560,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
             wm_channel = [c.name for c in train.concepts].index("watermark")
         write_report(out / "report.html", doc, results, influence=infl, train=train, val=val,
                      detector_maps={"train": det_train, "val": det_val}, watermark_channel=wm_channel,
-                     n_detectors=cfg.n_report_detectors)
+                     n_detectors=cfg.n_report_detectors, applications=applications)
     doc["timing"] = {"stages_s": dict(timer.seconds), "total_s": round(time.perf_counter() - t_start, 3),
                      "loadavg_start": load_start, "loadavg_end": _loadavg()}
     doc["machine"]["loadavg_end"] = doc["timing"]["loadavg_end"]

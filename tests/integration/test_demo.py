@@ -67,17 +67,54 @@ def test_run_demo_tiny_writes_results_and_report(tmp_path):
     assert "http://" not in page and "https://" not in page
     assert len(page.encode()) < 5 * 2 ** 20
     assert len(re.findall(r'src="data:image/png;base64,', page)) >= 4
+    # the default demo gets the explanation gallery and counterfactuals, not the shortcut experiment
+    app = on_disk["applications"]
+    assert len(app["explanations"]) == 3 and len(app["counterfactuals"]) == 2
+    for e in app["explanations"]:
+        assert 0.0 <= e["probability"] <= 1.0 and len(e["top"]) == 5
+        contrib = [t["contribution"] for t in e["top"]]
+        assert contrib == sorted(contrib, reverse=True)
+    for c in app["counterfactuals"]:
+        assert abs(sum(c["probs_before"]) - 1.0) < 1e-4 and abs(sum(c["probs_after"]) - 1.0) < 1e-4
+        assert c["concept"] == app["explanations"][c["gallery_position"]]["top"][0]["concept"]
+        k = c["class_names"].index(c["pred_before"])
+        assert abs(c["p_drop"] - (c["probs_before"][k] - c["probs_after"][k])) < 1e-6
+    drops = [c["p_drop"] for c in app["counterfactuals"]]
+    assert drops == sorted(drops, reverse=True)
+    assert "correction" not in on_disk and "activation_maximization" not in on_disk
+    assert "<h2>Applications</h2>" in page and "Correcting the shortcut" not in page
+
+
+CORRECTION_KEYS = ("poisoned_acc_before", "poisoned_acc_after", "clean_acc_before", "clean_acc_after",
+                   "filter_acc_after", "random_acc_after")
 
 
 def test_run_demo_shortcut_finds_a_watermark_detector(tmp_path):
-    doc = run_demo(tmp_path / "sc", shortcut=True, config=_tiny(n_train=28), progress=False)
+    doc = run_demo(tmp_path / "sc", shortcut=True, fast=True, progress=False)
+    on_disk = json.loads((tmp_path / "sc" / "results.json").read_text())
+    # the shortcut experiment's numbers (tiny configuration: only their presence and ranges are checked)
+    for k in CORRECTION_KEYS:
+        assert 0.0 <= on_disk["correction"][k] <= 1.0, k
+    assert on_disk["correction"] == json.loads(json.dumps(doc["correction"]))
+    assert on_disk["shortcut_experiment"]["n_fit"] == 28 and on_disk["shortcut_experiment"]["layer"] == "layer2"
+    for k in ("cos_signal", "cos_filter", "cos_pattern_cav"):
+        assert -1.0 - 1e-6 <= on_disk["activation_maximization"][k] <= 1.0 + 1e-6, k
+    assert "images" not in on_disk["activation_maximization"]
+    assert "shortcut_experiment" in on_disk["timing"]["stages_s"]
+    # the gallery starts with a watermarked validation image
+    assert on_disk["applications"]["explanations"][0]["watermarked"] is True
     assert doc["model"]["name"] == "worldnet-shortcut"
     sc = doc["shortcut"]
-    assert sc["concept"] == "watermark" and 0 <= sc["detector"] < 5
+    assert sc["concept"] == "watermark" and 0 <= sc["detector"] < 8
     assert 0.0 <= sc["iou_val"] <= 1.0
     assert set(sc["baselines_best_iou"]) == set(BASELINES)
     page = (tmp_path / "sc" / "report.html").read_text(encoding="utf-8")
     assert "Shortcut: the watermark detector" in page
+    app = page[page.index("<h2>Applications</h2>"):]
+    for title in ("Explanations", "Counterfactuals", "Correcting the shortcut", "Activation maximisation"):
+        assert f"<h3>{title}</h3>" in app, title
+    assert "could not be drawn" not in page
+    assert len(re.findall(r'src="data:image/png;base64,', app)) >= 3
 
 
 def test_run_demo_rejects_other_models(tmp_path):

@@ -159,3 +159,61 @@ def test_report_leaves_pyplot_alone(report_inputs):
     kwargs = dict(report_inputs[0])
     build_report(kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
     assert plt.get_fignums() == before and matplotlib.get_backend() == backend
+
+
+def _applications_inputs():
+    from unveil.explain import Explanation
+    names = [EVIL_CONCEPT, "sky", "grass"]
+    expl = Explanation(predicted=1, probs=torch.tensor([0.2, 0.8]), logits=torch.tensor([0.0, 1.386]),
+                       maps=torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)),
+                       contributions=torch.tensor([0.9, -0.3, 0.1]), top=[0, 2, 1], names=names,
+                       class_name=EVIL_CLASS)
+    results = {
+        "applications": {"layer": "layer4", "explanations": [
+            {"val_index": 3, "true_class": EVIL_CLASS, "class_name": EVIL_CLASS, "probability": 0.8,
+             "watermarked": True, "top": [{"concept": 0, "name": EVIL_CONCEPT, "contribution": 0.9}]}],
+            "counterfactuals": [{"val_index": 3, "gallery_position": 0, "concept": 0, "name": EVIL_CONCEPT,
+                                 "probs_before": [0.2, 0.8], "probs_after": [0.7, 0.3], "pred_before": "plain",
+                                 "pred_after": EVIL_CLASS, "class_names": [EVIL_CLASS, "plain"]}]},
+        "correction": {"poisoned_acc_before": 0.398, "poisoned_acc_after": 0.542, "clean_acc_before": 0.774,
+                       "clean_acc_after": 0.7735, "filter_acc_after": 0.512, "random_acc_after": 0.433,
+                       "pattern_cav_acc_after": 0.648, "oracle_poisoned_acc": 0.769, "watermark_iou": 0.359,
+                       "watermark_detector": 1, "second_best_iou": 0.137, "strength": 40.8},
+        "activation_maximization": {"cos_signal": 0.154, "cos_filter": 0.213, "cos_pattern_cav": 0.276},
+        "shortcut_experiment": {"model": EVIL_MODEL, "layer": "layer2", "n_concepts": 3, "n_random": 10,
+                                "watermark": {"text": "<rook>"}},
+    }
+    applications = {"explanations": [expl], "images": np.zeros((1, 16, 16, 3), np.uint8),
+                    "actmax_images": torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
+    return results, applications
+
+
+def test_report_applications_section_states_the_measured_numbers():
+    results, applications = _applications_inputs()
+    page = build_report(results, applications=applications)
+    assert "could not be drawn" not in page
+    app = page[page.index("<h2>Applications</h2>"):]
+    for title in ("Explanations", "Counterfactuals", "Correcting the shortcut", "Activation maximisation"):
+        assert f"<h3>{title}</h3>" in app, title
+    for evil in (EVIL_CONCEPT, EVIL_CLASS, EVIL_MODEL, "<rook>"):
+        assert evil not in page
+    assert html_escaped(EVIL_CONCEPT) in app and "&lt;rook&gt;" in app
+    # the table and the sentences carry the numbers as given, and the comparisons follow them
+    for v in ("0.398", "0.542", "0.774", "0.512", "0.433", "0.648", "0.769", "0.359", "0.154", "0.213", "0.276"):
+        assert v in app, v
+    assert "from 0.398 to 0.542 (+0.144)" in app
+    assert "ŝ reached at least the poisoned accuracy of the filter w, random directions (mean)." in app
+    assert "ŝ stayed below the supervised Pattern-CAV." in app
+    # gallery figure, counterfactual figure and 3 activation-maximisation images, all inline PNG
+    srcs = re.findall(r'src="([^"]*)"', app)
+    assert len(srcs) == 5
+    assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in srcs)
+    assert "d1 (watermark)" in app
+
+
+def test_report_without_applications_has_no_section():
+    page = build_report({"dissection": {"eddp": {"S1": 1.0, "S2": 1.0}}})
+    assert "Applications" not in page
+    results, _ = _applications_inputs()
+    only_numbers = build_report({"correction": results["correction"]})  # no objects: the table alone
+    assert "Correcting the shortcut" in only_numbers and "Explanations" not in only_numbers

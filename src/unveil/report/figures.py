@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["detector_montage", "upsample_maps", "new_figure", "overlay_mask", "plot_detector_montage", "plot_detector_heatmaps",
-           "plot_influence", "plot_method_comparison", "png_bytes", "figure_png", "safe_text"]
+           "plot_influence", "plot_method_comparison", "plot_contributions", "plot_probabilities", "png_bytes", "figure_png", "safe_text"]
 
 _MASK_RGB = np.array([255, 0, 255], np.float32)
 
@@ -228,4 +228,41 @@ def plot_method_comparison(summaries: dict, keys: Sequence[str] = ("S1", "S2", "
     ax.legend(fontsize=7, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     ax.tick_params(labelsize=7)
+    return ax
+
+
+def plot_contributions(contributions: Sequence[float], names: Sequence[str], ax=None, title: Optional[str] = None):
+    """Horizontal bars of concept contributions (Δ logit when the concept is removed), first on top."""
+    if ax is None:
+        _, ax = _plt().subplots(figsize=(3.2, 0.5 + 0.3 * len(names)))
+    vals = np.asarray(contributions, dtype=float)
+    ypos = np.arange(len(vals))[::-1]
+    ax.barh(ypos, vals, color=["#2f7d32" if v >= 0 else "#c62828" for v in vals])
+    ax.set_yticks(ypos)
+    ax.set_yticklabels([safe_text(n) for n in names], fontsize=6)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.tick_params(axis="x", labelsize=6)
+    ax.set_xlabel("Δ logit of the predicted class", fontsize=6)
+    if title:
+        ax.set_title(safe_text(title), fontsize=7)
+    return ax
+
+
+def plot_probabilities(before: Sequence[float], after: Sequence[float], class_names: Sequence[str], ax=None,
+                       title: Optional[str] = None):
+    """Grouped bars: class probabilities before and after an edit."""
+    if ax is None:
+        _, ax = _plt().subplots(figsize=(3.6, 2.2))
+    b, a = np.asarray(before, float), np.asarray(after, float)
+    x = np.arange(len(b))
+    ax.bar(x - 0.2, b, width=0.4, label="before", color="#5b7db1")
+    ax.bar(x + 0.2, a, width=0.4, label="concept removed", color="#e08a2c")
+    ax.set_xticks(x)
+    ax.set_xticklabels([safe_text(c) for c in class_names], rotation=35, ha="right", fontsize=6)
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="y", labelsize=6)
+    ax.set_ylabel("probability", fontsize=6)
+    ax.legend(fontsize=6, frameon=False)
+    if title:
+        ax.set_title(safe_text(title), fontsize=7)
     return ax

@@ -448,10 +448,180 @@ def _footer(results) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------- applications
+def _gallery(results, applications) -> str:
+    doc = (results.get("applications") or {})
+    expl = (applications or {}).get("explanations") or []
+    images = (applications or {}).get("images")
+    if not expl or images is None:
+        return ""
+    from ..explain import plot_explanation
+    n = len(expl)
+    fig = fg.new_figure(figsize=(5.6, 2.9 * n))
+    cards = []
+    for r, e in enumerate(expl):
+        ax_img = fig.add_subplot(n, 2, 2 * r + 1)
+        plot_explanation(e, np.asarray(images[r]), ax=ax_img, n_concepts=3)
+        ax_img.set_title(fg.safe_text(ax_img.get_title()), fontsize=7)
+        top = list(e.top)
+        fg.plot_contributions([float(e.contributions[i]) for i in top], [e.names[i] for i in top],
+                              ax=fig.add_subplot(n, 2, 2 * r + 2), title="top concepts")
+    fig.tight_layout()
+    rows = []
+    for r, d in enumerate(doc.get("explanations") or []):
+        tops = ", ".join(f"{_e(t['name'])} ({t['contribution']:+.2f})" for t in d.get("top", [])[:3])
+        rows.append([_txt(f"val #{d.get('val_index')}"), _txt(d.get("true_class", "?")),
+                     _txt(d.get("class_name", "?")), d.get("probability"), bool(d.get("watermarked")), _Raw(tops)])
+    cards.append(f'<div class="fig">{_img(fg.figure_png(fig), "explanation gallery")}</div>')
+    if rows:
+        cards.append("<div>" + _table(("image", "true class", "predicted", "p", "watermark", "top concepts (Δ logit)"),
+                                      rows, left={0, 1, 2, 5}) + "</div>")
+    return ("<h3>Explanations</h3><p>For each image: the detector maps of the concepts that contributed most to the "
+            "predicted class (coloured overlays, layer <code>" + _e(doc.get("layer", "?")) + "</code>), and each "
+            "concept's contribution = logit of the predicted class minus that logit when the concept is removed "
+            "at the layer with its signal vector (x′ = x − σ(wᵀx − b)·â·ŝ, each concept alone).</p>"
+            f'<div class="grid2">{"".join(cards)}</div>')
+
+
+def _counterfactuals(results) -> str:
+    cfs = (results.get("applications") or {}).get("counterfactuals") or []
+    if not cfs:
+        return ""
+    fig = fg.new_figure(figsize=(3.8 * len(cfs), 2.5))
+    rows = []
+    for n, c in enumerate(cfs):
+        names = c.get("class_names") or [str(k) for k in range(len(c["probs_before"]))]
+        fg.plot_probabilities(c["probs_before"], c["probs_after"], names, ax=fig.add_subplot(1, len(cfs), n + 1),
+                              title=f"val #{c.get('val_index')}: remove {c.get('name')}")
+        k = names.index(c["pred_before"]) if c.get("pred_before") in names else int(np.argmax(c["probs_before"]))
+        rows.append([_txt(f"val #{c.get('val_index')}"), _txt(c.get("name")), _txt(c.get("pred_before")),
+                     c["probs_before"][k], c["probs_after"][k], _txt(c.get("pred_after")),
+                     max(c["probs_after"])])
+    fig.tight_layout()
+    sel = (results.get("applications") or {}).get("counterfactual_selection")
+    return ("<h3>Counterfactuals</h3><p>The top concept of an explained image is removed (its signal value at every "
+            "position) and the model is run again." + (f" Shown: {_e(sel)}." if sel else "") + "</p>"
+            + _table(("image", "concept removed", "predicted before", "p before", "p(same class) after",
+                      "predicted after", "p after"), rows, left=3)
+            + f'<div class="fig">{_img(fg.figure_png(fig), "class probabilities before and after the removal")}</div>')
+
+
+def _correction(results) -> str:
+    c = results.get("correction")
+    if not c:
+        return ""
+    st = results.get("shortcut_experiment") or {}
+    na = None
+    rows = [[_txt("none"), na, c.get("clean_acc_before"), c.get("poisoned_acc_before")],
+            [_txt("signal vector ŝ (EDDP)"), c.get("strength"), c.get("clean_acc_after"), c.get("poisoned_acc_after")]]
+    auto = c.get("signal_value_removal") or {}
+    if auto:
+        rows.append([_txt("signal value removal (k = â, untuned)"), _txt("auto"), auto.get("clean_acc_after"),
+                     auto.get("poisoned_acc_after")])
+    rows.append([_txt("filter w"), c.get("filter_strength"), c.get("filter_clean_acc_after"), c.get("filter_acc_after")])
+    if c.get("random_acc_after") is not None:
+        rows.append([_txt(f"random unit directions (mean of {st.get('n_random', '?')}; max "
+                          f"{_fmt(c.get('random_acc_after_max'))})"), _txt("own"), c.get("random_clean_acc_after"),
+                     c.get("random_acc_after")])
+    if c.get("pattern_cav_acc_after") is not None:
+        rows.append([_txt("supervised Pattern-CAV"), c.get("pattern_cav_strength"), c.get("pattern_cav_clean_acc_after"),
+                     c.get("pattern_cav_acc_after")])
+    if c.get("oracle_poisoned_acc") is not None:
+        rows.append([_txt("oracle (true watermark cells → mean activation)"), na, na, c.get("oracle_poisoned_acc")])
+    wm = st.get("watermark") or {}
+    setup = (f"Model <b>{_e(st.get('model', '?'))}</b>, layer <code>{_e(st.get('layer', '?'))}</code>, "
+             f"{_e(st.get('n_concepts', '?'))} EDDP concepts fitted on {_e(st.get('n_fit', '?'))} training-distribution "
+             f"images (a fit separate from the one above); the watermark detector is the one with the highest IoU "
+             f"against the watermark mask. Every edit uses that detector's mask; k is chosen on "
+             f"{_e(st.get('n_val', '?'))} held-out images (seed {_e(st.get('val_seed', '?'))}) as the best poisoned "
+             f"accuracy with a clean accuracy drop ≤ {_e(st.get('max_clean_drop', '?'))}; accuracies are on "
+             f"{_e(st.get('n_test', '?'))} test images. Poisoned = the watermark "
+             f"{_e(repr(wm.get('text', '?')))} stamped on images of the other classes.")
+    pb, pa = c.get("poisoned_acc_before"), c.get("poisoned_acc_after")
+    facts = [f"Watermark detector d{_e(c.get('watermark_detector'))}: IoU {_fmt(c.get('watermark_iou'))} (next best "
+             f"{_fmt(c.get('second_best_iou'))}); on the layer's cells precision {_fmt(c.get('detector_precision'))}, "
+             f"recall {_fmt(c.get('detector_recall'))}."]
+    if pb is not None and pa is not None:
+        facts.append(f"Removing ŝ changed the poisoned accuracy from {_fmt(pb)} to {_fmt(pa)} "
+                     f"({float(pa) - float(pb):+.3f}) and the clean accuracy from {_fmt(c.get('clean_acc_before'))} to "
+                     f"{_fmt(c.get('clean_acc_after'))}.")
+        others = {"the filter w": c.get("filter_acc_after"), "random directions (mean)": c.get("random_acc_after"),
+                  "the supervised Pattern-CAV": c.get("pattern_cav_acc_after")}
+        better = [k for k, v in others.items() if v is not None and float(v) > float(pa)]
+        worse = [k for k, v in others.items() if v is not None and float(v) <= float(pa)]
+        if worse:
+            facts.append("ŝ reached at least the poisoned accuracy of " + ", ".join(worse) + ".")
+        if better:
+            facts.append("ŝ stayed below " + ", ".join(better) + ".")
+        if c.get("oracle_poisoned_acc") is not None:
+            facts.append(f"The oracle edit reaches {_fmt(c['oracle_poisoned_acc'])}.")
+    tm = c.get("true_mask") or {}
+    tm_rows = [[_txt(lab), tm[k].get("strength"), tm[k].get("poisoned_acc_after")]
+               for k, lab in (("signal", "signal vector ŝ"), ("filter", "filter w"),
+                              ("pattern_cav", "supervised Pattern-CAV")) if k in tm]
+    out = ["<h3>Correcting the shortcut</h3>", f"<p>{setup}</p>",
+           _table(("edit (mask: watermark detector)", "k", "clean acc", "poisoned acc"), rows),
+           '<div class="note">' + " ".join(facts) + "</div>"]
+    if tm_rows:
+        out.append("<p class=\"muted\">The same directions with the true watermark cells as the mask instead of the "
+                   "detector's (k by the same rule): separates the direction's quality from the mask's.</p>"
+                   + _table(("direction (true-cell mask)", "k", "poisoned acc"), tm_rows))
+    return "\n".join(out)
+
+
+def _actmax(results, applications) -> str:
+    am = results.get("activation_maximization")
+    if not am:
+        return ""
+    s = am.get("summary") or {}
+    n = (s.get("cos_signal") or {}).get("n", "?")
+    wd = am.get("watermark_detector") or {}
+    rows = [[_txt("mean over detectors"), am.get("cos_signal"), am.get("cos_filter"), am.get("cos_pattern_cav")]]
+    if wd:
+        rows.append([_txt("watermark detector"), wd.get("cos_signal"), wd.get("cos_filter"), wd.get("cos_pattern_cav")])
+    out = ["<h3>Activation maximisation</h3>",
+           f"<p>An image is optimised to raise each of the {_e(n)} detectors of the shortcut experiment's fit; Δx = the "
+           "change of the layer's activation it causes, compared (cosine) with the detector's signal vector ŝ, its "
+           "filter w, and a Pattern-CAV of the detector's positions.</p>",
+           _table(("", "cos(Δx, ŝ)", "cos(Δx, w)", "cos(Δx, Pattern-CAV)"), rows)]
+    if s.get("signal_beats_filter") is not None:
+        out.append(f"<p class=\"muted\">ŝ has the larger cosine than w on {_fmt(100 * float(s['signal_beats_filter']), 0)} % "
+                   f"of the detectors, than Pattern-CAV on {_fmt(100 * float(s.get('signal_beats_pattern_cav', float('nan'))), 0)} %.</p>")
+    images = (applications or {}).get("actmax_images")
+    if images is not None and len(images):
+        import torch
+        imgs = images[:16]
+        arr = (torch.as_tensor(imgs).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+        j = (results.get("correction") or {}).get("watermark_detector")
+        cards = []
+        for k, a in enumerate(arr):
+            mark = " (watermark)" if j is not None and int(j) == k else ""
+            cards.append(f'<div class="card"><div class="t">d{k}{_e(mark)}</div>'
+                         f'{_img(fg.png_bytes(a.repeat(2, 0).repeat(2, 1)), f"activation maximisation d{k}")}</div>')
+        if j is not None and int(j) >= len(arr) and int(j) < len(images):
+            a = (torch.as_tensor(images[int(j)]).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            cards.append(f'<div class="card"><div class="t">d{int(j)} (watermark)</div>'
+                         f'{_img(fg.png_bytes(a.repeat(2, 0).repeat(2, 1)), "activation maximisation watermark")}</div>')
+        out.append(f'<div class="cards">{"".join(cards)}</div>')
+    return "\n".join(out)
+
+
+def _applications_section(results, applications) -> str:
+    parts = [_guard(name, fn) for name, fn in (("explanations", lambda: _gallery(results, applications)),
+                                               ("counterfactuals", lambda: _counterfactuals(results)),
+                                               ("correction", lambda: _correction(results)),
+                                               ("activation maximisation", lambda: _actmax(results, applications)))]
+    parts = [p for p in parts if p]
+    if not parts:
+        return ""
+    return "<h2>Applications</h2>\n" + "\n".join(parts)
+
+
 # --------------------------------------------------------------------------- public
 def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, Any]] = None, *,
                  influence=None, train=None, val=None, detector_maps: Optional[Mapping[str, Any]] = None,
                  watermark_channel: Optional[int] = None, n_detectors: int = 24, n_heatmap_images: int = 4,
+                 applications: Optional[Mapping[str, Any]] = None,
                  title: str = "unveil — concepts of a vision network") -> str:
     """The report as one self-contained HTML string.
 
@@ -468,6 +638,11 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
         Mask channel of the watermark concept (shortcut section).
     n_detectors : int
         Detector cards (the most interpretable first).
+    applications : dict, optional
+        Objects for the "Applications" section: ``"explanations"`` (list of
+        :class:`~unveil.explain.Explanation`), ``"images"`` ((n, H, W, 3) uint8, the explained images)
+        and ``"actmax_images"`` ((I, 3, S, S) in [0, 1]). Its numbers come from ``results``
+        (``"applications"``, ``"correction"``, ``"activation_maximization"``, ``"shortcut_experiment"``).
 
     Returns
     -------
@@ -494,6 +669,7 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
                                                                 watermark_channel))):
             body.append(_guard(name, fn))
     body.append(_guard("influence", lambda: _influence_section(influence, results)))
+    body.append(_guard("applications", lambda: _applications_section(results, applications)))
     body.append(_layers_section(results))
     body.append(_efficientnet_section(results))
     body.append(_footer(results))
