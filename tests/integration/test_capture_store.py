@@ -13,15 +13,6 @@ from unveil.data.images import Preprocessing, load_batch, scan_images
 from unveil.models import load_model, model_source
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP spin-waiting slows convs ~10x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 PRE = Preprocessing.imagenet(32)
 
 

