@@ -3,21 +3,12 @@ import json
 import re
 
 import pytest
-import torch
 
 from unveil import DirectionPairs, ValidationError
 from unveil.cli import main
 from unveil.demo import BASELINES, DemoConfig, run_demo
 
 METHODS = ("eddp",) + BASELINES
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _tiny(**kw):
