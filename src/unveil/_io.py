@@ -80,56 +80,70 @@ def versions() -> Dict[str, str]:
             "python": platform.python_version()}
 
 
-def save_bundle(directory, kind: str, tensors: Dict[str, torch.Tensor], meta: dict) -> Path:
-    """Save ``tensors`` (safetensors) and ``meta`` (json) into ``directory``.
+def write_checked(tensors_path, json_path, tensors: Dict[str, torch.Tensor], doc: dict, fmt: str) -> dict:
+    """Write ``tensors`` (safetensors) then ``doc`` (json) holding the tensors' sha256, both atomically.
 
-    The safetensors file is written first; ``<kind>.json`` (with the safetensors' sha256) is
-    written last, so a bundle whose json exists is complete.
+    The json is written last, so a pair whose json exists is complete. Returns the written document.
     """
     from safetensors.torch import save as st_save
 
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CorruptFileError(f"cannot save to {str(directory)!r}: it exists and is not a folder; "
-                               f"pass a folder path (it is created if missing).")
-    directory.mkdir(parents=True, exist_ok=True)
     blob = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(directory / f"{kind}.safetensors", blob)
-    doc = {"format": f"unveil.{kind}", "format_version": FORMAT_VERSION,
-           "tensors_sha256": hashlib.sha256(blob).hexdigest(), "versions": versions(), **meta}
-    atomic_write_json(directory / f"{kind}.json", doc)
-    return directory
+    atomic_write_bytes(tensors_path, blob)
+    full = {"format": f"unveil.{fmt}", "format_version": FORMAT_VERSION,
+            "tensors_sha256": hashlib.sha256(blob).hexdigest(), "versions": versions(), **doc}
+    atomic_write_json(json_path, full)
+    return full
 
 
-def load_bundle(directory, kind: str) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Load and verify a bundle written by :func:`save_bundle`."""
+def read_checked(tensors_path, json_path, fmt: str, fix: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Read a pair written by :func:`write_checked`, verifying format and checksum.
+
+    ``fix`` ends every error message (how to repair, e.g. "Save it again.").
+    """
     from safetensors.torch import load as st_load
 
-    directory = Path(directory)
-    jpath, tpath = directory / f"{kind}.json", directory / f"{kind}.safetensors"
-    if not directory.is_dir():
-        raise CorruptFileError(f"no saved {kind} at {str(directory)!r}: expected a folder holding "
-                               f"{kind}.json and {kind}.safetensors (written by .save()).")
+    tpath, jpath = Path(tensors_path), Path(json_path)
     for p in (jpath, tpath):
         if not p.is_file():
-            raise CorruptFileError(f"{str(p)!r} is missing: the folder is not a complete saved {kind} "
-                                   f"(an interrupted save?). Save it again.")
+            raise CorruptFileError(f"{str(p)!r} is missing: an unveil {fmt} is a .safetensors file plus a .json "
+                                   f"file (an interrupted save?). {fix}")
     try:
         doc = json.loads(jpath.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{str(jpath)!r} is not valid JSON ({exc}); the file is corrupt. Save it again.") from None
-    if not isinstance(doc, dict) or doc.get("format") != f"unveil.{kind}":
-        raise CorruptFileError(f"{str(jpath)!r} is not an unveil {kind} file (format field "
+        raise CorruptFileError(f"{str(jpath)!r} is not valid JSON ({exc}); the file is corrupt. {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != f"unveil.{fmt}":
+        raise CorruptFileError(f"{str(jpath)!r} is not an unveil {fmt} file (format field "
                                f"{doc.get('format') if isinstance(doc, dict) else None!r}).")
     if doc.get("format_version", 0) > FORMAT_VERSION:
         raise CorruptFileError(f"{str(jpath)!r} has format version {doc.get('format_version')}, newer than "
                                f"this unveil reads ({FORMAT_VERSION}); upgrade unveil.")
     blob = tpath.read_bytes()
     if hashlib.sha256(blob).hexdigest() != doc.get("tensors_sha256"):
-        raise CorruptFileError(f"{str(tpath)!r} does not match the checksum recorded in {jpath.name} "
-                               f"(truncated or modified, {len(blob)} bytes). Save it again.")
+        raise CorruptFileError(f"{str(tpath)!r} does not match the sha256 recorded in {jpath.name} "
+                               f"(truncated or modified, {len(blob)} bytes). {fix}")
     try:
         tensors = st_load(blob)
     except Exception as exc:  # noqa: BLE001
         raise CorruptFileError(f"{str(tpath)!r} is not a readable safetensors file ({exc}).") from None
     return tensors, doc
+
+
+def save_bundle(directory, kind: str, tensors: Dict[str, torch.Tensor], meta: dict) -> Path:
+    """Save ``tensors`` (safetensors) and ``meta`` (json) into ``directory`` as ``<kind>.*``
+    (see :func:`write_checked`)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CorruptFileError(f"cannot save to {str(directory)!r}: it exists and is not a folder; "
+                               f"pass a folder path (it is created if missing).")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_checked(directory / f"{kind}.safetensors", directory / f"{kind}.json", tensors, meta, kind)
+    return directory
+
+
+def load_bundle(directory, kind: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Load and verify a bundle written by :func:`save_bundle`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CorruptFileError(f"no saved {kind} at {str(directory)!r}: expected a folder holding "
+                               f"{kind}.json and {kind}.safetensors (written by .save()).")
+    return read_checked(directory / f"{kind}.safetensors", directory / f"{kind}.json", kind, "Save it again.")

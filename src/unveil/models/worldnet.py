@@ -17,8 +17,6 @@ config, library versions, the tensors' sha256).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._errors import CorruptFileError, ValidationError
-from .._io import atomic_write_bytes, atomic_write_json, versions
+from .._io import read_checked, write_checked
 from .._validation import check_positive_int
 
 __all__ = ["WorldNet", "build_worldnet", "load_worldnet", "save_worldnet", "load_worldnet_file",
@@ -137,44 +135,19 @@ def save_worldnet(model: WorldNet, path, meta: dict) -> Path:
 
     The safetensors file is written first, the json (holding its sha256) last, both atomically.
     """
-    from safetensors.torch import save as st_save
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValidationError(f"checkpoint path must end in .safetensors, got {str(path)!r}.")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    blob = st_save(state)
-    atomic_write_bytes(path, blob)
-    doc = {"format": "unveil.worldnet", "format_version": 1, "num_classes": model.num_classes,
-           "widths": list(model.widths), "tensors_sha256": hashlib.sha256(blob).hexdigest(),
-           "versions": versions(), **meta}
-    atomic_write_json(_sidecar(path), doc)
+    write_checked(path, _sidecar(path), model.state_dict(),
+                  {"num_classes": model.num_classes, "widths": list(model.widths), **meta}, "worldnet")
     return path
 
 
 def load_worldnet_file(path) -> Tuple[WorldNet, dict]:
     """Load a checkpoint written by :func:`save_worldnet`; returns ``(model in eval mode, metadata)``."""
-    from safetensors.torch import load as st_load
     path = Path(path)
-    side = _sidecar(path)
-    for p in (path, side):
-        if not p.is_file():
-            raise CorruptFileError(f"{str(p)!r} is missing: a WorldNet checkpoint is a .safetensors file plus a "
-                                   f".json sidecar; rebuild it with `unveil world train --out {path}`.")
-    try:
-        meta = json.loads(side.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{str(side)!r} is not valid JSON ({exc}); rebuild the checkpoint.") from None
-    if not isinstance(meta, dict) or meta.get("format") != "unveil.worldnet":
-        raise CorruptFileError(f"{str(side)!r} is not a WorldNet checkpoint sidecar (format "
-                               f"{meta.get('format') if isinstance(meta, dict) else None!r}).")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
-        raise CorruptFileError(f"{str(path)!r} does not match the sha256 recorded in {side.name} ({len(blob)} bytes; "
-                               f"truncated or modified); rebuild it with `unveil world train`.")
-    try:
-        state = st_load(blob)
-    except Exception as exc:  # noqa: BLE001
-        raise CorruptFileError(f"{str(path)!r} is not a readable safetensors file ({exc}).") from None
+    state, meta = read_checked(path, _sidecar(path), "worldnet",
+                               f"Rebuild it with `unveil world train --out {path}`.")
     model = WorldNet(int(meta["num_classes"]), tuple(meta["widths"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
