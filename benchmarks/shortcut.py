@@ -29,6 +29,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--actmax-steps", type=int, default=96)
     p.add_argument("--no-actmax", action="store_true")
+    p.add_argument("--levels", default=None,
+                   help="EDDP levels: 'auto' or comma-separated sizes summing to --concepts (default: one level)")
+    p.add_argument("--detectors", choices=("label", "best"), default="label",
+                   help="correct every detector labelled 'watermark' (default) or only the best one")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a WorldNet checkpoint trained with a watermark (default: the shipped worldnet-shortcut)")
     args = p.parse_args()
@@ -37,7 +41,10 @@ def main() -> int:
     t0 = time.perf_counter()
     res = run_shortcut_experiment(layer=args.layer, n_concepts=args.concepts, n_fit=args.n_fit, n_val=args.n_val,
                                   n_test=args.n_test, seed=args.seed, actmax=not args.no_actmax,
-                                  actmax_steps=args.actmax_steps, checkpoint=args.checkpoint,
+                                  actmax_steps=args.actmax_steps, checkpoint=args.checkpoint, detectors=args.detectors,
+                                  eddp_params=None if args.levels is None else {
+                                      "levels": args.levels if args.levels == "auto"
+                                      else [int(v) for v in args.levels.split(",")]},
                                   progress=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = {ext: args.out.with_name(args.out.name + ext) for ext in (".json", ".md", ".actmax.png")}
@@ -69,7 +76,7 @@ def main() -> int:
              f"training images), layer `{st['layer']}`, {st['n_concepts']} concepts fitted on {st['n_fit']} training "
              f"images; strength chosen on {st['n_val']} held-out images (clean drop <= {st['max_clean_drop']}); "
              f"evaluated on {st['n_test']} test images.", "",
-             "| edit (mask: watermark detector) | k | clean acc | poisoned acc |", "|---|---|---|---|",
+             "| edit (mask: the watermark detectors) | k | clean acc | poisoned acc |", "|---|---|---|---|",
              f"| none | 0 | {c['clean_acc_before']:.3f} | {c['poisoned_acc_before']:.3f} |",
              f"| signal vector ŝ (EDDP) | {c['strength']:.3g} | {c['clean_acc_after']:.3f} | {c['poisoned_acc_after']:.3f} |",
              f"| signal value removal (k = â_p, untuned) | auto | {c['signal_value_removal']['clean_acc_after']:.3f} | "
@@ -83,7 +90,11 @@ def main() -> int:
              f"Watermark detector {c['watermark_detector']}: IoU {c['watermark_iou']:.3f} (next best "
              f"{c['second_best_iou']:.3f}); on the layer's cells it fires with precision {c['detector_precision']:.3f} "
              f"and covers {c['detector_recall']:.3f} of the cells the watermark touches (>= 5% covered).", "",
-             "Same directions, mask = the true watermark cells instead of the detector's m_p (k chosen by the same "
+             f"Corrected ({'every detector labelled watermark with IoU >= ' + str(st['min_iou']) if c['detectors_rule'] == 'label' else 'the best detector only'}): "
+             f"{', '.join(f'd{i} (IoU {v:.3f})' for i, v in zip(c['watermark_detectors'], c['watermark_detectors_iou']))}; "
+             f"together IoU {c['union_iou']:.3f}, cell precision {c['union_precision']:.3f}, cell recall "
+             f"{c['union_recall']:.3f}.", "",
+             "The best detector's directions, mask = the true watermark cells instead of the detector's m_p (k chosen by the same "
              "rule on the held-out poisoned split; clean images carry no watermark, so they are unchanged):", "",
              "| direction (true-cell mask) | k | poisoned acc |", "|---|---|---|",
              ]

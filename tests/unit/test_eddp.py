@@ -174,3 +174,79 @@ def test_paper_recipe_full_size_two_seeds():
         assert min(rep.matched_iou) >= 0.92
         assert rep.rmse_overall <= 0.26
         assert min(rep.encoder_cosine) >= 0.98
+
+
+def _hierarchical_patches(n_maps=300, seed=0):
+    """Two coarse concepts, each the union of two fine ones: a patch of fine concept (g, h) is
+    5·c_g + 3·f_gh + noise, with the six directions orthonormal in R^12."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    c, f = Q[:, :2].T, Q[:, 2:6].T.reshape(2, 2, 12)
+    fine = torch.randint(0, 4, (n_maps, 4), generator=g)  # (maps, positions)
+    coarse = fine // 2
+    x = 5 * c[coarse] + 3 * f[coarse, fine % 2] + 0.3 * torch.randn(n_maps, 4, 12, generator=g, dtype=torch.float64)
+    X = x.permute(0, 2, 1).reshape(n_maps, 12, 1, 4).float()
+    return X, coarse, fine
+
+
+def _matched_iou(fired, truth, k):
+    """Best-matching IoU per true concept (Hungarian) between fired (P, I) bool and labels (P,)."""
+    from scipy.optimize import linear_sum_assignment
+    T = torch.nn.functional.one_hot(truth, k).bool()
+    inter = (fired[:, :, None] & T[:, None, :]).sum(0).double()
+    union = (fired[:, :, None] | T[:, None, :]).sum(0).double()
+    iou = (inter / union.clamp_min(1)).numpy()
+    r, cidx = linear_sum_assignment(-iou)
+    return iou[r, cidx]
+
+
+def test_levels_recover_coarse_and_fine_concepts():
+    X, coarse, fine = _hierarchical_patches()
+    est = EDDP(n_concepts=6, levels=[2, 4], n_init=2, init_rounds=2, steps={"b": 20, "d": 20},
+               random_state=0).fit(X)
+    p = est.pairs_
+    assert est.levels_ == [2, 4]
+    assert p.n_concepts == 6 and p.meta["levels"] == [2, 4]
+    assert p.meta["level_of_concept"] == [0, 0, 1, 1, 1, 1]
+    # the coarse level is the finest level's Ward tree cut at 2: its groups pair the fine concepts
+    groups = p.meta["parent_groups"]["2"]
+    assert sorted(groups) == [0, 0, 1, 1]
+    fired = (p.detect(X) > 0.5).permute(0, 2, 3, 1).reshape(-1, 6)
+    assert _matched_iou(fired[:, :2], coarse.flatten(), 2).min() >= 0.95
+    assert _matched_iou(fired[:, 2:], fine.flatten(), 4).min() >= 0.95
+    # one level of 6 cannot give the coarse concepts: it splits the data into fine ones
+    one = EDDP(n_concepts=6, n_init=2, init_rounds=2, steps={"b": 20, "d": 20}, random_state=0).fit(X).pairs_
+    fired1 = (one.detect(X) > 0.5).permute(0, 2, 3, 1).reshape(-1, 6)
+    assert _matched_iou(fired1, coarse.flatten(), 2).max() < 0.7
+    # deterministic, and init_pairs_ / history_ cover every level
+    again = EDDP(n_concepts=6, levels=[2, 4], n_init=2, init_rounds=2, steps={"b": 20, "d": 20},
+                 random_state=0).fit(X).pairs_
+    assert torch.equal(again.decoders, p.decoders)
+    assert est.init_pairs_.n_concepts == 6 and len(est.history_["levels"]) == 2
+
+
+def test_levels_auto_and_bad_levels():
+    assert EDDP(64, levels="auto").resolved_levels() == [2, 4, 8, 16, 34]
+    assert EDDP(24, levels="auto").resolved_levels() == [2, 4, 18]
+    assert EDDP(5, levels="auto").resolved_levels() == [5]
+    assert EDDP(8).resolved_levels() == [8]
+    with pytest.raises(ValidationError, match="must sum to n_concepts = 8"):
+        EDDP(8, levels=[2, 4]).resolved_levels()
+    with pytest.raises(ValidationError, match="levels must be None, 'auto'"):
+        EDDP(8, levels="many").resolved_levels()
+    with pytest.raises(ValidationError, match="levels"):
+        EDDP(8, levels=[4, 0, 4]).resolved_levels()
+    with pytest.raises(ValidationError, match="the last \\(finest\\) level must be larger"):
+        EDDP(8, levels=[6, 2]).resolved_levels()
+
+
+def test_ward_partitions_known_tree():
+    from unveil.directions.eddp import _ward_partitions
+    C = torch.tensor([[0.0, 0], [0, 1], [10, 0], [10, 1], [30, 0]])
+    parts = _ward_partitions(C, torch.ones(5), [2, 3, 4])
+    assert parts[4] == [0, 0, 1, 2, 3]
+    assert parts[3] == [0, 0, 1, 1, 2]
+    assert parts[2] == [0, 0, 0, 0, 1]
+    # weights pull the merge: a heavy far point is merged last
+    parts = _ward_partitions(C, torch.tensor([1.0, 1, 1, 1, 100]), [2])
+    assert parts[2] == [0, 0, 0, 0, 1]

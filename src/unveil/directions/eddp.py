@@ -23,6 +23,25 @@ quality in seconds by starting close to the answer and keeping the paper's losse
 6. The final signal vectors are re-estimated with the positive-only estimator for the final filters,
    and normalised to unit length (so that signal values come out in the units of the latent factors).
 
+Concepts at several granularities (``levels``)
+----------------------------------------------
+Within one fit the detectors compete for the patches (L_s, L_ma): with many detectors a large
+concept (sky, road, a glyph seen at several offsets) is cut into fragments, each precise but
+covering a small part of the concept. Real layers hold concepts at several scales at once (a region
+and its parts), so ``levels=[4, 8, 16, 36]`` (or ``"auto"``) builds a hierarchy:
+
+1. the finest level (the last size) is fitted as above;
+2. its concepts are merged bottom-up by Ward's criterion on their centroids (mean activation of
+   the patches each concept holds most strongly, in the layer's own space — centroids average the
+   distractors out, and whitening, which makes equally frequent clusters equidistant, would erase
+   which concepts are close);
+3. each coarser level starts from that tree cut at its size: every patch is labelled with the
+   group of its finest concept and the max-margin detectors are fitted to these groups; then the
+   level is refined with the paper's losses like any fit (competition only within the level).
+
+The pairs are concatenated, coarsest first (``pairs_.meta["levels"]``, ``["level_of_concept"]``,
+``["parent_groups"]``). Detectors of different levels overlap, as a region and its parts do.
+
 All losses are computed in an isotropically rescaled space ``(x − μ)/σ`` (a similarity transform, so
 directions are unchanged); the saved pairs act on the original activations.
 
@@ -187,6 +206,44 @@ def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps
     return W.detach(), b.detach()
 
 
+def _ward_partitions(centroids: torch.Tensor, counts: torch.Tensor, sizes) -> Dict[int, list]:
+    """Agglomerate weighted points by Ward's criterion; the group of every point at each size.
+
+    ``centroids`` (n, D), ``counts`` (n,) weights; returns ``{size: [group of point 0, …]}`` with
+    groups numbered 0..size-1 in order of their first point.
+    """
+    C = centroids.double().clone()
+    w = counts.double().clamp_min(1e-12).clone()
+    members = [[i] for i in range(C.shape[0])]
+    alive = list(range(C.shape[0]))
+    out: Dict[int, list] = {}
+    want = sorted(set(int(v) for v in sizes), reverse=True)
+
+    def record(size):
+        g = [0] * C.shape[0]
+        order = sorted(alive, key=lambda a: min(members[a]))
+        for k, a in enumerate(order):
+            for i in members[a]:
+                g[i] = k
+        out[size] = g
+    while want and len(alive) >= want[-1]:
+        if len(alive) == want[0]:
+            record(want.pop(0))
+            continue
+        A = torch.as_tensor(alive)
+        d = torch.cdist(C[A], C[A]) ** 2
+        ww = w[A]
+        cost = d * (ww[:, None] * ww[None, :]) / (ww[:, None] + ww[None, :])
+        cost.fill_diagonal_(math.inf)
+        flat = int(cost.argmin())
+        a, b = alive[flat // len(alive)], alive[flat % len(alive)]
+        C[a] = (C[a] * w[a] + C[b] * w[b]) / (w[a] + w[b])
+        w[a] = w[a] + w[b]
+        members[a] += members[b]
+        alive.remove(b)
+    return out
+
+
 # ---------------------------------------------------------------------------------- the estimator
 class EDDP:
     """Learn concept detectors (decoding directions) and signal vectors (encoding directions).
@@ -233,6 +290,12 @@ class EDDP:
         Patches per mini-batch (whole maps are drawn until at least this many patches).
     max_init_patches : int
         Size of the random patch sample used for the initialisation.
+    levels : None, "auto" or sequence of int
+        Fit the concepts as several independent levels of granularity (see the module docstring):
+        the sizes must sum to ``n_concepts``. ``None`` (default): one level, the paper's setting.
+        ``"auto"``: 2, 4, 8, … (doubling while the next two levels still fit), the finest level
+        taking the rest; fewer than 6 concepts stay one level. Every coarser level must be smaller
+        than the finest (the last) one.
     device : str or torch.device, optional
         Where to compute; ``None`` = where the data is (CPU for a store).
     random_state : int, Generator or None
@@ -246,7 +309,10 @@ class EDDP:
     init_pairs_ : DirectionPairs
         The pairs after the initialisation, before the loss refinement.
     history_ : dict
-        Every loss per step (``history_["b"]["s"]`` is a list), plus ``"seconds"``.
+        Every loss per step (``history_["b"]["s"]`` is a list), plus ``"seconds"``; with several
+        levels, ``history_["levels"]`` holds one such dict per level.
+    levels_ : list of int
+        The level sizes fitted (``[n_concepts]`` for one level); ``pairs_.meta["levels"]`` too.
     n_features_in_ : int
 
     Examples
@@ -265,7 +331,7 @@ class EDDP:
                  lr_scale: float = 1.0, gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
                  whiten_eps: float = 1e-2, n_init: int = 8, init_rounds: int = 5, batch_patches: int = 2048,
-                 max_init_patches: int = 20_000, patience: int = 60, device=None,
+                 max_init_patches: int = 20_000, patience: int = 60, levels=None, device=None,
                  random_state=None, progress: bool = False):
         self.n_concepts = n_concepts
         self.init = init
@@ -284,6 +350,7 @@ class EDDP:
         self.batch_patches = batch_patches
         self.max_init_patches = max_init_patches
         self.patience = patience
+        self.levels = levels
         self.device = device
         self.random_state = random_state
         self.progress = progress
@@ -319,6 +386,32 @@ class EDDP:
         check_in_range(k1, "kappa[1]", k0, 1)
         return I, steps, weights, lr, tau, rho
 
+    def resolved_levels(self) -> list:
+        """The level sizes ``fit`` will use (see ``levels``)."""
+        I = check_positive_int(self.n_concepts, "n_concepts")
+        lv = self.levels
+        if lv is None:
+            return [I]
+        if isinstance(lv, str):
+            if lv != "auto":
+                raise ValidationError(f"levels must be None, 'auto' or a list of level sizes; got {lv!r}.")
+            sizes, s = [], 2
+            while sum(sizes) + 3 * s <= I:  # this level and a finer one of twice its size still fit
+                sizes.append(s)
+                s *= 2
+            return sizes + [I - sum(sizes)]
+        try:
+            sizes = [check_positive_int(v, "levels[i]") for v in lv]
+        except TypeError:
+            raise ValidationError(f"levels must be None, 'auto' or a list of level sizes; got {lv!r}.") from None
+        if not sizes or sum(sizes) != I:
+            raise ValidationError(f"the level sizes {sizes} must sum to n_concepts = {I}; adjust one of them "
+                                  f"(or pass levels='auto').")
+        if len(sizes) > 1 and max(sizes[:-1]) >= sizes[-1]:
+            raise ValidationError(f"levels {sizes}: the last (finest) level must be larger than every other, "
+                                  f"which are built by merging its concepts; reorder or resize them.")
+        return sizes
+
     def resolved_steps(self) -> Dict[str, int]:
         """The optimisation steps per schedule step that ``fit`` will run (defaults merged with ``steps``)."""
         return dict(self._resolved()[1])
@@ -347,6 +440,10 @@ class EDDP:
         self
         """
         I, steps, weights, lr, tau, rho = self._resolved()
+        levels = self.resolved_levels()
+        if len(levels) > 1:
+            return self._fit_levels(X, head, levels)
+        self.levels_ = levels
         t_start = time.perf_counter()
         source, data_device = _as_source(X)
         device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
@@ -421,6 +518,64 @@ class EDDP:
                     history["seconds"])
         return self
 
+    def _fit_levels(self, X, head, levels) -> "EDDP":
+        """The finest level, then the coarser ones from its Ward tree (see the module docstring)."""
+        t_start = time.perf_counter()
+        gen = make_generator(self.random_state)
+        seeds = [int(v) for v in torch.randint(0, 2**31 - 1, (len(levels),), generator=gen)]
+        params = {k: v for k, v in self.get_params().items() if k not in ("n_concepts", "levels", "random_state")}
+        logger.info("EDDP finest level: %d concepts", levels[-1])
+        fine = EDDP(n_concepts=levels[-1], levels=None, random_state=seeds[-1], **params).fit(X, head=head)
+        Pf = fine.pairs_
+        source, _ = _as_source(X)
+        device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        H, Wd = source.map_shape
+        batch_maps = max(1, math.ceil(check_positive_int(self.batch_patches, "batch_patches") / (H * Wd)))
+        Wf = Pf.decoders.double().to(device)
+        bf = Pf.biases.double().to(device)
+        norms = Wf.norm(dim=1).clamp_min(1e-12)
+
+        def assign(P):  # the finest concept each patch lies deepest inside (signed distance)
+            return ((P.double() @ Wf.T - bf) / norms).argmax(1)
+        # centroids of the finest concepts (streamed)
+        n_f = len(bf)
+        sums = torch.zeros(n_f, Wf.shape[1], dtype=torch.float64, device=device)
+        counts = torch.zeros(n_f, dtype=torch.float64, device=device)
+        for maps in source.iter_maps(batch_maps):
+            P = _patches(maps.to(device)).double()
+            a = assign(P)
+            sums.index_add_(0, a, P)
+            counts += torch.bincount(a, minlength=n_f).double()
+        partitions = _ward_partitions(sums / counts.clamp_min(1)[:, None], counts, sorted(set(levels[:-1])))
+
+        parts = {}
+        for li, (size, seed) in enumerate(zip(levels[:-1], seeds[:-1])):
+            groups = torch.as_tensor(partitions[size], device=device)
+            logger.info("EDDP level %d: %d concepts (merged from the finest level)", li, size)
+            est = EDDP(n_concepts=size, levels=None, random_state=seed, **params)
+            est._init_labeler = lambda P, _g=groups: _g[assign(P.to(device))]
+            parts[li] = est.fit(X, head=head)
+        parts[len(levels) - 1] = fine
+        parts = [parts[i] for i in range(len(levels))]
+
+        def cat(attr, stage):
+            ps = [getattr(p, attr) for p in parts]
+            meta = {**ps[-1].meta, "stage": stage, "n_concepts": sum(levels), "levels": list(levels),
+                    "level_of_concept": [li for li, size in enumerate(levels) for _ in range(size)],
+                    "parent_groups": {str(size): [int(v) for v in partitions[size]] for size in partitions},
+                    "level_seeds": seeds,
+                    "params": {**ps[-1].meta.get("params", {}), "n_concepts": sum(levels), "levels": list(levels)},
+                    "random_state": self.random_state if isinstance(self.random_state, int) else None}
+            return DirectionPairs(torch.cat([p.decoders for p in ps]), torch.cat([p.biases for p in ps]),
+                                  torch.cat([p.encoders for p in ps]), ps[-1].mean, meta=meta)
+        self.levels_ = list(levels)
+        self.n_features_in_ = fine.n_features_in_
+        self.scale_ = fine.scale_
+        self.init_pairs_ = cat("init_pairs_", "init")
+        self.pairs_ = cat("pairs_", "final")
+        self.history_ = {"levels": [p.history_ for p in parts], "seconds": time.perf_counter() - t_start}
+        return self
+
     # ------------------------------------------------------------ components
     def _check_head(self, head, source, device):
         if not isinstance(head, nn.Module) and not callable(head):
@@ -457,7 +612,14 @@ class EDDP:
         white = U / torch.sqrt(ev + check_in_range(self.whiten_eps, "whiten_eps", 0, None, low_inclusive=False)
                                * ev.mean().clamp_min(1e-30))[None, :]  # (D, D): z = (x−μ) @ white
         Z = (stats.sample - mu) @ white
-        labels = _kmeans(Z.float(), I, check_positive_int(self.n_init, "n_init"), gen)
+        labeler = getattr(self, "_init_labeler", None)  # set for the coarse levels of a hierarchy
+        if labeler is not None:
+            labels = labeler(stats.sample).to(Z.device).long()
+            if (torch.bincount(labels, minlength=I) < 2).any():
+                logger.warning("a merged group holds fewer than 2 sampled patches; this level starts from k-means")
+                labeler = None
+        if labeler is None:
+            labels = _kmeans(Z.float(), I, check_positive_int(self.n_init, "n_init"), gen)
         counts = torch.bincount(labels, minlength=I)
         if (counts == 0).any():
             raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "

@@ -7,20 +7,25 @@ Protocol
 2. Fit data: ``n_fit`` images of the *training distribution* (the ``train`` split with the
    watermark, seed ``seed``); capture ``layer``; fit :class:`~unveil.EDDP` with the head above
    the layer (URA terms on).
-3. The watermark detector: the detector whose maps (bilinearly upsampled to the image, cut at 0.5)
-   have the highest IoU with the pixel mask of the watermark concept over the fit images (the
-   Network Dissection IoU, computed directly).
+3. The watermark detectors. Every detector is labelled, as in Network Dissection, with the world
+   concept of highest IoU over the fit images (maps bilinearly upsampled to the image, cut at 0.5).
+   ``detectors="label"`` (default) corrects *every* detector labelled "watermark" with an IoU of at
+   least ``min_iou`` (0.04, the interpretable-detector rule): a glyph that the layer represents as
+   several patterns (its parts, its offsets against the layer's grid) is found by several detectors,
+   and removing only one of them leaves the others to carry the shortcut. ``detectors="best"``
+   corrects the single detector of highest watermark IoU (the paper's protocol).
 4. Strength: :func:`~unveil.edit.choose_strength` over :data:`GRID_MULTIPLIERS` times the
    detector's median signal value, on held-out data — the ``poisoned_test`` split
    of seed ``val_seed`` (the watermark stamped on every image of the other classes) under the
    constraint that the clean ``test`` split of the same seed loses at most ``max_clean_drop``.
 5. Evaluation on the test images of seed ``seed`` (the checkpoint's own test set): clean accuracy and
    poisoned accuracy, before and after the correction.
-6. Controls, each with the *same mask* ``m_p`` (the watermark detector) and its own strength chosen
+6. Controls, each with the *same masks* ``m_p`` (the watermark detectors) and its own strength chosen
    by the same rule on the same held-out data (all directions have unit norm, so strengths are in the
-   same units): the filter direction ``w/‖w‖``; ``n_random`` random unit directions; the supervised
-   Pattern-CAV (mean activation of watermark positions minus non-watermark positions, positions
-   labelled by the watermark covering ≥ ``cav_cover`` of their cell) — normalised.
+   same units): the filter directions ``w/‖w‖``; ``n_random`` draws of random unit directions (one
+   per corrected detector); the supervised Pattern-CAV (mean activation of watermark positions minus
+   non-watermark positions, positions labelled by the watermark covering ≥ ``cav_cover`` of their
+   cell) — normalised, in place of every corrected detector's direction.
 
 An "oracle" row replaces the positions the true watermark mask covers with the mean activation of
 non-watermark positions: how much any edit at this layer could recover. "True-mask" rows apply the
@@ -40,7 +45,7 @@ import torch.nn.functional as F
 from .._errors import ValidationError
 from .._validation import make_generator
 
-__all__ = ["run_shortcut_experiment", "watermark_iou", "GRID_MULTIPLIERS"]
+__all__ = ["run_shortcut_experiment", "watermark_iou", "concept_iou", "GRID_MULTIPLIERS"]
 logger = logging.getLogger("unveil")
 
 #: strengths tried for every direction, in units of the watermark detector's median signal value
@@ -62,6 +67,33 @@ def watermark_iou(det_maps: torch.Tensor, masks: torch.Tensor, threshold: float 
         mm = m[s:s + 64, None]
         inter += (up & mm).sum(dim=(0, 2, 3)).double()
         union += (up | mm).sum(dim=(0, 2, 3)).double()
+    return (inter / union.clamp_min(1)).float()
+
+
+def concept_iou(det_maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, batch: int = 64) -> torch.Tensor:
+    """IoU of every detector with every concept: ``upsample(det_maps) > threshold`` against pixel masks.
+
+    det_maps : (N, I, h, w) detector activations; masks : bool (N, C, H, W). Returns (I, C).
+    """
+    N, I = det_maps.shape[:2]
+    if masks.shape[0] != N or masks.dim() != 4:
+        raise ValidationError(f"masks must have shape (N, C, H, W) with N = {N} (one per map); got "
+                              f"{tuple(masks.shape)}.")
+    H, W = masks.shape[-2:]
+    C = masks.shape[1]
+    inter = torch.zeros(I, C, dtype=torch.float64)
+    area_d = torch.zeros(I, dtype=torch.float64)
+    area_c = torch.zeros(C, dtype=torch.float64)
+    for s in range(0, N, batch):
+        up = F.interpolate(det_maps[s:s + batch].float(), size=(H, W), mode="bilinear",
+                           align_corners=False) > threshold
+        b = up.shape[0]
+        u = up.reshape(b, I, H * W).float()
+        m = torch.as_tensor(masks[s:s + batch]).bool().reshape(b, C, H * W).float()
+        inter += torch.einsum("bip,bcp->ic", u, m).double()
+        area_d += u.sum(dim=(0, 2)).double()
+        area_c += m.sum(dim=(0, 2)).double()
+    union = area_d[:, None] + area_c[None, :] - inter
     return (inter / union.clamp_min(1)).float()
 
 
@@ -88,12 +120,16 @@ def _region_accuracy(head, maps, labels, region, fn, k, batch=256) -> float:
 def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fit: int = 1400, n_val: int = 700,
                             n_test: int = 1000, seed: int = 0, val_seed: int = 1, n_random: int = 10,
                             max_clean_drop: float = 0.005, cav_cover: float = 0.3, eddp_params: Optional[dict] = None,
+                            detectors: str = "label", min_iou: float = 0.04,
                             actmax: bool = True, actmax_steps: int = 96, checkpoint=None,
                             progress: bool = False) -> dict:
     """Run the shortcut experiment (see the module docstring) and return every number.
 
     Parameters
     ----------
+    detectors : {"label", "best"}
+        Which detectors are corrected (step 3 of the module docstring): every detector labelled
+        "watermark" with IoU >= ``min_iou``, or only the one of highest watermark IoU.
     checkpoint : path, optional
         A WorldNet checkpoint (``.safetensors`` + ``.json`` sidecar) trained with a watermark;
         default the shipped ``worldnet-shortcut``. The watermark is the one recorded in its sidecar.
@@ -102,7 +138,8 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     -------
     dict with ``"correction"`` (``poisoned_acc_before/after``, ``clean_acc_before/after``,
     ``filter_acc_after``, ``random_acc_after`` (mean over the random directions),
-    ``pattern_cav_acc_after``, ``watermark_iou``, ``strength``, and their clean accuracies and
+    ``pattern_cav_acc_after``, ``watermark_iou`` (the best single detector), ``watermark_detectors``
+    and ``union_iou`` (the corrected detectors together), ``strength``, and their clean accuracies and
     strengths), ``"activation_maximization"`` (``cos_signal``, ``cos_filter``, ``cos_pattern_cav``:
     means over detectors, plus the full summary) and ``"setup"``.
 
@@ -120,6 +157,8 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     from ..data.world import WatermarkSpec
     from ..models.worldnet import checkpoint_path, load_worldnet_file
 
+    if detectors not in ("label", "best"):
+        raise ValidationError(f"detectors must be 'label' or 'best', got {detectors!r}.")
     t0 = time.perf_counter()
     path = checkpoint_path(shortcut=True) if checkpoint is None else checkpoint
     model, meta = load_worldnet_file(path)
@@ -133,7 +172,8 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
 
     fit = ConceptWorld(n_fit, split="train", seed=seed, watermark=WM)
     x_fit = fit.images_tensor(progress=progress)
-    wm_fit = torch.from_numpy(fit.masks_array()[:, -1])
+    masks_fit = fit.masks_array()
+    wm_fit = torch.from_numpy(masks_fit[:, -1])
     X = capture(model, layer, x_fit, progress=progress)
     nonneg = bool((X >= 0).all())
     est = EDDP(n_concepts=n_concepts, random_state=seed, progress=progress, **(eddp_params or {}))
@@ -143,15 +183,28 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     t_fit = time.perf_counter() - t0
 
     det_fit = pairs.detect(X)
-    iou = watermark_iou(det_fit, wm_fit)
+    iou_all = concept_iou(det_fit, torch.from_numpy(masks_fit))
+    del masks_fit
+    iou = iou_all[:, -1]  # the watermark is the world's last concept
     j = int(iou.argmax())
-    logger.info("watermark detector %d, IoU %.3f", j, float(iou[j]))
-    # on the layer's cells: precision of the detector (y > 0.5) and recall of the cells the watermark
-    # touches (>= 5% of the cell covered)
+    labelled = [i for i in range(iou_all.shape[0])
+                if int(iou_all[i].argmax()) == iou_all.shape[1] - 1 and float(iou[i]) >= min_iou]
+    js = labelled if detectors == "label" and labelled else [j]
+    if detectors == "label" and not labelled:
+        logger.warning("no detector is labelled 'watermark' with IoU >= %.3g; correcting the best one (%d, IoU %.3f)",
+                       min_iou, j, float(iou[j]))
+    logger.info("watermark detector %d, IoU %.3f; corrected detectors %s", j, float(iou[j]), js)
+    # on the layer's cells: precision of the detectors (y > 0.5) and recall of the cells the watermark
+    # touches (>= 5% of the cell covered); for the best one and for the corrected ones together
     cells = F.adaptive_avg_pool2d(wm_fit.float()[:, None], X.shape[-1])[:, 0] > 0.05
-    fired = det_fit[:, j] > 0.5
-    det_prec = float((fired & cells).sum() / fired.sum().clamp_min(1))
-    det_rec = float((fired & cells).sum() / cells.sum().clamp_min(1))
+
+    def prec_rec(fired):
+        return (float((fired & cells).sum() / fired.sum().clamp_min(1)),
+                float((fired & cells).sum() / cells.sum().clamp_min(1)))
+    det_prec, det_rec = prec_rec(det_fit[:, j] > 0.5)
+    union_prec, union_rec = prec_rec((det_fit[:, js] > 0.5).any(1))
+    union_iou = float(watermark_iou(det_fit[:, js].amax(1, keepdim=True), wm_fit)[0])
+    del det_fit
 
     # held-out (strength choice) and test (evaluation) sets
     def split(n, s):
@@ -174,37 +227,38 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     pos = cover >= cav_cover
     cav = P[pos].mean(0) - P[~pos].mean(0)
     gen = make_generator(seed + 17)
-    rand = torch.randn(n_random, D, generator=gen)
-    directions = {"signal": "signal", "filter": "filter", "pattern_cav": (cav / cav.norm())[None]}
+    rand = torch.randn(n_random, len(js), D, generator=gen)
+    directions = {"signal": "signal", "filter": "filter",
+                  "pattern_cav": (cav / cav.norm())[None].expand(len(js), D).contiguous()}
     for r in range(n_random):
-        directions[f"random_{r}"] = (rand[r] / rand[r].norm())[None]
+        directions[f"random_{r}"] = rand[r] / rand[r].norm(dim=1, keepdim=True)
 
     from ..edit.correction import default_grid
     # multiples of the watermark detector's median signal value; the top end is wide (32x) because the
     # filter and Pattern-CAV controls can keep gaining up to ~8x (measured at layer2), and a grid that
     # stopped there would cap the controls, not the signal vector
-    grid = default_grid(pairs, [j], ev.maps, multipliers=GRID_MULTIPLIERS)
+    grid = default_grid(pairs, js, ev.maps, multipliers=GRID_MULTIPLIERS)
     base_clean, base_pois = _accuracy(head, Xt_clean, yt), _accuracy(head, Xt_pois, yt)
     rows = {}
     for name, d in directions.items():
-        choice = choose_strength(model, layer, pairs, [j], xv_pois, yv, xv_clean, yv, grid=grid,
+        choice = choose_strength(model, layer, pairs, js, xv_pois, yv, xv_clean, yv, grid=grid,
                                  max_clean_drop=max_clean_drop, direction=d, nonneg=nonneg, head=head,
                                  _evaluators=(ev, ev_clean))
 
         def fn(m, _k=choice.strength, _d=d):
-            return edit_maps(m, pairs, [j], strength=_k, direction=_d, nonneg=nonneg)
+            return edit_maps(m, pairs, js, strength=_k, direction=_d, nonneg=nonneg)
         rows[name] = {"strength": choice.strength, "val_poisoned_acc": choice.accuracy,
                       "val_clean_acc": choice.clean_accuracy, "clean_acc_after": _accuracy(head, Xt_clean, yt, fn),
                       "poisoned_acc_after": _accuracy(head, Xt_pois, yt, fn), "table": choice.table}
     # the exact removal of the signal value (k = signal value at each position, no tuning)
-    auto = {"clean_acc_after": _accuracy(head, Xt_clean, yt, lambda m: edit_maps(m, pairs, [j], nonneg=nonneg)),
-            "poisoned_acc_after": _accuracy(head, Xt_pois, yt, lambda m: edit_maps(m, pairs, [j], nonneg=nonneg))}
+    auto = {"clean_acc_after": _accuracy(head, Xt_clean, yt, lambda m: edit_maps(m, pairs, js, nonneg=nonneg)),
+            "poisoned_acc_after": _accuracy(head, Xt_pois, yt, lambda m: edit_maps(m, pairs, js, nonneg=nonneg))}
     # oracle: replace the positions the true watermark covers by the mean of the non-watermark positions
     wm_test = torch.from_numpy(pois_test.masks_array()[:, -1]).float()
     cov_t = (F.adaptive_avg_pool2d(wm_test[:, None], h) > 0.05).float()
     mu_neg = P[~pos].mean(0)[None, :, None, None]
     oracle = _accuracy(head, Xt_pois * (1 - cov_t) + cov_t * mu_neg, yt)
-    # the same directions with the true watermark cells as the mask (instead of the detector's m_p):
+    # the best detector's directions with the true watermark cells as the mask (instead of m_p):
     # separates the quality of the direction from the quality of the detector's mask. k is chosen on
     # the held-out poisoned split by the same rule (clean images carry no watermark, so their mask is
     # empty and the clean constraint holds trivially).
@@ -212,7 +266,7 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     cov_v = (F.adaptive_avg_pool2d(wm_val[:, None], h) > 0.05).float()
     true_mask = {}
     for name in ("signal", "filter", "pattern_cav"):
-        d = directions[name]
+        d = directions[name] if isinstance(directions[name], str) else directions[name][:1]
 
         def fn_region(m, r, _k, _d=d):
             return edit_maps(m, pairs, [j], strength=_k, direction=_d, nonneg=nonneg, region=r)
@@ -232,7 +286,9 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
         "random_clean_acc_after": float(np.mean([r["clean_acc_after"] for r in rnd])) if rnd else None,
         "pattern_cav_acc_after": rows["pattern_cav"]["poisoned_acc_after"],
         "pattern_cav_clean_acc_after": rows["pattern_cav"]["clean_acc_after"],
-        "watermark_iou": float(iou[j]), "watermark_detector": j,
+        "watermark_iou": float(iou[j]), "watermark_detector": j, "detectors_rule": detectors,
+        "watermark_detectors": js, "watermark_detectors_iou": [float(iou[i]) for i in js], "union_iou": union_iou,
+        "union_precision": union_prec, "union_recall": union_rec,
         "second_best_iou": float(iou.topk(2).values[1]) if len(iou) > 1 else None,
         "strength": rows["signal"]["strength"], "filter_strength": rows["filter"]["strength"],
         "pattern_cav_strength": rows["pattern_cav"]["strength"],
@@ -243,7 +299,8 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     result = {"correction": correction,
               "setup": {"model": model_id, "layer": layer, "n_concepts": n_concepts, "n_fit": n_fit, "n_val": n_val,
                         "n_test": n_test, "seed": seed, "watermark": WM.to_dict(), "val_seed": val_seed, "n_random": n_random,
-                        "max_clean_drop": max_clean_drop, "cav_cover": cav_cover, "nonneg_layer": nonneg,
+                        "max_clean_drop": max_clean_drop, "cav_cover": cav_cover,
+                        "detectors": detectors, "min_iou": min_iou, "nonneg_layer": nonneg,
                         "fit_seconds": t_fit, "eddp_params": eddp_params or {}}}
     if actmax:
         from .actmax import maximize_detectors
