@@ -104,11 +104,18 @@ def main() -> int:
     lines.append("")
     if am is not None:
         s = am["summary"]
-        lines.append(f"Activation maximisation over {s['cos_signal']['n']} detectors: cos(Δx, ŝ) = "
+        lines.append(f"Activation maximisation over {s['cos_signal']['n']} detectors, Δx where the detector responds "
+                     f"(weighted by it): cos(Δx, ŝ) = "
                      f"{s['cos_signal']['mean']:.3f} ± {s['cos_signal']['std']:.3f}, cos(Δx, w) = "
                      f"{s['cos_filter']['mean']:.3f} ± {s['cos_filter']['std']:.3f}, cos(Δx, Pattern-CAV) = "
                      f"{s['cos_pattern_cav']['mean']:.3f} ± {s['cos_pattern_cav']['std']:.3f}; ŝ beats w on "
                      f"{s['signal_beats_filter']:.0%} of detectors, Pattern-CAV on {s['signal_beats_pattern_cav']:.0%}.")
+        a = s.get("all_positions")
+        if a:
+            lines.append(f"Δx as the mean change over all positions: cos(Δx, ŝ) = {a['cos_signal']['mean']:.3f} ± "
+                         f"{a['cos_signal']['std']:.3f}, cos(Δx, w) = {a['cos_filter']['mean']:.3f} ± "
+                         f"{a['cos_filter']['std']:.3f}, cos(Δx, Pattern-CAV) = {a['cos_pattern_cav']['mean']:.3f} ± "
+                         f"{a['cos_pattern_cav']['std']:.3f}; ŝ beats w on {a['signal_beats_filter']:.0%} of detectors.")
     lines.append(f"\nCommand: `{res['command']}` ({res['seconds_total']:.0f} s).")
     out[".md"].write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

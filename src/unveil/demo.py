@@ -80,7 +80,7 @@ class DemoConfig:
     # number of concepts of benchmarks/results/shortcut.md, fewer fit/held-out/test images)
     shortcut_experiment: Dict[str, Any] = field(default_factory=lambda: {
         "layer": "layer2", "n_concepts": 64, "n_fit": 1000, "n_val": 500, "n_test": 800, "n_random": 10,
-        "actmax_steps": 96, "eddp_params": {"levels": "auto"}})
+        "actmax_steps": 96})
 
     @classmethod
     def fast_config(cls) -> "DemoConfig":
@@ -91,7 +91,7 @@ class DemoConfig:
                    shortcut_experiment={"layer": "layer2", "n_concepts": 4, "n_fit": 28, "n_val": 14, "n_test": 14,
                                         "n_random": 2, "actmax_steps": 2,
                                         "eddp_params": {"steps": {"b": 5, "d": 5}, "n_init": 1, "init_rounds": 1,
-                                                        "max_init_patches": 2000, "levels": "auto"}})
+                                                        "max_init_patches": 2000}})
 
 
 # --------------------------------------------------------------------------- data held in memory

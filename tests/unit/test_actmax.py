@@ -48,6 +48,19 @@ def test_delta_lies_along_the_only_encoding_direction():
     assert torch.allclose(res.cos_pattern_cav, torch.ones(2), atol=1e-4)
     s = res.summary()
     assert s["cos_signal"]["mean"] == pytest.approx(1.0, abs=1e-4) and s["signal_beats_filter"] == 1.0
+    # the all-positions measurement agrees here (every change is along a)
+    assert torch.allclose(res.cos_signal_all, torch.ones(2), atol=1e-4)
+    assert torch.allclose(res.cos_filter_all, expect, atol=1e-4)
+    assert s["all_positions"]["signal_beats_filter"] == 1.0
+    # delta is the detector-weighted change, delta_all the mean change: recomputed by hand
+    from unveil.capture import capture
+    with torch.no_grad():
+        x1, x0 = capture(model, "feat", res.images), capture(model, "feat", res.start_images)
+        for r, i in enumerate(res.detectors):
+            resp = torch.sigmoid(torch.einsum("dhw,d->hw", x1[r], pairs.decoders[i]) - pairs.biases[i]).flatten()
+            by_hand = ((x1[r] - x0[r]).flatten(1) * (resp / resp.sum())).sum(1)
+            torch.testing.assert_close(res.delta[r], by_hand, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(res.delta_all[r], (x1[r] - x0[r]).mean(dim=(1, 2)), atol=1e-5, rtol=1e-4)
     assert len(model.feat._forward_hooks) == 0
     assert all(p.requires_grad for p in model.parameters())
 

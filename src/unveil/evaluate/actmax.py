@@ -14,10 +14,18 @@ stop the gradients). The image is parametrised as in feature-visualisation pract
 Every step the image is shifted by a random jitter of up to ``jitter`` pixels (torch.roll);
 Adam on the spectrum. The *start image* is the image of the initial (small random) spectrum.
 
-The **induced change of the layer representation** is
-``Δx = mean_p x_p(optimised image) − mean_p x_p(start image)`` (the mean over positions of the
-layer's output, without jitter). We report ``cos(Δx, ŝ_i)``, ``cos(Δx, w_i)`` and
-``cos(Δx, Pattern-CAV_i)``, where Pattern-CAV_i is the difference of the mean activation of the
+The **induced change of the layer representation** is measured two ways (no jitter), with
+``Δx_p = x_p(optimised image) − x_p(start image)``:
+
+- **where the concept is written** (``delta``, the reported cosines): ``Σ_p a_p Δx_p`` with
+  ``a_p = σ(w_iᵀx_p − b_i) / Σ_q σ(w_iᵀx_q − b_i)`` on the optimised image — the detector's own
+  response as weights, so the change is read at the positions where the concept was put;
+- **over all positions** (``delta_all``, ``cos_*_all``): ``mean_p Δx_p``. This is the measurement we
+  made first. It also averages in whatever the optimisation changed elsewhere in the image, which
+  dilutes the concept's direction; both are reported.
+
+The weights are chosen by the decoder w_i, so if anything they favour w_i over ŝ_i. We report
+``cos(Δx, ŝ_i)``, ``cos(Δx, w_i)`` and ``cos(Δx, Pattern-CAV_i)``, where Pattern-CAV_i is the difference of the mean activation of the
 positions the detector fires on (``y > 0.5``) and of the others, on reference maps. If the signal
 vector is the direction in which the network *writes* the concept, Δx aligns with ŝ_i more than
 with the decoder w_i.
@@ -50,9 +58,11 @@ class ActMaxResult:
     detectors : list of int
     images, start_images : tensor (n, 3, S, S) in [0, 1] (before ``transform``)
     delta : tensor (n, D)
-        Induced change of the mean layer representation.
+        Induced change of the layer representation where the detector responds (weighted by it).
     cos_signal, cos_filter, cos_pattern_cav : tensor (n,)
         Cosines of ``delta`` with ŝ_i, w_i and Pattern-CAV_i (NaN when no reference maps).
+    delta_all, cos_signal_all, cos_filter_all, cos_pattern_cav_all : tensor
+        The same for the change of the mean over all positions.
     objective_start, objective_end : tensor (n,)
         Mean pre-sigmoid detector activation before / after the optimisation.
     """
@@ -66,6 +76,10 @@ class ActMaxResult:
     cos_pattern_cav: torch.Tensor
     objective_start: torch.Tensor
     objective_end: torch.Tensor
+    delta_all: Optional[torch.Tensor] = None
+    cos_signal_all: Optional[torch.Tensor] = None
+    cos_filter_all: Optional[torch.Tensor] = None
+    cos_pattern_cav_all: Optional[torch.Tensor] = None
 
     def summary(self) -> dict:
         """Mean, standard deviation and median of each cosine over the detectors, and the win rates."""
@@ -80,6 +94,15 @@ class ActMaxResult:
         out["signal_beats_pattern_cav"] = (float((self.cos_signal[ok] > self.cos_pattern_cav[ok]).float().mean())
                                            if ok.any() else None)
         out["objective_gain_mean"] = float((self.objective_end - self.objective_start).mean())
+        if self.cos_signal_all is not None:
+            all_pos = {}
+            for name in ("cos_signal", "cos_filter", "cos_pattern_cav"):
+                v = getattr(self, name + "_all")
+                v = v[torch.isfinite(v)]
+                all_pos[name] = ({"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
+                                  "median": float(v.median()), "n": int(v.numel())} if v.numel() else None)
+            all_pos["signal_beats_filter"] = float((self.cos_signal_all > self.cos_filter_all).float().mean())
+            out["all_positions"] = all_pos
         return out
 
 
@@ -191,7 +214,7 @@ def maximize_detectors(model: nn.Module, layer: str, pairs, detectors: Optional[
             else torch.full((len(idx), pairs.n_features), float("nan")))
     W = pairs.decoders.to(device)
     b = pairs.biases.to(device)
-    imgs, starts, deltas, obj0, obj1 = [], [], [], [], []
+    imgs, starts, deltas, deltas_all, obj0, obj1 = [], [], [], [], [], []
     params_req = [p.requires_grad for p in model.parameters()]
     try:
         for p in model.parameters():
@@ -226,14 +249,19 @@ def maximize_detectors(model: nn.Module, layer: str, pairs, detectors: Optional[
                 x1 = _layer_maps(model, layer, transform(final), tokens).float()
             imgs.append(final.detach().float().cpu())
             starts.append(start.detach().float().cpu())
-            deltas.append((x1.mean(dim=(2, 3)) - x0.mean(dim=(2, 3))).detach().cpu())
+            with torch.no_grad():
+                resp = torch.sigmoid(torch.einsum("ndhw,nd->nhw", x1, W[det].float()) - b[det].float()[:, None, None])
+                a = resp.flatten(1) / resp.flatten(1).sum(1, keepdim=True).clamp_min(1e-30)
+                deltas.append(torch.einsum("ndp,np->nd", (x1 - x0).flatten(2), a).cpu())
+            deltas_all.append((x1.mean(dim=(2, 3)) - x0.mean(dim=(2, 3))).detach().cpu())
             obj0.append(o0.cpu())
             obj1.append(objective(x1).detach().cpu())
     finally:
         for p, r in zip(model.parameters(), params_req):
             p.requires_grad_(r)
-    delta = torch.cat(deltas)
+    delta, delta_all = torch.cat(deltas), torch.cat(deltas_all)
     sel = torch.tensor(idx)
+    enc, dec = pairs.encoders[sel].cpu(), pairs.decoders[sel].cpu()
     return ActMaxResult(idx, torch.cat(imgs), torch.cat(starts), delta,
-                        _cos(delta, pairs.encoders[sel].cpu()), _cos(delta, pairs.decoders[sel].cpu()),
-                        _cos(delta, pcav.cpu()), torch.cat(obj0), torch.cat(obj1))
+                        _cos(delta, enc), _cos(delta, dec), _cos(delta, pcav.cpu()), torch.cat(obj0), torch.cat(obj1),
+                        delta_all, _cos(delta_all, enc), _cos(delta_all, dec), _cos(delta_all, pcav.cpu()))

@@ -577,12 +577,17 @@ def _actmax(results, applications) -> str:
     n = (s.get("cos_signal") or {}).get("n", "?")
     wd = am.get("watermark_detector") or {}
     rows = [[_txt("mean over detectors"), am.get("cos_signal"), am.get("cos_filter"), am.get("cos_pattern_cav")]]
+    a = s.get("all_positions") or {}
+    if a:
+        rows.append([_txt("mean over detectors, Δx over all positions"),
+                     *[(a.get(k) or {}).get("mean") for k in ("cos_signal", "cos_filter", "cos_pattern_cav")]])
     if wd:
         rows.append([_txt("watermark detector"), wd.get("cos_signal"), wd.get("cos_filter"), wd.get("cos_pattern_cav")])
     out = ["<h3>Activation maximisation</h3>",
            f"<p>An image is optimised to raise each of the {_e(n)} detectors of the shortcut experiment's fit; Δx = the "
-           "change of the layer's activation it causes, compared (cosine) with the detector's signal vector ŝ, its "
-           "filter w, and a Pattern-CAV of the detector's positions.</p>",
+           "change of the layer's activation it causes where the detector responds (positions weighted by the "
+           "detector's response; the mean over all positions is shown too), compared (cosine) with the detector's "
+           "signal vector ŝ, its filter w, and a Pattern-CAV of the detector's positions.</p>",
            _table(("", "cos(Δx, ŝ)", "cos(Δx, w)", "cos(Δx, Pattern-CAV)"), rows)]
     if s.get("signal_beats_filter") is not None:
         out.append(f"<p class=\"muted\">ŝ has the larger cosine than w on {_fmt(100 * float(s['signal_beats_filter']), 0)} % "
