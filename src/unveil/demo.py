@@ -422,7 +422,8 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
     tr_idx, va_idx = list(range(len(train))), list(range(len(val)))
     common = dict(val_dataset=val, top_k=cfg.top_k, progress=progress)
     results: Dict[str, Any] = {}
-    rules: Dict[str, str] = {"eddp": "sigmoid(w.x - b) > 0.5 (its own hyperplane)"}
+    rules: Dict[str, str] = {"eddp": "sigmoid(w.x - b) > 0.5 (its own hyperplane)" + (
+        f"; levels of granularity {est.levels_} (coarsest first)" if len(est.levels_) > 1 else "")}
     native: Dict[str, Any] = {}
     with timer.stage("dissect_eddp"):
         with torch.no_grad():

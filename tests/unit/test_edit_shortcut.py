@@ -36,3 +36,24 @@ def test_grid_reaches_well_past_the_default():
     default_top = max(inspect.signature(default_grid).parameters["multipliers"].default)
     assert GRID_MULTIPLIERS[0] == 0 and max(GRID_MULTIPLIERS) >= 4 * default_top
     assert list(GRID_MULTIPLIERS) == sorted(GRID_MULTIPLIERS)
+
+
+def test_concept_iou_matches_watermark_iou_per_concept():
+    from unveil.evaluate.shortcut import concept_iou
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(5, 4, 3, 3, generator=g)
+    masks = torch.rand(5, 3, 12, 12, generator=g) > 0.6
+    iou = concept_iou(maps, masks, batch=2)
+    assert iou.shape == (4, 3)
+    for c in range(3):
+        torch.testing.assert_close(iou[:, c], watermark_iou(maps, masks[:, c]), atol=1e-6, rtol=0)
+    from unveil import ValidationError
+    with pytest.raises(ValidationError, match=r"masks must have shape \(N, C, H, W\) with N = 5"):
+        concept_iou(maps, masks[:3])
+
+
+def test_experiment_rejects_an_unknown_detector_rule():
+    from unveil import ValidationError
+    from unveil.evaluate.shortcut import run_shortcut_experiment
+    with pytest.raises(ValidationError, match="detectors must be 'label' or 'best'"):
+        run_shortcut_experiment(detectors="all", n_fit=7, n_val=7, n_test=7, actmax=False)
