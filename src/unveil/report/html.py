@@ -531,14 +531,21 @@ def _correction(results) -> str:
     wm = st.get("watermark") or {}
     setup = (f"Model <b>{_e(st.get('model', '?'))}</b>, layer <code>{_e(st.get('layer', '?'))}</code>, "
              f"{_e(st.get('n_concepts', '?'))} EDDP concepts fitted on {_e(st.get('n_fit', '?'))} training-distribution "
-             f"images (a fit separate from the one above); the watermark detector is the one with the highest IoU "
-             f"against the watermark mask. Every edit uses that detector's mask; k is chosen on "
+             f"images (a fit separate from the one above). "
+             + (f"Corrected: every detector whose dissection label on the fit images is the watermark "
+                f"(IoU ≥ {_e(st.get('min_iou', 0.04))}): "
+                + ", ".join(f"d{_e(i)} (IoU {_fmt(v)})" for i, v in zip(c.get("watermark_detectors") or [],
+                                                                   c.get("watermark_detectors_iou") or []))
+                + f"; together IoU {_fmt(c.get('union_iou'))}, cell recall {_fmt(c.get('union_recall'))}. "
+                if c.get("detectors_rule") == "label" else
+                "Corrected: the detector with the highest IoU against the watermark mask. ")
+             + f"Every edit uses these detectors' masks m_p; k is chosen on "
              f"{_e(st.get('n_val', '?'))} held-out images (seed {_e(st.get('val_seed', '?'))}) as the best poisoned "
              f"accuracy with a clean accuracy drop ≤ {_e(st.get('max_clean_drop', '?'))}; accuracies are on "
              f"{_e(st.get('n_test', '?'))} test images. Poisoned = the watermark "
              f"{_e(repr(wm.get('text', '?')))} stamped on images of the other classes.")
     pb, pa = c.get("poisoned_acc_before"), c.get("poisoned_acc_after")
-    facts = [f"Watermark detector d{_e(c.get('watermark_detector'))}: IoU {_fmt(c.get('watermark_iou'))} (next best "
+    facts = [f"Best watermark detector d{_e(c.get('watermark_detector'))}: IoU {_fmt(c.get('watermark_iou'))} (next best "
              f"{_fmt(c.get('second_best_iou'))}); on the layer's cells precision {_fmt(c.get('detector_precision'))}, "
              f"recall {_fmt(c.get('detector_recall'))}."]
     if pb is not None and pa is not None:
@@ -560,7 +567,7 @@ def _correction(results) -> str:
                for k, lab in (("signal", "signal vector ŝ"), ("filter", "filter w"),
                               ("pattern_cav", "supervised Pattern-CAV")) if k in tm]
     out = ["<h3>Correcting the shortcut</h3>", f"<p>{setup}</p>",
-           _table(("edit (mask: watermark detector)", "k", "clean acc", "poisoned acc"), rows),
+           _table(("edit (mask: the watermark detectors)", "k", "clean acc", "poisoned acc"), rows),
            '<div class="note">' + " ".join(facts) + "</div>"]
     if tm_rows:
         out.append("<p class=\"muted\">The same directions with the true watermark cells as the mask instead of the "
