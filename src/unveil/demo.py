@@ -582,13 +582,16 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
 # --------------------------------------------------------------------------- pretrained vs random
 def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: str = "_blocks.8",
                               image_size: int = 128, quantile: float = 0.995, seed: int = 0,
+                              n_concepts: Optional[int] = 64, levels: Any = "auto",
                               progress: bool = False) -> Dict[str, Any]:
-    """Dissect the channels of EfficientNet-Lite0 (ImageNet weights) and of a random-init copy.
+    """Dissect EfficientNet-Lite0 (ImageNet weights) and a random-init copy: units and EDDP directions.
 
-    Network Dissection of the units (channels) of one block on concept-world images, with the
-    NetDissect top-quantile rule for both; per-category counts of interpretable units. Random
-    networks detect colours well (colour is a linear read-out of the input that survives random
-    convolutions), so the comparison is only meaningful per category.
+    Network Dissection on concept-world images of (1) the units (channels) of one block, with the
+    NetDissect top-quantile rule, and (2) ``n_concepts`` EDDP direction pairs fitted at that block
+    with the rest of the network as the head (their own rule); per-category counts of
+    interpretable detectors for each. Random networks detect colours well (colour is a linear
+    read-out of the input that survives random convolutions), so the comparison is only meaningful
+    per category.
 
     Parameters
     ----------
@@ -596,20 +599,23 @@ def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: st
     block : dotted layer name of ``efficientnet-lite0`` (default ``"_blocks.8"``, 112 channels, 8 x 8 maps at 128 px).
     image_size : world images (64 px) are resized bilinearly to this side (no crop, so masks align).
     quantile : the NetDissect top-quantile detection rule.
+    n_concepts, levels : EDDP on each network (``n_concepts=None`` skips it).
 
     Returns
     -------
     dict
         ``{"available": False, "reason": ...}`` when the optional packages are missing, else
         ``{"available": True, "block", "image_size", "n_units", "pretrained": {...}, "random": {...}}``
-        with each side's dissection summary and ``category_counts``.
+        with each side's dissection summary and ``category_counts`` (units), and ``"eddp"`` inside each
+        side with the same for the EDDP directions.
 
     Examples
     --------
     >>> table = compare_pretrained_random(n_train=40, n_val=20)  # doctest: +SKIP
     >>> table["pretrained"]["category_counts"]  # doctest: +SKIP
     """
-    from .capture import capture
+    from . import EDDP
+    from .capture import capture, make_head
     from .data.world import ConceptWorld
     from .evaluate.dissection import dissect, fit_thresholds_on_train
     from .models import load_model
@@ -645,6 +651,14 @@ def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: st
         out["n_units"] = int(mt.shape[1])
         out["map_size"] = [int(mt.shape[2]), int(mt.shape[3])]
         out[key] = {**_dissect_summary(res), "category_counts": _category_counts(res)}
+        if n_concepts:
+            est = EDDP(n_concepts=n_concepts, levels=levels, n_init=4, init_rounds=3, random_state=seed,
+                       progress=progress).fit(mt, head=make_head(net, block))
+            with torch.no_grad():
+                e_res = dissect(est.pairs_.detect(mt), train, tr_idx, va_idx, threshold=0.5, val_dataset=val,
+                                val_maps=est.pairs_.detect(mv), top_k=0, progress=progress)
+            out[key]["eddp"] = {**_dissect_summary(e_res), "category_counts": _category_counts(e_res),
+                                "n_concepts": int(n_concepts), "levels": est.levels_}
     return out
 
 

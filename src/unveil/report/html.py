@@ -412,20 +412,28 @@ def _efficientnet_section(results) -> str:
     if not eff.get("available"):
         return ("<h2>EfficientNet-Lite0 vs random initialisation</h2>"
                 f"<p class=\"muted\">Skipped: {_e(eff.get('reason', 'not available'))}</p>")
-    cats = _categories(c for k in ("pretrained", "random") for c in eff[k].get("category_counts", {}))
+    sides = [(k, label, eff[k]) for k, label in (("pretrained", "ImageNet weights"), ("random", "random init"))]
+    cats = _categories(c for _, _, side in sides
+                       for d in (side, side.get("eddp") or {}) for c in d.get("category_counts", {}))
     rows = []
-    for k in ("pretrained", "random"):
-        rows.append([_txt("ImageNet weights" if k == "pretrained" else "random init")]
-                    + [eff[k].get("category_counts", {}).get(c, 0) for c in cats]
-                    + [eff[k].get("n_interpretable"), eff[k].get("n_distinct"), eff[k].get("S1")])
+    for what in ("units", "eddp"):
+        for k, label, side in sides:
+            d = side if what == "units" else side.get("eddp")
+            if not d:
+                continue
+            name = (f"{label}: {eff.get('n_units', '?')} units (top-quantile rule)" if what == "units" else
+                    f"{label}: {d.get('n_concepts', '?')} EDDP directions (levels {d.get('levels')})")
+            rows.append([_txt(name)] + [d.get("category_counts", {}).get(c, 0) for c in cats]
+                        + [d.get("n_interpretable"), d.get("n_distinct"), d.get("S1"), d.get("S2")])
     return ("<h2>EfficientNet-Lite0 vs random initialisation</h2>"
-            f"<p>Network Dissection of the {_e(eff.get('n_units', '?'))} channels of block <code>{_e(eff.get('block'))}</code> "
-            f"on concept-world images resized to {_e(eff.get('image_size'))} px ({_e(eff.get('n_train', '?'))} train / "
-            f"{_e(eff.get('n_val', '?'))} val images); rule: {_e(eff.get('rule', ''))}. Randomly initialised networks "
-            "are known to give good colour detectors, so counts of interpretable units only mean something per "
-            "category: the random copy is the reference that a trained network's texture, material, object and "
-            "part units must beat.</p>"
-            + _table(("weights",) + tuple(cats) + ("interpretable", "distinct", "S1"), rows))
+            f"<p>Network Dissection at block <code>{_e(eff.get('block'))}</code> of its {_e(eff.get('n_units', '?'))} "
+            f"channels (rule: {_e(eff.get('rule', ''))}) and of EDDP direction pairs fitted there with the rest of the "
+            f"network as the head (their own rule), on concept-world images resized to {_e(eff.get('image_size'))} px "
+            f"({_e(eff.get('n_train', '?'))} train / {_e(eff.get('n_val', '?'))} val images). Randomly initialised "
+            "networks are known to give good colour detectors, so counts of interpretable detectors only mean "
+            "something per category: the random copy is the reference that a trained network's texture, material, "
+            "object and part detectors must beat.</p>"
+            + _table(("detectors",) + tuple(cats) + ("interpretable", "distinct", "S1", "S2"), rows))
 
 
 def _footer(results) -> str:
