@@ -217,3 +217,13 @@ def test_report_without_applications_has_no_section():
     results, _ = _applications_inputs()
     only_numbers = build_report({"correction": results["correction"]})  # no objects: the table alone
     assert "Correcting the shortcut" in only_numbers and "Explanations" not in only_numbers
+
+
+def test_duplicates_note_names_the_own_rule_s1_leader():
+    from unveil.report.html import _duplicates_note
+    native = {"nmf": {"S1": 22.4, "n_interpretable": 64, "n_distinct": 8},
+              "ica": {"S1": 12.7, "n_interpretable": 64, "n_distinct": 14}}
+    note = _duplicates_note(native)
+    assert "NMF's 64 interpretable detectors cover 8 distinct concepts (8.0 per concept)" in note
+    assert _duplicates_note({}) == ""
+    assert _duplicates_note({"<b>x</b>": {"S1": 1.0, "n_interpretable": 2, "n_distinct": 1}}).count("<b>") == 0

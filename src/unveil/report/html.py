@@ -160,7 +160,8 @@ def _comparison(results: Mapping[str, Any]) -> str:
     out.append('<div class="note"><b>Which method wins depends on the baselines\' detection rule.</b><ul>'
                + "".join(verdict) + f"</ul>The top-quantile rule lets a component fire on only {_e(share)} of "
                "the map cells of the train split, which caps its IoU with large concepts (sky, grass, walls); the "
-               "Otsu rules fire on far more. EDDP's rule is the same in both tables.</div>")
+               "Otsu rules fire on far more. EDDP's rule is the same in both tables." + _duplicates_note(native)
+               + "</div>")
     out.append("<h3>A. Baselines with the NetDissect top-quantile rule</h3>")
     out.append(_table(("method",) + _SUMMARY_KEYS, rows, highlight=best))
     if native:
@@ -403,6 +404,19 @@ def _layers_section(results) -> str:
             "the right.</p>"
             + _table(("layer", "maps (D x H x W)", "S1", "S2", "n_interpretable", "n_distinct", "mF1") + cats, rows,
                      left=2))
+
+
+def _duplicates_note(native) -> str:
+    """S1 sums every detector, duplicates included: name the own-rule S1 leader's detectors per distinct concept."""
+    if not native:
+        return ""
+    m = max(native, key=lambda k: float(native[k].get("S1", 0.0)))
+    n_int, n_dis = native[m].get("n_interpretable"), native[m].get("n_distinct")
+    if not n_int or not n_dis:
+        return ""
+    return (f" S1 adds up every detector, duplicates included: with its own rule {_e(_METHOD_NAMES.get(m, m))}'s "
+            f"{_e(n_int)} interpretable detectors cover {_e(n_dis)} distinct concepts ({float(n_int) / float(n_dis):.1f} "
+            "per concept); S2 counts each concept once.")
 
 
 def _efficientnet_section(results) -> str:
