@@ -57,6 +57,16 @@ def test_fit_on_subsampled_store_runs_without_head(images, tmp_path, capsys):
                  "--epochs-scale", "0.02"]) == 0
     assert "subsampled (4 positions per image): fitting without a head" in capsys.readouterr().out
     assert DirectionPairs.load(tmp_path / "p").meta["head"] is False
+    # levels of granularity from the command line
+    assert main(["fit", str(tmp_path / "s"), "--concepts", "6", "--levels", "2,4", "--out", str(tmp_path / "q"),
+                 "--epochs-scale", "0.02"]) == 0
+    capsys.readouterr()
+    assert DirectionPairs.load(tmp_path / "q").meta["levels"] == [2, 4]
+    assert main(["fit", str(tmp_path / "s"), "--concepts", "6", "--levels", "2,x", "--out", str(tmp_path / "r")]) == 1
+    _one_line_error(capsys, "--levels must be 'auto', 'none' or comma-separated sizes")
+    assert main(["fit", str(tmp_path / "s"), "--concepts", "6", "--levels", "2,3", "--out", str(tmp_path / "r")]) == 1
+    _one_line_error(capsys, "the level sizes [2, 3] must sum to n_concepts = 6")
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_errors_are_one_line_exit_1(images, tmp_path, capsys):
