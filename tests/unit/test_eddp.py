@@ -238,6 +238,10 @@ def test_levels_auto_and_bad_levels():
         EDDP(8, levels=[4, 0, 4]).resolved_levels()
     with pytest.raises(ValidationError, match="the last \\(finest\\) level must be larger"):
         EDDP(8, levels=[6, 2]).resolved_levels()
+    with pytest.raises(ValidationError, match="need init='cluster'"):
+        EDDP(8, levels=[2, 6], init="random").resolved_levels()
+    with pytest.raises(ValidationError, match="needs init='cluster'"):
+        EDDP(64, levels="auto", init="random").resolved_levels()
 
 
 def test_ward_partitions_known_tree():

@@ -291,8 +291,9 @@ class EDDP:
     max_init_patches : int
         Size of the random patch sample used for the initialisation.
     levels : None, "auto" or sequence of int
-        Fit the concepts as several independent levels of granularity (see the module docstring):
-        the sizes must sum to ``n_concepts``. ``None`` (default): one level, the paper's setting.
+        Fit the concepts as a hierarchy of levels of granularity (see the module docstring): the
+        finest level (the last size) is fitted first and the coarser ones start from its Ward tree;
+        the sizes must sum to ``n_concepts``; needs ``init="cluster"``. ``None`` (default): one level, the paper's setting.
         ``"auto"``: 2, 4, 8, … (doubling while the next two levels still fit), the finest level
         taking the rest; fewer than 6 concepts stay one level. Every coarser level must be smaller
         than the finest (the last) one.
@@ -399,7 +400,11 @@ class EDDP:
             while sum(sizes) + 3 * s <= I:  # this level and a finer one of twice its size still fit
                 sizes.append(s)
                 s *= 2
-            return sizes + [I - sum(sizes)]
+            sizes = sizes + [I - sum(sizes)]
+            if len(sizes) > 1 and self.init != "cluster":
+                raise ValidationError("levels='auto' needs init='cluster' (the coarse levels start from the finest "
+                                      f"level's clusters); got init={self.init!r}.")
+            return sizes
         try:
             sizes = [check_positive_int(v, "levels[i]") for v in lv]
         except TypeError:
@@ -407,6 +412,9 @@ class EDDP:
         if not sizes or sum(sizes) != I:
             raise ValidationError(f"the level sizes {sizes} must sum to n_concepts = {I}; adjust one of them "
                                   f"(or pass levels='auto').")
+        if len(sizes) > 1 and self.init != "cluster":
+            raise ValidationError(f"levels {sizes} need init='cluster' (the coarse levels start from the finest "
+                                  f"level's clusters); got init={self.init!r}.")
         if len(sizes) > 1 and max(sizes[:-1]) >= sizes[-1]:
             raise ValidationError(f"levels {sizes}: the last (finest) level must be larger than every other, "
                                   f"which are built by merging its concepts; reorder or resize them.")
@@ -527,8 +535,8 @@ class EDDP:
         logger.info("EDDP finest level: %d concepts", levels[-1])
         fine = EDDP(n_concepts=levels[-1], levels=None, random_state=seeds[-1], **params).fit(X, head=head)
         Pf = fine.pairs_
-        source, _ = _as_source(X)
-        device = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        source, data_device = _as_source(X)
+        device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
         H, Wd = source.map_shape
         batch_maps = max(1, math.ceil(check_positive_int(self.batch_patches, "batch_patches") / (H * Wd)))
         Wf = Pf.decoders.double().to(device)
