@@ -39,10 +39,8 @@ def register(subparsers) -> None:
 
 
 def _model_args(p) -> None:
-    p.add_argument("--model", required=True,
-                   help="resnet18, efficientnet-lite0, vit-tiny, worldnet, worldnet-shortcut or package.module:factory")
-    p.add_argument("--weights", type=Path, default=None, help=".safetensors or torch state_dict file to load")
-    p.add_argument("--image-size", type=int, default=None, help="input image size (default: the model's)")
+    from .capture import _model_args as model_options
+    model_options(p)
     p.add_argument("--layer", required=True, help="the layer the pairs were fitted on")
     p.add_argument("--pairs", type=Path, required=True, help="direction pairs folder (from `unveil fit`)")
     p.add_argument("--batch-size", type=int, default=32)

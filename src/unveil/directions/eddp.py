@@ -457,8 +457,7 @@ class EDDP:
         device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
         gen = make_generator(self.random_state)
         D = source.n_features
-        H, Wd = source.map_shape
-        batch_maps = max(1, math.ceil(check_positive_int(self.batch_patches, "batch_patches") / (H * Wd)))
+        batch_maps = self._batch_maps(source)
         if getattr(source, "subsampled", False) and head is not None:
             raise ValidationError("this activation store holds randomly subsampled patches, not whole maps, "
                                   "so the head f+ cannot be applied to them; fit without a head "
@@ -526,6 +525,11 @@ class EDDP:
                     history["seconds"])
         return self
 
+    def _batch_maps(self, source) -> int:
+        """Whole maps per mini-batch: enough for at least ``batch_patches`` patches."""
+        H, Wd = source.map_shape
+        return max(1, math.ceil(check_positive_int(self.batch_patches, "batch_patches") / (H * Wd)))
+
     def _fit_levels(self, X, head, levels) -> "EDDP":
         """The finest level, then the coarser ones from its Ward tree (see the module docstring)."""
         t_start = time.perf_counter()
@@ -537,8 +541,7 @@ class EDDP:
         Pf = fine.pairs_
         source, data_device = _as_source(X)
         device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
-        H, Wd = source.map_shape
-        batch_maps = max(1, math.ceil(check_positive_int(self.batch_patches, "batch_patches") / (H * Wd)))
+        batch_maps = self._batch_maps(source)
         Wf = Pf.decoders.double().to(device)
         bf = Pf.biases.double().to(device)
         norms = Wf.norm(dim=1).clamp_min(1e-12)

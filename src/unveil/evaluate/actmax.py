@@ -49,6 +49,15 @@ _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.0
 _COLOR_SQRT = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
 
 
+def _describe(v: torch.Tensor) -> Optional[dict]:
+    """Mean, standard deviation, median and count of the finite entries (None when there are none)."""
+    v = v[torch.isfinite(v)]
+    if not v.numel():
+        return None
+    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
+            "median": float(v.median()), "n": int(v.numel())}
+
+
 @dataclass
 class ActMaxResult:
     """Outcome of :func:`maximize_detectors` (one row per detector).
@@ -83,24 +92,15 @@ class ActMaxResult:
 
     def summary(self) -> dict:
         """Mean, standard deviation and median of each cosine over the detectors, and the win rates."""
-        out = {}
-        for name in ("cos_signal", "cos_filter", "cos_pattern_cav"):
-            v = getattr(self, name)
-            v = v[torch.isfinite(v)]
-            out[name] = ({"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
-                          "median": float(v.median()), "n": int(v.numel())} if v.numel() else None)
+        out = {name: _describe(getattr(self, name)) for name in ("cos_signal", "cos_filter", "cos_pattern_cav")}
         out["signal_beats_filter"] = float((self.cos_signal > self.cos_filter).float().mean())
         ok = torch.isfinite(self.cos_pattern_cav)
         out["signal_beats_pattern_cav"] = (float((self.cos_signal[ok] > self.cos_pattern_cav[ok]).float().mean())
                                            if ok.any() else None)
         out["objective_gain_mean"] = float((self.objective_end - self.objective_start).mean())
         if self.cos_signal_all is not None:
-            all_pos = {}
-            for name in ("cos_signal", "cos_filter", "cos_pattern_cav"):
-                v = getattr(self, name + "_all")
-                v = v[torch.isfinite(v)]
-                all_pos[name] = ({"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
-                                  "median": float(v.median()), "n": int(v.numel())} if v.numel() else None)
+            all_pos = {name: _describe(getattr(self, name + "_all"))
+                       for name in ("cos_signal", "cos_filter", "cos_pattern_cav")}
             all_pos["signal_beats_filter"] = float((self.cos_signal_all > self.cos_filter_all).float().mean())
             out["all_positions"] = all_pos
         return out

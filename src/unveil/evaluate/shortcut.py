@@ -57,17 +57,7 @@ def watermark_iou(det_maps: torch.Tensor, masks: torch.Tensor, threshold: float 
 
     det_maps : (N, I, h, w) detector activations; masks : bool (N, H, W). Returns (I,).
     """
-    N, I = det_maps.shape[:2]
-    H, W = masks.shape[-2:]
-    inter = torch.zeros(I, dtype=torch.float64)
-    union = torch.zeros(I, dtype=torch.float64)
-    m = masks.bool()
-    for s in range(0, N, 64):
-        up = F.interpolate(det_maps[s:s + 64].float(), size=(H, W), mode="bilinear", align_corners=False) > threshold
-        mm = m[s:s + 64, None]
-        inter += (up & mm).sum(dim=(0, 2, 3)).double()
-        union += (up | mm).sum(dim=(0, 2, 3)).double()
-    return (inter / union.clamp_min(1)).float()
+    return concept_iou(det_maps, torch.as_tensor(masks).bool()[:, None], threshold)[:, 0]
 
 
 def concept_iou(det_maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, batch: int = 64) -> torch.Tensor:
