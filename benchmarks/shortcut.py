@@ -84,8 +84,13 @@ def main() -> int:
              f"| filter w | {c['filter_strength']:.3g} | {c['filter_clean_acc_after']:.3f} | {c['filter_acc_after']:.3f} |",
              f"| random unit directions (mean of {res['setup']['n_random']}; max {c['random_acc_after_max']:.3f}) | own | "
              f"{c['random_clean_acc_after']:.3f} | {c['random_acc_after']:.3f} |",
-             f"| supervised Pattern-CAV | {c['pattern_cav_strength']:.3g} | {c['pattern_cav_clean_acc_after']:.3f} | "
-             f"{c['pattern_cav_acc_after']:.3f} |",
+             f"| supervised Pattern-CAV, cell labels | {c['pattern_cav_strength']:.3g} | "
+             f"{c['pattern_cav_clean_acc_after']:.3f} | {c['pattern_cav_acc_after']:.3f} |",
+             f"| supervised Pattern-CAV, image labels (max-pooled) | {c['pattern_cav_image_strength']:.3g} | "
+             f"{c['pattern_cav_image_clean_acc_after']:.3f} | {c['pattern_cav_image_acc_after']:.3f} |",
+             ] + ([f"| detector mean difference (label-free) | {c['mean_difference_strength']:.3g} | "
+                   f"{c['mean_difference_clean_acc_after']:.3f} | {c['mean_difference_acc_after']:.3f} |"]
+                  if c.get("mean_difference_acc_after") is not None else []) + [
              f"| oracle (true watermark cells -> mean activation) | - | - | {c['oracle_poisoned_acc']:.3f} |", "",
              f"Watermark detector {c['watermark_detector']}: IoU {c['watermark_iou']:.3f} (next best "
              f"{c['second_best_iou']:.3f}); on the layer's cells it fires with precision {c['detector_precision']:.3f} "
@@ -98,7 +103,7 @@ def main() -> int:
              "rule on the held-out poisoned split; clean images carry no watermark, so they are unchanged):", "",
              "| direction (true-cell mask) | k | poisoned acc |", "|---|---|---|",
              ]
-    for name, label in (("signal", "signal vector ŝ"), ("filter", "filter w"), ("pattern_cav", "supervised Pattern-CAV")):
+    for name, label in (("signal", "signal vector ŝ"), ("filter", "filter w"), ("pattern_cav", "supervised Pattern-CAV, cell labels")):
         r = c["true_mask"][name]
         lines.append(f"| {label} | {r['strength']:.3g} | {r['poisoned_acc_after']:.3f} |")
     lines.append("")
@@ -107,7 +112,7 @@ def main() -> int:
         lines.append(f"Activation maximisation over {s['cos_signal']['n']} detectors, Δx where the detector responds "
                      f"(weighted by it): cos(Δx, ŝ) = "
                      f"{s['cos_signal']['mean']:.3f} ± {s['cos_signal']['std']:.3f}, cos(Δx, w) = "
-                     f"{s['cos_filter']['mean']:.3f} ± {s['cos_filter']['std']:.3f}, cos(Δx, Pattern-CAV) = "
+                     f"{s['cos_filter']['mean']:.3f} ± {s['cos_filter']['std']:.3f}, cos(Δx, Pattern-CAV of the detector's positives) = "
                      f"{s['cos_pattern_cav']['mean']:.3f} ± {s['cos_pattern_cav']['std']:.3f}; ŝ beats w on "
                      f"{s['signal_beats_filter']:.0%} of detectors, Pattern-CAV on {s['signal_beats_pattern_cav']:.0%}.")
         a = s.get("all_positions")

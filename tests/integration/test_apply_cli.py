@@ -72,6 +72,20 @@ def test_correct_with_strength_and_choose_on(setup, capsys):
     saved = CorrectedModel.load(root / "corr2", model)
     assert saved.strength == pytest.approx(doc["strength"])
 
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "0", "--choose-on", str(root / "held"), "--direction", "mean-difference",
+               "--out", str(root / "corr3")])
+    assert rc == 0
+    capsys.readouterr()
+    md = CorrectedModel.load(root / "corr3", model)
+    assert md.direction_kind == "mean_difference"
+    from unveil.capture import capture
+    from unveil.edit import mean_difference_directions
+    held = sorted((root / "held").rglob("*.png"))
+    xh = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255 for f in held])
+    ref = mean_difference_directions(capture(model, "layer3", xh), DirectionPairs.load(root / "pairs"), [0])
+    torch.testing.assert_close(md._directions, ref, atol=1e-5, rtol=1e-4)
+
 
 def test_cli_errors_are_one_line(setup, capsys):
     root, files = setup
@@ -86,3 +100,6 @@ def test_cli_errors_are_one_line(setup, capsys):
     rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
                "--concepts", "0", "--choose-on", str(root / "pairs"), "--out", str(root / "bad2")])
     assert rc == 1 and "no images found" in capsys.readouterr().err
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "0", "--direction", "mean-difference", "--strength", "2", "--out", str(root / "bad3")])
+    assert rc == 1 and "pass --choose-on DIR" in capsys.readouterr().err

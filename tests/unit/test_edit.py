@@ -192,3 +192,46 @@ def test_bad_inputs_give_clear_errors(model):
     from unveil import LayerError
     with pytest.raises(LayerError, match="Did you mean 'feat'"):
         CorrectedModel(model, "fet", pairs, [0])
+
+
+def test_mean_difference_directions_match_a_direct_computation():
+    from unveil.edit import mean_difference_directions
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(7, 4, 3, 5, generator=g)
+    pairs = DirectionPairs(torch.randn(3, 4, generator=g) * 4, torch.zeros(3), torch.randn(3, 4, generator=g))
+    V = mean_difference_directions(X, pairs, normalize=False, batch_size=2)
+    P = X.permute(0, 2, 3, 1).reshape(-1, 4)
+    Y = pairs.detect(X).permute(0, 2, 3, 1).reshape(-1, 3) > 0.5
+    for i in range(3):
+        assert 0 < int(Y[:, i].sum()) < len(P)
+        torch.testing.assert_close(V[i], P[Y[:, i]].mean(0) - P[~Y[:, i]].mean(0), atol=1e-5, rtol=1e-5)
+    U = mean_difference_directions(X, pairs, [2, 0])
+    torch.testing.assert_close(U, V[[2, 0]] / V[[2, 0]].norm(dim=1, keepdim=True), atol=1e-6, rtol=1e-6)
+
+
+def test_mean_difference_recovers_a_planted_write_and_flags_absent_concepts():
+    from unveil.edit import mean_difference_directions
+    g = torch.Generator().manual_seed(1)
+    s = torch.tensor([0.6, 0.0, -0.8, 0.0])  # how concept A is written (unit length)
+    X = torch.randn(200, 4, 4, 4, generator=g) * 0.2
+    present = torch.rand(200, 1, 4, 4, generator=g) < 0.3
+    X = X + present * 3.0 * s[None, :, None, None]
+    pairs = DirectionPairs(torch.stack([s * 10, torch.tensor([0.0, 10, 0, 0])]), torch.tensor([15.0, 100.0]),
+                           torch.eye(4)[:2])
+    V = mean_difference_directions(X, pairs)
+    assert float(V[0] @ s) > 0.99
+    assert torch.isnan(V[1]).all()  # concept 1 never fires: its mean difference is undefined
+
+
+def test_corrected_model_with_mean_difference_directions(model, tmp_path):
+    from unveil.edit import mean_difference_directions
+    from unveil.capture import capture
+    pairs = planted_pairs()
+    held = torch.cat([images("AS"), images("BS", seed=3)])
+    V = mean_difference_directions(capture(model, "feat", held), pairs, [2])
+    assert float(V[0, 2]) > 0.99  # the shortcut channel
+    fixed = CorrectedModel(model, "feat", pairs, [2], direction=V, direction_name="mean_difference")
+    assert (fixed(images("BS")).argmax(1) == 1).all()
+    fixed.save(tmp_path / "md")
+    again = CorrectedModel.load(tmp_path / "md", model)
+    assert again.direction_kind == "mean_difference" and torch.equal(again(held), fixed(held))

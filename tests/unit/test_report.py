@@ -177,7 +177,8 @@ def _applications_inputs():
                                  "pred_after": EVIL_CLASS, "class_names": [EVIL_CLASS, "plain"]}]},
         "correction": {"poisoned_acc_before": 0.398, "poisoned_acc_after": 0.542, "clean_acc_before": 0.774,
                        "clean_acc_after": 0.7735, "filter_acc_after": 0.512, "random_acc_after": 0.433,
-                       "pattern_cav_acc_after": 0.648, "oracle_poisoned_acc": 0.769, "watermark_iou": 0.359,
+                       "pattern_cav_acc_after": 0.648, "pattern_cav_image_acc_after": 0.601,
+                       "mean_difference_acc_after": 0.703, "oracle_poisoned_acc": 0.769, "watermark_iou": 0.359,
                        "watermark_detector": 1, "second_best_iou": 0.137, "strength": 40.8},
         "activation_maximization": {"cos_signal": 0.154, "cos_filter": 0.213, "cos_pattern_cav": 0.276},
         "shortcut_experiment": {"model": EVIL_MODEL, "layer": "layer2", "n_concepts": 3, "n_random": 10,
@@ -199,11 +200,14 @@ def test_report_applications_section_states_the_measured_numbers():
         assert evil not in page
     assert html_escaped(EVIL_CONCEPT) in app and "&lt;rook&gt;" in app
     # the table and the sentences carry the numbers as given, and the comparisons follow them
-    for v in ("0.398", "0.542", "0.774", "0.512", "0.433", "0.648", "0.769", "0.359", "0.154", "0.213", "0.276"):
+    for v in ("0.398", "0.542", "0.774", "0.512", "0.433", "0.648", "0.601", "0.703", "0.769", "0.359", "0.154", "0.213", "0.276"):
         assert v in app, v
     assert "from 0.398 to 0.542 (+0.144)" in app
     assert "ŝ reached at least the poisoned accuracy of the filter w, random directions (mean)." in app
-    assert "ŝ stayed below the supervised Pattern-CAV." in app
+    assert ("ŝ stayed below the supervised Pattern-CAV (image labels), the supervised Pattern-CAV (cell labels)."
+            in app)
+    assert "their label-free mean difference (Pattern-CAV's estimator with the detector as the labeller) reached " \
+           "0.703 (+0.305)" in app
     # gallery figure, counterfactual figure and 3 activation-maximisation images, all inline PNG
     srcs = re.findall(r'src="([^"]*)"', app)
     assert len(srcs) == 5

@@ -35,6 +35,10 @@ def register(subparsers) -> None:
                    help="clean held-out image folder (class sub-folders): with --choose-on, clean accuracy may "
                         "drop by at most --max-clean-drop")
     c.add_argument("--max-clean-drop", type=float, default=0.005, help="allowed clean accuracy drop (default 0.005)")
+    c.add_argument("--direction", choices=("signal", "filter", "mean-difference"), default="signal",
+                   help="edit direction: the signal vector (default), the filter, or each detector's mean difference "
+                        "(mean of the positions it fires at minus the others'), measured on the --choose-on "
+                        "images (with --clean ones)")
     c.set_defaults(func=_correct)
 
 
@@ -130,21 +134,47 @@ def _folder(path, pre, class_names):
     return images, labels
 
 
+def _mean_difference(model, args, pairs, images):
+    import torch
+
+    from .._errors import ValidationError
+    from ..capture import capture
+    from ..edit import mean_difference_directions
+    maps = capture(model, args.layer, images, batch_size=args.batch_size)
+    V = mean_difference_directions(maps, pairs, args.concepts)
+    bad = [c for c, ok in zip(args.concepts, torch.isfinite(V).all(1).tolist()) if not ok]
+    if bad:
+        raise ValidationError(f"concepts {bad} are detected at no position (or at every position) of the --choose-on "
+                              f"images, so their mean difference is undefined; use images where they occur, or "
+                              f"--direction signal.")
+    return V
+
+
 def _correct(args) -> int:
+    import torch
+
+    from .._errors import ValidationError
     from ..edit import CorrectedModel, choose_strength
+    if args.direction == "mean-difference" and args.choose_on is None:
+        raise ValidationError("--direction mean-difference is measured on images: pass --choose-on DIR (held-out "
+                              "images where the concepts occur).")
     model, pre, model_id, pairs = _load(args)
     strength = args.strength
     choice = None
+    direction = args.direction
     if args.choose_on is not None:
         names = _class_names(args.model)
         x, y = _folder(args.choose_on, pre, names)
         xc = yc = None
         if args.clean is not None:
             xc, yc = _folder(args.clean, pre, names)
-        choice = choose_strength(model, args.layer, pairs, args.concepts, x, y, xc, yc,
+        if direction == "mean-difference":
+            direction = _mean_difference(model, args, pairs, x if xc is None else torch.cat([x, xc]))
+        choice = choose_strength(model, args.layer, pairs, args.concepts, x, y, xc, yc, direction=direction,
                                  max_clean_drop=args.max_clean_drop, batch_size=args.batch_size)
         strength = choice.strength
-    fixed = CorrectedModel(model, args.layer, pairs, args.concepts, strength, model_id=model_id)
+    fixed = CorrectedModel(model, args.layer, pairs, args.concepts, strength, model_id=model_id, direction=direction,
+                           direction_name=args.direction.replace("-", "_"))
     fixed.save(args.out)
     if choice is not None:
         print(json.dumps(choice.to_dict(), indent=2))

@@ -49,7 +49,10 @@ class CorrectedModel(nn.Module):
         k >= 0 (layer units; the directions are unit vectors), or None to remove each concept's own
         signal value at each position.
     direction : {"signal", "filter"} or tensor (len(concepts), D)
-        Edit direction (the signal vector by default; the others are controls).
+        Edit direction (the signal vector by default), or given vectors, e.g.
+        :func:`~unveil.edit.mean_difference_directions`.
+    direction_name : str, optional
+        What tensor directions are, recorded by :meth:`save` (default ``"custom"``).
     nonneg : bool or None
         ReLU clamp after the edit; None detects a non-negative layer per batch.
     tokens : {"patches", "all"}
@@ -66,7 +69,7 @@ class CorrectedModel(nn.Module):
 
     def __init__(self, model: nn.Module, layer: str, pairs, concepts, strength: Optional[float] = None, *,
                  direction: Union[str, torch.Tensor] = "signal", nonneg: Optional[bool] = None,
-                 tokens: str = "patches", model_id: Optional[str] = None):
+                 tokens: str = "patches", model_id: Optional[str] = None, direction_name: Optional[str] = None):
         super().__init__()
         from ..capture.layers import get_layer
         if not isinstance(model, nn.Module):
@@ -77,7 +80,7 @@ class CorrectedModel(nn.Module):
         self.concepts = resolve_concepts(pairs, concepts)
         self.strength = check_strength(strength)
         V = resolve_directions(pairs, self.concepts, direction)
-        self.direction_kind = direction if isinstance(direction, str) else "custom"
+        self.direction_kind = direction if isinstance(direction, str) else (direction_name or "custom")
         self.pairs = _subset_pairs(pairs, self.concepts)
         self._directions = V.detach().cpu()
         self.nonneg = nonneg
@@ -133,9 +136,9 @@ class CorrectedModel(nn.Module):
             raise CorruptFileError(f"saved correction at {str(path)!r} is inconsistent: directions "
                                    f"{tuple(directions.shape)} vs decoders {tuple(pairs.decoders.shape)}.")
         obj = cls(model, layer, pairs, list(range(len(concepts))), strength, direction=directions,
-                  nonneg=doc.get("nonneg"), tokens=doc.get("tokens", "patches"), model_id=doc.get("model_id"))
+                  nonneg=doc.get("nonneg"), tokens=doc.get("tokens", "patches"), model_id=doc.get("model_id"),
+                  direction_name=str(doc.get("direction", "custom")))
         obj.concepts = concepts
-        obj.direction_kind = doc.get("direction", "custom")
         return obj
 
 

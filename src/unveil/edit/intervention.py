@@ -9,7 +9,7 @@ position p of the layer's feature map is edited as
   concept is detected). A ``region`` mask replaces it.
 - ``v_i``: the direction written along. ``"signal"`` (default) is ``ŝ_i``; ``"filter"`` is the unit
   decoding direction ``w_i/‖w_i‖`` (the control the paper compares against); a tensor gives any
-  other unit directions (random directions, Pattern-CAV, ...).
+  other unit directions (random directions, Pattern-CAV, :func:`mean_difference_directions`, ...).
 - ``k_p``: the strength. A number k is used as is (in the layer's units: the directions are unit
   vectors, so ``k`` is the length of the vector removed at a fully detected position). ``None``
   ("auto") removes *exactly what the detector reads*: ``k_p = (w_iᵀx_p − w_iᵀμ) / (w_iᵀv_i)``, with
@@ -38,8 +38,8 @@ from torch import nn
 from .._errors import LayerError, ValidationError
 from .._validation import check_maps
 
-__all__ = ["edit_maps", "edit_layer", "resolve_concepts", "resolve_directions", "check_strength", "MODES",
-           "DIRECTIONS"]
+__all__ = ["edit_maps", "edit_layer", "resolve_concepts", "resolve_directions", "check_strength",
+           "mean_difference_directions", "MODES", "DIRECTIONS"]
 logger = logging.getLogger("unveil")
 
 MODES = ("remove", "insert")
@@ -99,6 +99,60 @@ def resolve_directions(pairs, idx: Sequence[int], direction) -> torch.Tensor:
     if not torch.isfinite(V).all() or (V.norm(dim=1) == 0).any():
         raise ValidationError("direction vectors must be finite and non-zero.")
     return V.detach().to(pairs.decoders.device).contiguous()
+
+
+def mean_difference_directions(maps, pairs, concepts=None, *, threshold: float = 0.5, batch_size: int = 64,
+                               normalize: bool = True) -> torch.Tensor:
+    """Each concept's mean difference: mean of the positions its detector fires at minus the others'.
+
+    This is Pattern-CAV's estimator (difference of class means) with the concept's own detector as
+    the labeller (``y_{p,i} > threshold``), so it needs no annotation. It differs from the signal
+    vector ``ŝ_i``, which is estimated *within* the positive positions (method.md §3): ŝ follows how
+    the representation varies with the concept's strength, the mean difference how it changes from
+    "absent" to "present", confounds included (co-occurring concepts shift it too).
+
+    Parameters
+    ----------
+    maps : tensor (N, D, H, W)
+        Feature maps of the layer the pairs were fitted on (e.g. the fit images).
+    pairs : DirectionPairs
+    concepts : int, str or sequence, optional
+        Default: every concept.
+    threshold : float
+        A position is positive where the detector's output exceeds it.
+    batch_size : int
+        Images per step (the maps are streamed).
+    normalize : bool
+        Return unit vectors (default) or the raw differences.
+
+    Returns
+    -------
+    tensor (len(concepts), D); rows of concepts detected at no position, or at every position, are NaN.
+    """
+    from .._validation import check_positive_int
+    X = check_maps(maps, "maps", n_features=pairs.n_features, allow_patches=False,
+                   context=f"these direction pairs (layer {pairs.meta.get('layer', '?')!r})")
+    idx = list(range(pairs.n_concepts)) if concepts is None else resolve_concepts(pairs, concepts)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    D = X.shape[1]
+    sum_pos = torch.zeros(len(idx), D, dtype=torch.float64)
+    sum_all = torch.zeros(D, dtype=torch.float64)
+    n_pos = torch.zeros(len(idx), dtype=torch.float64)
+    for s in range(0, X.shape[0], batch_size):
+        xb = X[s:s + batch_size]
+        P = xb.permute(0, 2, 3, 1).reshape(-1, D).double()
+        Y = (pairs.detect(xb)[:, idx].permute(0, 2, 3, 1).reshape(-1, len(idx)) > threshold).double()
+        sum_pos += (Y.T @ P).cpu()
+        sum_all += P.sum(0).cpu()
+        n_pos += Y.sum(0).cpu()
+    n = float(X.shape[0] * X.shape[2] * X.shape[3])
+    n_neg = n - n_pos
+    out = sum_pos / n_pos.clamp_min(1)[:, None] - (sum_all[None] - sum_pos) / n_neg.clamp_min(1)[:, None]
+    if normalize:
+        out = out / out.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    out = out.float()
+    out[(n_pos == 0) | (n_neg == 0)] = float("nan")
+    return out
 
 
 def check_strength(strength) -> Optional[float]:

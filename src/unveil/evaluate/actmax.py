@@ -109,19 +109,12 @@ class ActMaxResult:
 def pattern_cav_directions(maps, pairs, detectors: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Pattern-CAV per detector: mean of its firing positions minus mean of the others, (n, D).
 
-    Rows of detectors that fire nowhere (or everywhere) are NaN.
+    The detector's positives are the concept examples (:func:`unveil.edit.mean_difference_directions`,
+    not normalised). Rows of detectors that fire nowhere (or everywhere) are NaN.
     """
-    X = check_maps(maps, "maps", n_features=pairs.n_features, allow_patches=False)
-    idx = list(range(pairs.n_concepts)) if detectors is None else [int(i) for i in detectors]
-    P = X.permute(0, 2, 3, 1).reshape(-1, X.shape[1]).double()
-    Y = pairs.detect(X)[:, idx].permute(0, 2, 3, 1).reshape(-1, len(idx)) > 0.5
-    pos = Y.double()
-    n_pos, n_neg = pos.sum(0), (1 - pos).sum(0)
-    mp = (pos.T @ P) / n_pos.clamp_min(1)[:, None]
-    mn = ((1 - pos).T @ P) / n_neg.clamp_min(1)[:, None]
-    out = (mp - mn).float()
-    out[(n_pos == 0) | (n_neg == 0)] = float("nan")
-    return out
+    from ..edit.intervention import mean_difference_directions
+    idx = None if detectors is None else [int(i) for i in detectors]
+    return mean_difference_directions(maps, pairs, idx, normalize=False)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,15 @@ Protocol
 6. Controls, each with the *same masks* ``m_p`` (the watermark detectors) and its own strength chosen
    by the same rule on the same held-out data (all directions have unit norm, so strengths are in the
    same units): the filter directions ``w/‖w‖``; ``n_random`` draws of random unit directions (one
-   per corrected detector); the supervised Pattern-CAV (mean activation of watermark positions minus
-   non-watermark positions, positions labelled by the watermark covering ≥ ``cav_cover`` of their
-   cell) — normalised, in place of every corrected detector's direction.
+   per corrected detector); two supervised Pattern-CAVs (difference of means, normalised, in place of
+   every corrected detector's direction): with *cell* labels (mean activation of watermark positions
+   minus non-watermark positions, a position labelled by the watermark covering ≥ ``cav_cover`` of its
+   cell: finer supervision than the literature's) and with *image* labels as in Pahde et al. (max-pooled
+   maps of the stamped fit images minus the unstamped ones; when every image of the target class is
+   stamped this is also "target class vs the rest").
+7. A label-free alternative to the signal vector, with the same masks and rule: each corrected
+   detector's mean difference (:func:`~unveil.edit.mean_difference_directions`: the mean of the fit
+   positions it fires at minus the others'), i.e. Pattern-CAV with the detector as the labeller.
 
 An "oracle" row replaces the positions the true watermark mask covers with the mean activation of
 non-watermark positions: how much any edit at this layer could recover. "True-mask" rows apply the
@@ -128,7 +134,8 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     -------
     dict with ``"correction"`` (``poisoned_acc_before/after``, ``clean_acc_before/after``,
     ``filter_acc_after``, ``random_acc_after`` (mean over the random directions),
-    ``pattern_cav_acc_after``, ``watermark_iou`` (the best single detector), ``watermark_detectors``
+    ``pattern_cav_acc_after`` (cell labels), ``pattern_cav_image_acc_after`` (image labels),
+    ``mean_difference_acc_after`` (label-free), ``watermark_iou`` (the best single detector), ``watermark_detectors``
     and ``union_iou`` (the corrected detectors together), ``strength``, and their clean accuracies and
     strengths), ``"activation_maximization"`` (``cos_signal``, ``cos_filter``, ``cos_pattern_cav``:
     means over detectors, plus the full summary) and ``"setup"``.
@@ -143,7 +150,7 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     from ..data.world import ConceptWorld
     from ..edit import choose_strength
     from ..edit.correction import _Evaluator
-    from ..edit.intervention import edit_maps
+    from ..edit.intervention import edit_maps, mean_difference_directions
     from ..data.world import WatermarkSpec
     from ..models.worldnet import checkpoint_path, load_worldnet_file
 
@@ -209,17 +216,26 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     Xt_clean = capture(model, layer, xt_clean)
     Xt_pois = capture(model, layer, xt_pois)
 
-    # directions: signal, filter, random, supervised Pattern-CAV
+    # directions: signal, filter, random, supervised Pattern-CAV (cell and image labels), mean difference
     D = pairs.n_features
     h = X.shape[-1]
     cover = F.adaptive_avg_pool2d(wm_fit.float()[:, None], h)[:, 0]
     P = X.permute(0, 2, 3, 1)
     pos = cover >= cav_cover
     cav = P[pos].mean(0) - P[~pos].mean(0)
+    stamped = torch.from_numpy(fit.watermarked.copy())
+    pooled = X.amax(dim=(2, 3))
+    cav_image = pooled[stamped].mean(0) - pooled[~stamped].mean(0)
     gen = make_generator(seed + 17)
     rand = torch.randn(n_random, len(js), D, generator=gen)
     directions = {"signal": "signal", "filter": "filter",
-                  "pattern_cav": (cav / cav.norm())[None].expand(len(js), D).contiguous()}
+                  "pattern_cav": (cav / cav.norm())[None].expand(len(js), D).contiguous(),
+                  "pattern_cav_image": (cav_image / cav_image.norm())[None].expand(len(js), D).contiguous()}
+    mean_diff = mean_difference_directions(X, pairs, js)
+    if torch.isfinite(mean_diff).all():
+        directions["mean_difference"] = mean_diff
+    else:
+        logger.warning("a corrected detector fires at no fit position (or at all of them); no mean-difference row")
     for r in range(n_random):
         directions[f"random_{r}"] = rand[r] / rand[r].norm(dim=1, keepdim=True)
 
@@ -276,12 +292,19 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
         "random_clean_acc_after": float(np.mean([r["clean_acc_after"] for r in rnd])) if rnd else None,
         "pattern_cav_acc_after": rows["pattern_cav"]["poisoned_acc_after"],
         "pattern_cav_clean_acc_after": rows["pattern_cav"]["clean_acc_after"],
+        "pattern_cav_image_acc_after": rows["pattern_cav_image"]["poisoned_acc_after"],
+        "pattern_cav_image_clean_acc_after": rows["pattern_cav_image"]["clean_acc_after"],
+        "mean_difference_acc_after": rows["mean_difference"]["poisoned_acc_after"] if "mean_difference" in rows else None,
+        "mean_difference_clean_acc_after": (rows["mean_difference"]["clean_acc_after"] if "mean_difference" in rows
+                                            else None),
         "watermark_iou": float(iou[j]), "watermark_detector": j, "detectors_rule": detectors,
         "watermark_detectors": js, "watermark_detectors_iou": [float(iou[i]) for i in js], "union_iou": union_iou,
         "union_precision": union_prec, "union_recall": union_rec,
         "second_best_iou": float(iou.topk(2).values[1]) if len(iou) > 1 else None,
         "strength": rows["signal"]["strength"], "filter_strength": rows["filter"]["strength"],
         "pattern_cav_strength": rows["pattern_cav"]["strength"],
+        "pattern_cav_image_strength": rows["pattern_cav_image"]["strength"],
+        "mean_difference_strength": rows["mean_difference"]["strength"] if "mean_difference" in rows else None,
         "signal_value_removal": auto, "oracle_poisoned_acc": oracle, "true_mask": true_mask,
         "detector_precision": det_prec, "detector_recall": det_rec,
         "grid": grid, "rows": rows,

@@ -545,9 +545,15 @@ def _correction(results) -> str:
         rows.append([_txt(f"random unit directions (mean of {st.get('n_random', '?')}; max "
                           f"{_fmt(c.get('random_acc_after_max'))})"), _txt("own"), c.get("random_clean_acc_after"),
                      c.get("random_acc_after")])
+    if c.get("mean_difference_acc_after") is not None:
+        rows.append([_txt("detector mean difference (label-free)"), c.get("mean_difference_strength"),
+                     c.get("mean_difference_clean_acc_after"), c.get("mean_difference_acc_after")])
+    if c.get("pattern_cav_image_acc_after") is not None:
+        rows.append([_txt("supervised Pattern-CAV, image labels"), c.get("pattern_cav_image_strength"),
+                     c.get("pattern_cav_image_clean_acc_after"), c.get("pattern_cav_image_acc_after")])
     if c.get("pattern_cav_acc_after") is not None:
-        rows.append([_txt("supervised Pattern-CAV"), c.get("pattern_cav_strength"), c.get("pattern_cav_clean_acc_after"),
-                     c.get("pattern_cav_acc_after")])
+        rows.append([_txt("supervised Pattern-CAV, cell labels"), c.get("pattern_cav_strength"),
+                     c.get("pattern_cav_clean_acc_after"), c.get("pattern_cav_acc_after")])
     if c.get("oracle_poisoned_acc") is not None:
         rows.append([_txt("oracle (true watermark cells → mean activation)"), na, na, c.get("oracle_poisoned_acc")])
     wm = st.get("watermark") or {}
@@ -575,19 +581,24 @@ def _correction(results) -> str:
                      f"({float(pa) - float(pb):+.3f}) and the clean accuracy from {_fmt(c.get('clean_acc_before'))} to "
                      f"{_fmt(c.get('clean_acc_after'))}.")
         others = {"the filter w": c.get("filter_acc_after"), "random directions (mean)": c.get("random_acc_after"),
-                  "the supervised Pattern-CAV": c.get("pattern_cav_acc_after")}
+                  "the supervised Pattern-CAV (image labels)": c.get("pattern_cav_image_acc_after"),
+                  "the supervised Pattern-CAV (cell labels)": c.get("pattern_cav_acc_after")}
         better = [k for k, v in others.items() if v is not None and float(v) > float(pa)]
         worse = [k for k, v in others.items() if v is not None and float(v) <= float(pa)]
         if worse:
             facts.append("ŝ reached at least the poisoned accuracy of " + ", ".join(worse) + ".")
         if better:
             facts.append("ŝ stayed below " + ", ".join(better) + ".")
+        md = c.get("mean_difference_acc_after")
+        if md is not None:
+            facts.append(f"With the same detectors, their label-free mean difference (Pattern-CAV's estimator with the "
+                         f"detector as the labeller) reached {_fmt(md)} ({float(md) - float(pb):+.3f}).")
         if c.get("oracle_poisoned_acc") is not None:
             facts.append(f"The oracle edit reaches {_fmt(c['oracle_poisoned_acc'])}.")
     tm = c.get("true_mask") or {}
     tm_rows = [[_txt(lab), tm[k].get("strength"), tm[k].get("poisoned_acc_after")]
                for k, lab in (("signal", "signal vector ŝ"), ("filter", "filter w"),
-                              ("pattern_cav", "supervised Pattern-CAV")) if k in tm]
+                              ("pattern_cav", "supervised Pattern-CAV, cell labels")) if k in tm]
     out = ["<h3>Correcting the shortcut</h3>", f"<p>{setup}</p>",
            _table(("edit (mask: the watermark detectors)", "k", "clean acc", "poisoned acc"), rows),
            '<div class="note">' + " ".join(facts) + "</div>"]
