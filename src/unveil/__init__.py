@@ -8,5 +8,13 @@ from ._errors import (CorruptFileError, HeadError, LayerError, NotFittedError, U
                       ValidationError)
 from .directions import EDDP, DirectionPairs  # noqa: E402
 
-__all__ = ["__version__", "EDDP", "DirectionPairs", "UnveilError", "ValidationError", "NotFittedError",
+__all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "UnveilError", "ValidationError", "NotFittedError",
            "CorruptFileError", "LayerError", "HeadError"]
+
+
+def __getattr__(name):
+    # ``unveil.explain(model, layer, pairs, images)``: the explain module is callable; imported on first use
+    if name == "explain":
+        import importlib
+        return importlib.import_module(".explain", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,7 +64,7 @@ def test_contributions_match_direct_computation():
     expl = explain(model, "feat", pairs, x, top_k=2, batch_size=3)
     assert len(expl) == 7 and all(isinstance(e, Explanation) for e in expl)
     with hooks(model, "feat") as rec:
-        logits = model(x)
+        logits = model(x).detach()
     X = rec["feat"]  # (7, 5, 6, 6), non-negative (post-ReLU)
     W, b, S, mu = pairs.decoders, pairs.biases, pairs.encoders, pairs.mean
     for n, e in enumerate(expl):
@@ -133,3 +133,13 @@ def test_explain_errors_and_hooks_removed():
     with pytest.raises(ValidationError, match="images must be a \\(N, C, H, W\\) tensor"):
         explain(model, "feat", random_pairs(), x[0])
     assert len(model.feat._forward_hooks) == 0
+
+
+def test_unveil_explain_is_callable():
+    import unveil
+    model = Planted().eval()
+    pairs = DirectionPairs(torch.eye(3) * 10, torch.full((3,), 5.0), torch.eye(3), names=["red", "green", "blue"])
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    a, b = unveil.explain(model, "feat", pairs, x), explain(model, "feat", pairs, x)
+    assert [e.top for e in a] == [e.top for e in b]
+    torch.testing.assert_close(torch.stack([e.contributions for e in a]), torch.stack([e.contributions for e in b]))
