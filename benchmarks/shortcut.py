@@ -31,8 +31,9 @@ def main() -> int:
     p.add_argument("--no-actmax", action="store_true")
     p.add_argument("--levels", default=None,
                    help="EDDP levels: 'auto' or comma-separated sizes summing to --concepts (default: one level)")
-    p.add_argument("--detectors", choices=("label", "best"), default="label",
-                   help="correct every detector labelled 'watermark' (default) or only the best one")
+    p.add_argument("--detectors", choices=("select", "label", "best"), default="select",
+                   help="of the detectors labelled 'watermark', correct those that help on held-out data (default), "
+                        "all of them, or only the best one")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a WorldNet checkpoint trained with a watermark (default: the shipped worldnet-shortcut)")
     args = p.parse_args()
@@ -76,26 +77,14 @@ def main() -> int:
              f"training images), layer `{st['layer']}`, {st['n_concepts']} concepts fitted on {st['n_fit']} training "
              f"images; strength chosen on {st['n_val']} held-out images (clean drop <= {st['max_clean_drop']}); "
              f"evaluated on {st['n_test']} test images.", "",
-             "| edit (mask: the watermark detectors) | k | clean acc | poisoned acc |", "|---|---|---|---|",
-             f"| none | 0 | {c['clean_acc_before']:.3f} | {c['poisoned_acc_before']:.3f} |",
-             f"| signal vector ŝ (EDDP) | {c['strength']:.3g} | {c['clean_acc_after']:.3f} | {c['poisoned_acc_after']:.3f} |",
-             f"| signal value removal (k = â_p, untuned) | auto | {c['signal_value_removal']['clean_acc_after']:.3f} | "
-             f"{c['signal_value_removal']['poisoned_acc_after']:.3f} |",
-             f"| filter w | {c['filter_strength']:.3g} | {c['filter_clean_acc_after']:.3f} | {c['filter_acc_after']:.3f} |",
-             f"| random unit directions (mean of {res['setup']['n_random']}; max {c['random_acc_after_max']:.3f}) | own | "
-             f"{c['random_clean_acc_after']:.3f} | {c['random_acc_after']:.3f} |",
-             f"| supervised Pattern-CAV, cell labels | {c['pattern_cav_strength']:.3g} | "
-             f"{c['pattern_cav_clean_acc_after']:.3f} | {c['pattern_cav_acc_after']:.3f} |",
-             f"| supervised Pattern-CAV, image labels (max-pooled) | {c['pattern_cav_image_strength']:.3g} | "
-             f"{c['pattern_cav_image_clean_acc_after']:.3f} | {c['pattern_cav_image_acc_after']:.3f} |",
-             ] + ([f"| detector mean difference (label-free) | {c['mean_difference_strength']:.3g} | "
-                   f"{c['mean_difference_clean_acc_after']:.3f} | {c['mean_difference_acc_after']:.3f} |"]
-                  if c.get("mean_difference_acc_after") is not None else []) + [
-             f"| oracle (true watermark cells -> mean activation) | - | - | {c['oracle_poisoned_acc']:.3f} |", "",
+             "| edit (masks: watermark detectors) | detectors | k | clean acc | poisoned acc |", "|---|---|---|---|---|",
+             f"| none | - | 0 | {c['clean_acc_before']:.3f} | {c['poisoned_acc_before']:.3f} |",
+             ] + _rows(c, res["setup"]["n_random"]) + [
+             f"| oracle (true watermark cells -> mean activation) | - | - | - | {c['oracle_poisoned_acc']:.3f} |", "",
              f"Watermark detector {c['watermark_detector']}: IoU {c['watermark_iou']:.3f} (next best "
              f"{c['second_best_iou']:.3f}); on the layer's cells it fires with precision {c['detector_precision']:.3f} "
              f"and covers {c['detector_recall']:.3f} of the cells the watermark touches (>= 5% covered).", "",
-             f"Corrected ({'every detector labelled watermark with IoU >= ' + str(st['min_iou']) if c['detectors_rule'] == 'label' else 'the best detector only'}): "
+             f"Candidates ({_RULES[c['detectors_rule']].format(st['min_iou'])}): "
              f"{', '.join(f'd{i} (IoU {v:.3f})' for i, v in zip(c['watermark_detectors'], c['watermark_detectors_iou']))}; "
              f"together IoU {c['union_iou']:.3f}, cell precision {c['union_precision']:.3f}, cell recall "
              f"{c['union_recall']:.3f}.", "",
@@ -125,6 +114,33 @@ def main() -> int:
     out[".md"].write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+_RULES = {"select": "the detectors labelled watermark with IoU >= {}; each edit keeps those that help on held-out data",
+          "label": "every detector labelled watermark with IoU >= {}", "best": "the best detector only"}
+
+
+def _rows(c, n_random):
+    def det(name):
+        used = (c["rows"].get(name) or {}).get("detectors")
+        return " ".join(f"d{i}" for i in used) if used else "-"
+    out = []
+    for name, label in (("signal", "signal vector ŝ (EDDP)"), ("filter", "filter w"),
+                        ("mean_difference", "detector mean difference (label-free)"),
+                        ("pattern_cav_image", "supervised Pattern-CAV, image labels (max-pooled)"),
+                        ("pattern_cav", "supervised Pattern-CAV, cell labels")):
+        r = c["rows"].get(name)
+        if r is not None:
+            out.append(f"| {label} | {det(name)} | {r['strength']:.3g} | {r['clean_acc_after']:.3f} | "
+                       f"{r['poisoned_acc_after']:.3f} |")
+        if name == "signal":
+            a = c["signal_value_removal"]
+            out.append(f"| signal value removal (k = â_p, untuned) | {det(name)} | auto | {a['clean_acc_after']:.3f} | "
+                       f"{a['poisoned_acc_after']:.3f} |")
+        if name == "filter":
+            out.append(f"| random unit directions (mean of {n_random}; max {c['random_acc_after_max']:.3f}) | own | own | "
+                       f"{c['random_clean_acc_after']:.3f} | {c['random_acc_after']:.3f} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -86,6 +86,17 @@ def test_correct_with_strength_and_choose_on(setup, capsys):
     ref = mean_difference_directions(capture(model, "layer3", xh), DirectionPairs.load(root / "pairs"), [0])
     torch.testing.assert_close(md._directions, ref, atol=1e-5, rtol=1e-4)
 
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "2", "0", "--choose-on", str(root / "held"), "--select", "--out", str(root / "corr4")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    doc = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    steps = doc["selection"]
+    assert [s["concept"] for s in steps] == [2, 0] and steps[0]["kept"]
+    kept = [s["concept"] for s in steps if s["kept"]]
+    sel = CorrectedModel.load(root / "corr4", model)
+    assert sel.concepts == kept and sel.strength == pytest.approx(doc["strength"])
+
 
 def test_cli_errors_are_one_line(setup, capsys):
     root, files = setup
@@ -103,3 +114,6 @@ def test_cli_errors_are_one_line(setup, capsys):
     rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
                "--concepts", "0", "--direction", "mean-difference", "--strength", "2", "--out", str(root / "bad3")])
     assert rc == 1 and "pass --choose-on DIR" in capsys.readouterr().err
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "0", "1", "--select", "--strength", "2", "--out", str(root / "bad4")])
+    assert rc == 1 and "--select chooses concepts on held-out images" in capsys.readouterr().err

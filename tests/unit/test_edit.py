@@ -235,3 +235,22 @@ def test_corrected_model_with_mean_difference_directions(model, tmp_path):
     fixed.save(tmp_path / "md")
     again = CorrectedModel.load(tmp_path / "md", model)
     assert again.direction_kind == "mean_difference" and torch.equal(again(held), fixed(held))
+
+
+def test_choose_concepts_keeps_the_candidates_that_help(model):
+    from unveil.edit import choose_concepts
+    pois, clean = images("BS", n=8), torch.cat([images("A", n=4), images("B", n=4)])
+    y_pois, y_clean = torch.ones(8, dtype=torch.long), torch.tensor([0] * 4 + [1] * 4)
+    args = (model, "feat", planted_pairs())
+    # B first (always kept, does not help: the stamp still wins), then S fixes the poisoned images
+    sel = choose_concepts(*args, ["B", "S"], pois, y_pois, clean, y_clean)
+    assert sel.concepts == [1, 2] and sel.choice.accuracy == 1.0 and sel.choice.clean_accuracy == 1.0
+    assert [s["kept"] for s in sel.steps] == [True, True] and sel.steps[0]["accuracy"] == 0.0
+    # S alone already fixes everything: B adds nothing and is dropped
+    sel = choose_concepts(*args, ["S", "B"], pois, y_pois, clean, y_clean)
+    assert sel.concepts == [2] and [s["kept"] for s in sel.steps] == [True, False]
+    assert sel.strength == pytest.approx(choose_strength(*args, [2], pois, y_pois, clean, y_clean).strength)
+    # direction rows follow the candidates: S along channel 2 helps, S along channel 1 cannot
+    E = torch.eye(4)
+    assert choose_concepts(*args, ["B", "S"], pois, y_pois, clean, y_clean, direction=E[[1, 2]]).concepts == [1, 2]
+    assert choose_concepts(*args, ["B", "S"], pois, y_pois, clean, y_clean, direction=E[[2, 1]]).concepts == [1]

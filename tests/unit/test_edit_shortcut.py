@@ -55,5 +55,5 @@ def test_concept_iou_matches_watermark_iou_per_concept():
 def test_experiment_rejects_an_unknown_detector_rule():
     from unveil import ValidationError
     from unveil.evaluate.shortcut import run_shortcut_experiment
-    with pytest.raises(ValidationError, match="detectors must be 'label' or 'best'"):
+    with pytest.raises(ValidationError, match="detectors must be 'select', 'label' or 'best'"):
         run_shortcut_experiment(detectors="all", n_fit=7, n_val=7, n_test=7, actmax=False)

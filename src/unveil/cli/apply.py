@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                    help="clean held-out image folder (class sub-folders): with --choose-on, clean accuracy may "
                         "drop by at most --max-clean-drop")
     c.add_argument("--max-clean-drop", type=float, default=0.005, help="allowed clean accuracy drop (default 0.005)")
+    c.add_argument("--select", action="store_true",
+                   help="with --choose-on: keep only those of --concepts (taken in the order given, best first) "
+                        "whose removal raises the held-out accuracy; k is chosen for the kept ones")
     c.add_argument("--direction", choices=("signal", "filter", "mean-difference"), default="signal",
                    help="edit direction: the signal vector (default), the filter, or each detector's mean difference "
                         "(mean of the positions it fires at minus the others'), measured on the --choose-on "
@@ -154,14 +157,17 @@ def _correct(args) -> int:
     import torch
 
     from .._errors import ValidationError
-    from ..edit import CorrectedModel, choose_strength
+    from ..edit import CorrectedModel, choose_concepts, choose_strength
     if args.direction == "mean-difference" and args.choose_on is None:
         raise ValidationError("--direction mean-difference is measured on images: pass --choose-on DIR (held-out "
                               "images where the concepts occur).")
+    if args.select and args.choose_on is None:
+        raise ValidationError("--select chooses concepts on held-out images: pass --choose-on DIR.")
     model, pre, model_id, pairs = _load(args)
     strength = args.strength
-    choice = None
+    choice = steps = None
     direction = args.direction
+    concepts = list(args.concepts)
     if args.choose_on is not None:
         names = _class_names(args.model)
         x, y = _folder(args.choose_on, pre, names)
@@ -170,17 +176,27 @@ def _correct(args) -> int:
             xc, yc = _folder(args.clean, pre, names)
         if direction == "mean-difference":
             direction = _mean_difference(model, args, pairs, x if xc is None else torch.cat([x, xc]))
-        choice = choose_strength(model, args.layer, pairs, args.concepts, x, y, xc, yc, direction=direction,
-                                 max_clean_drop=args.max_clean_drop, batch_size=args.batch_size)
+        if args.select:
+            sel = choose_concepts(model, args.layer, pairs, concepts, x, y, xc, yc, direction=direction,
+                                  max_clean_drop=args.max_clean_drop, batch_size=args.batch_size)
+            if not isinstance(direction, str):
+                direction = direction[[concepts.index(c) for c in sel.concepts]]
+            concepts, choice, steps = sel.concepts, sel.choice, sel.steps
+        else:
+            choice = choose_strength(model, args.layer, pairs, concepts, x, y, xc, yc, direction=direction,
+                                     max_clean_drop=args.max_clean_drop, batch_size=args.batch_size)
         strength = choice.strength
-    fixed = CorrectedModel(model, args.layer, pairs, args.concepts, strength, model_id=model_id, direction=direction,
+    fixed = CorrectedModel(model, args.layer, pairs, concepts, strength, model_id=model_id, direction=direction,
                            direction_name=args.direction.replace("-", "_"))
     fixed.save(args.out)
     if choice is not None:
-        print(json.dumps(choice.to_dict(), indent=2))
+        doc = choice.to_dict()
+        if steps is not None:
+            doc["selection"] = steps  # per candidate: held-out accuracy with it added, and whether it was kept
+        print(json.dumps(doc, indent=2))
         print(f"chosen strength k = {strength:.4g}: held-out accuracy {choice.accuracy_base:.4f} -> {choice.accuracy:.4f}"
               + (f", clean {choice.clean_accuracy_base:.4f} -> {choice.clean_accuracy:.4f}"
                  if choice.clean_accuracy is not None else ""))
     ktxt = "each position's signal value" if strength is None else f"k = {strength:.4g}"
-    print(f"saved the correction of {model_id} (layer {args.layer!r}, concepts {args.concepts}, {ktxt}) to {args.out}")
+    print(f"saved the correction of {model_id} (layer {args.layer!r}, concepts {concepts}, {ktxt}) to {args.out}")
     return 0

@@ -2,7 +2,8 @@
 
 :class:`CorrectedModel` wraps the user's model; its ``forward`` runs the model with a forward hook
 that applies ``x'_p = ReLU(x_p − m_p·k·ŝ_i)`` at the layer (method.md §8; the edit of
-:mod:`unveil.edit.intervention`). :func:`choose_strength` picks ``k`` on held-out data.
+:mod:`unveil.edit.intervention`). :func:`choose_strength` picks ``k`` on held-out data;
+:func:`choose_concepts` also picks which of several candidate concepts to remove.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .._validation import check_in_range, check_positive_int
 from .counterfactual import check_images
 from .intervention import check_strength, edit_layer, edit_maps, resolve_concepts, resolve_directions
 
-__all__ = ["CorrectedModel", "choose_strength", "StrengthChoice", "default_grid"]
+__all__ = ["CorrectedModel", "choose_strength", "StrengthChoice", "choose_concepts", "ConceptChoice", "default_grid"]
 logger = logging.getLogger("unveil")
 
 
@@ -288,15 +289,8 @@ def choose_strength(model: nn.Module, layer: str, pairs, concepts, images, label
     batch_size = check_positive_int(batch_size, "batch_size")
     max_clean_drop = check_in_range(max_clean_drop, "max_clean_drop", 0.0, 1.0)
     V = resolve_directions(pairs, idx, direction)
-    if _evaluators is not None:
-        ev, ev_clean = _evaluators
-    else:
-        ev = _Evaluator(model, layer, images, labels, batch_size, head, tokens)
-        ev_clean = None
-        if clean_images is not None:
-            if clean_labels is None:
-                raise ValidationError("clean_images needs clean_labels (one label per clean image).")
-            ev_clean = _Evaluator(model, layer, clean_images, clean_labels, batch_size, ev.head, tokens)
+    ev, ev_clean = _evaluators if _evaluators is not None else _make_evaluators(
+        model, layer, images, labels, clean_images, clean_labels, batch_size, head, tokens)
     if grid is None:
         if ev.maps is None:
             from ..capture import capture
@@ -322,3 +316,111 @@ def choose_strength(model: nn.Module, layer: str, pairs, concepts, images, label
         logger.info("strength %.4g: accuracy %.4f, clean %s", k, acc, cacc)
     best = max((r for r in table if r["allowed"]), key=lambda r: (r["accuracy"], -r["strength"]))
     return StrengthChoice(best["strength"], best["accuracy"], best["clean_accuracy"], base, base_clean, table)
+
+
+def _make_evaluators(model, layer, images, labels, clean_images, clean_labels, batch_size, head, tokens):
+    ev = _Evaluator(model, layer, images, labels, batch_size, head, tokens)
+    ev_clean = None
+    if clean_images is not None:
+        if clean_labels is None:
+            raise ValidationError("clean_images needs clean_labels (one label per clean image).")
+        ev_clean = _Evaluator(model, layer, clean_images, clean_labels, batch_size, ev.head, tokens)
+    return ev, ev_clean
+
+
+@dataclass
+class ConceptChoice:
+    """The outcome of :func:`choose_concepts`.
+
+    Attributes
+    ----------
+    concepts : list of int
+        The kept concepts (a subset of the candidates, in their order).
+    choice : StrengthChoice
+        k chosen for the kept concepts together.
+    steps : list of dict
+        ``{"concept", "accuracy", "clean_accuracy", "strength", "kept"}`` per candidate: the held-out
+        accuracies with that candidate added to the concepts kept before it (k re-chosen).
+    """
+
+    concepts: List[int]
+    choice: StrengthChoice
+    steps: List[Dict] = field(default_factory=list)
+
+    @property
+    def strength(self) -> float:
+        return self.choice.strength
+
+    def to_dict(self) -> dict:
+        return {"concepts": self.concepts, "strength": self.choice.strength, "choice": self.choice.to_dict(),
+                "steps": self.steps}
+
+
+def choose_concepts(model: nn.Module, layer: str, pairs, candidates, images, labels, clean_images=None,
+                    clean_labels=None, *, grid: Optional[Sequence[float]] = None, max_clean_drop: float = 0.005,
+                    direction: Union[str, torch.Tensor] = "signal", nonneg: Optional[bool] = None,
+                    batch_size: int = 64, head: Optional[nn.Module] = None, tokens: str = "patches",
+                    _evaluators=None) -> ConceptChoice:
+    """Pick which candidate concepts to remove, and k, on held-out data (greedy forward selection).
+
+    A shortcut is often split over several detectors, and a detector that is only partly about it
+    (one that also fires on other patterns) costs clean accuracy for little gain. The first
+    candidate is always kept; each next candidate is kept when removing it *as well* (with k
+    re-chosen by :func:`choose_strength`'s rule) raises the held-out accuracy. List the candidates
+    best first (e.g. by IoU with the shortcut's mask).
+
+    Parameters
+    ----------
+    candidates : sequence of int or str
+        Concepts that may be removed, best first.
+    direction : {"signal", "filter"} or tensor (len(candidates), D)
+        Edit directions; a tensor has one row per *candidate* (the rows of the kept ones are used).
+    grid : sequence of float, optional
+        Strengths to try for every subset (default :func:`default_grid` over all candidates, so every
+        subset is tried at the same strengths).
+    Other parameters are as for :func:`choose_strength`.
+
+    Returns
+    -------
+    ConceptChoice
+
+    Examples
+    --------
+    >>> sel = choose_concepts(model, "layer2", pairs, [41, 60, 8], pois_x, pois_y, clean_x, clean_y)  # doctest: +SKIP
+    >>> CorrectedModel(model, "layer2", pairs, sel.concepts, sel.strength)                              # doctest: +SKIP
+    """
+    idx = resolve_concepts(pairs, candidates)
+    batch_size = check_positive_int(batch_size, "batch_size")
+    rows = None
+    if not isinstance(direction, str):
+        rows = resolve_directions(pairs, idx, direction)
+    ev, ev_clean = _evaluators if _evaluators is not None else _make_evaluators(
+        model, layer, images, labels, clean_images, clean_labels, batch_size, head, tokens)
+    if grid is None:
+        if ev.maps is None:
+            from ..capture import capture
+            maps = capture(model, layer, ev.images[:256], batch_size=batch_size, tokens=tokens)
+        else:
+            maps = ev.maps
+        grid = default_grid(pairs, idx, maps)
+
+    def trial(pos):
+        d = direction if rows is None else rows[pos]
+        return choose_strength(model, layer, pairs, [idx[p] for p in pos], images, labels, clean_images,
+                               clean_labels, grid=grid, max_clean_drop=max_clean_drop, direction=d, nonneg=nonneg,
+                               batch_size=batch_size, tokens=tokens, _evaluators=(ev, ev_clean))
+
+    kept = [0]
+    best = trial(kept)
+    steps = [{"concept": idx[0], "accuracy": best.accuracy, "clean_accuracy": best.clean_accuracy,
+              "strength": best.strength, "kept": True}]
+    for p in range(1, len(idx)):
+        c = trial(kept + [p])
+        keep = c.accuracy > best.accuracy
+        steps.append({"concept": idx[p], "accuracy": c.accuracy, "clean_accuracy": c.clean_accuracy,
+                      "strength": c.strength, "kept": bool(keep)})
+        logger.info("candidate %d: held-out accuracy %.4f (best so far %.4f) -> %s", idx[p], c.accuracy,
+                    best.accuracy, "kept" if keep else "dropped")
+        if keep:
+            kept, best = kept + [p], c
+    return ConceptChoice([idx[p] for p in kept], best, steps)

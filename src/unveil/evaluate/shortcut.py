@@ -9,19 +9,22 @@ Protocol
    the layer (URA terms on).
 3. The watermark detectors. Every detector is labelled, as in Network Dissection, with the world
    concept of highest IoU over the fit images (maps bilinearly upsampled to the image, cut at 0.5).
-   ``detectors="label"`` (default) corrects *every* detector labelled "watermark" with an IoU of at
-   least ``min_iou`` (0.04, the interpretable-detector rule): a glyph that the layer represents as
-   several patterns (its parts, its offsets against the layer's grid) is found by several detectors,
-   and removing only one of them leaves the others to carry the shortcut. ``detectors="best"``
-   corrects the single detector of highest watermark IoU (the paper's protocol).
+   The candidates are the detectors labelled "watermark" with an IoU of at least ``min_iou`` (0.04,
+   the interpretable-detector rule): a glyph that the layer represents as several patterns (its
+   parts, its offsets against the layer's grid) is found by several detectors, and removing only one
+   of them leaves the others to carry the shortcut. ``detectors="select"`` (default) keeps, per edit
+   direction, the candidates whose removal helps on held-out data (:func:`~unveil.edit.choose_concepts`:
+   greedy, best IoU first; a detector labelled "watermark" that also fires on much else costs clean
+   accuracy for little gain). ``detectors="label"`` corrects every candidate; ``detectors="best"``
+   only the one of highest watermark IoU (the paper's protocol).
 4. Strength: :func:`~unveil.edit.choose_strength` over :data:`GRID_MULTIPLIERS` times the
    detector's median signal value, on held-out data — the ``poisoned_test`` split
    of seed ``val_seed`` (the watermark stamped on every image of the other classes) under the
    constraint that the clean ``test`` split of the same seed loses at most ``max_clean_drop``.
 5. Evaluation on the test images of seed ``seed`` (the checkpoint's own test set): clean accuracy and
    poisoned accuracy, before and after the correction.
-6. Controls, each with the *same masks* ``m_p`` (the watermark detectors) and its own strength chosen
-   by the same rule on the same held-out data (all directions have unit norm, so strengths are in the
+6. Controls, each with the masks ``m_p`` of the same candidate detectors, its own selection among
+   them (``"select"``) and its own strength, chosen by the same rule on the same held-out data (all directions have unit norm, so strengths are in the
    same units): the filter directions ``w/‖w‖``; ``n_random`` draws of random unit directions (one
    per corrected detector); two supervised Pattern-CAVs (difference of means, normalised, in place of
    every corrected detector's direction): with *cell* labels (mean activation of watermark positions
@@ -116,16 +119,17 @@ def _region_accuracy(head, maps, labels, region, fn, k, batch=256) -> float:
 def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fit: int = 1400, n_val: int = 700,
                             n_test: int = 1000, seed: int = 0, val_seed: int = 1, n_random: int = 10,
                             max_clean_drop: float = 0.005, cav_cover: float = 0.3, eddp_params: Optional[dict] = None,
-                            detectors: str = "label", min_iou: float = 0.04,
+                            detectors: str = "select", min_iou: float = 0.04,
                             actmax: bool = True, actmax_steps: int = 96, checkpoint=None,
                             progress: bool = False) -> dict:
     """Run the shortcut experiment (see the module docstring) and return every number.
 
     Parameters
     ----------
-    detectors : {"label", "best"}
-        Which detectors are corrected (step 3 of the module docstring): every detector labelled
-        "watermark" with IoU >= ``min_iou``, or only the one of highest watermark IoU.
+    detectors : {"select", "label", "best"}
+        Which detectors are corrected (step 3 of the module docstring): those of the detectors
+        labelled "watermark" with IoU >= ``min_iou`` that help on held-out data (per direction), all
+        of them, or only the one of highest watermark IoU.
     checkpoint : path, optional
         A WorldNet checkpoint (``.safetensors`` + ``.json`` sidecar) trained with a watermark;
         default the shipped ``worldnet-shortcut``. The watermark is the one recorded in its sidecar.
@@ -136,7 +140,8 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     ``filter_acc_after``, ``random_acc_after`` (mean over the random directions),
     ``pattern_cav_acc_after`` (cell labels), ``pattern_cav_image_acc_after`` (image labels),
     ``mean_difference_acc_after`` (label-free), ``watermark_iou`` (the best single detector), ``watermark_detectors``
-    and ``union_iou`` (the corrected detectors together), ``strength``, and their clean accuracies and
+    (the candidates) and ``union_iou`` (the candidates together), ``signal_detectors`` (those corrected
+    along ŝ), ``strength``, and their clean accuracies and
     strengths), ``"activation_maximization"`` (``cos_signal``, ``cos_filter``, ``cos_pattern_cav``:
     means over detectors, plus the full summary) and ``"setup"``.
 
@@ -148,14 +153,14 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     from .. import EDDP
     from ..capture import capture, make_head
     from ..data.world import ConceptWorld
-    from ..edit import choose_strength
+    from ..edit import choose_concepts, choose_strength
     from ..edit.correction import _Evaluator
     from ..edit.intervention import edit_maps, mean_difference_directions
     from ..data.world import WatermarkSpec
     from ..models.worldnet import checkpoint_path, load_worldnet_file
 
-    if detectors not in ("label", "best"):
-        raise ValidationError(f"detectors must be 'label' or 'best', got {detectors!r}.")
+    if detectors not in ("select", "label", "best"):
+        raise ValidationError(f"detectors must be 'select', 'label' or 'best', got {detectors!r}.")
     t0 = time.perf_counter()
     path = checkpoint_path(shortcut=True) if checkpoint is None else checkpoint
     model, meta = load_worldnet_file(path)
@@ -184,13 +189,14 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     del masks_fit
     iou = iou_all[:, -1]  # the watermark is the world's last concept
     j = int(iou.argmax())
-    labelled = [i for i in range(iou_all.shape[0])
-                if int(iou_all[i].argmax()) == iou_all.shape[1] - 1 and float(iou[i]) >= min_iou]
-    js = labelled if detectors == "label" and labelled else [j]
-    if detectors == "label" and not labelled:
+    labelled = sorted((i for i in range(iou_all.shape[0])
+                       if int(iou_all[i].argmax()) == iou_all.shape[1] - 1 and float(iou[i]) >= min_iou),
+                      key=lambda i: -float(iou[i]))
+    js = labelled if detectors != "best" and labelled else [j]
+    if detectors != "best" and not labelled:
         logger.warning("no detector is labelled 'watermark' with IoU >= %.3g; correcting the best one (%d, IoU %.3f)",
                        min_iou, j, float(iou[j]))
-    logger.info("watermark detector %d, IoU %.3f; corrected detectors %s", j, float(iou[j]), js)
+    logger.info("watermark detector %d, IoU %.3f; candidate detectors %s", j, float(iou[j]), js)
     # on the layer's cells: precision of the detectors (y > 0.5) and recall of the cells the watermark
     # touches (>= 5% of the cell covered); for the best one and for the corrected ones together
     cells = F.adaptive_avg_pool2d(wm_fit.float()[:, None], X.shape[-1])[:, 0] > 0.05
@@ -247,18 +253,30 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     base_clean, base_pois = _accuracy(head, Xt_clean, yt), _accuracy(head, Xt_pois, yt)
     rows = {}
     for name, d in directions.items():
-        choice = choose_strength(model, layer, pairs, js, xv_pois, yv, xv_clean, yv, grid=grid,
-                                 max_clean_drop=max_clean_drop, direction=d, nonneg=nonneg, head=head,
-                                 _evaluators=(ev, ev_clean))
+        steps = None
+        if detectors == "select":
+            sel = choose_concepts(model, layer, pairs, js, xv_pois, yv, xv_clean, yv, grid=grid,
+                                  max_clean_drop=max_clean_drop, direction=d, nonneg=nonneg, head=head,
+                                  _evaluators=(ev, ev_clean))
+            choice, used, steps = sel.choice, sel.concepts, sel.steps
+            d = d if isinstance(d, str) else d[[js.index(c) for c in used]]
+        else:
+            choice = choose_strength(model, layer, pairs, js, xv_pois, yv, xv_clean, yv, grid=grid,
+                                     max_clean_drop=max_clean_drop, direction=d, nonneg=nonneg, head=head,
+                                     _evaluators=(ev, ev_clean))
+            used = js
 
-        def fn(m, _k=choice.strength, _d=d):
-            return edit_maps(m, pairs, js, strength=_k, direction=_d, nonneg=nonneg)
-        rows[name] = {"strength": choice.strength, "val_poisoned_acc": choice.accuracy,
+        def fn(m, _k=choice.strength, _d=d, _used=used):
+            return edit_maps(m, pairs, _used, strength=_k, direction=_d, nonneg=nonneg)
+        rows[name] = {"strength": choice.strength, "detectors": used, "val_poisoned_acc": choice.accuracy,
                       "val_clean_acc": choice.clean_accuracy, "clean_acc_after": _accuracy(head, Xt_clean, yt, fn),
-                      "poisoned_acc_after": _accuracy(head, Xt_pois, yt, fn), "table": choice.table}
-    # the exact removal of the signal value (k = signal value at each position, no tuning)
-    auto = {"clean_acc_after": _accuracy(head, Xt_clean, yt, lambda m: edit_maps(m, pairs, js, nonneg=nonneg)),
-            "poisoned_acc_after": _accuracy(head, Xt_pois, yt, lambda m: edit_maps(m, pairs, js, nonneg=nonneg))}
+                      "poisoned_acc_after": _accuracy(head, Xt_pois, yt, fn), "table": choice.table,
+                      "selection": steps}
+    # the exact removal of the signal value (k = signal value at each position, no tuning), with the
+    # detectors corrected along ŝ
+    js_s = rows["signal"]["detectors"]
+    auto = {"clean_acc_after": _accuracy(head, Xt_clean, yt, lambda m: edit_maps(m, pairs, js_s, nonneg=nonneg)),
+            "poisoned_acc_after": _accuracy(head, Xt_pois, yt, lambda m: edit_maps(m, pairs, js_s, nonneg=nonneg))}
     # oracle: replace the positions the true watermark covers by the mean of the non-watermark positions
     wm_test = torch.from_numpy(pois_test.masks_array()[:, -1]).float()
     cov_t = (F.adaptive_avg_pool2d(wm_test[:, None], h) > 0.05).float()
@@ -299,6 +317,8 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
                                             else None),
         "watermark_iou": float(iou[j]), "watermark_detector": j, "detectors_rule": detectors,
         "watermark_detectors": js, "watermark_detectors_iou": [float(iou[i]) for i in js], "union_iou": union_iou,
+        "signal_detectors": rows["signal"]["detectors"],
+        "mean_difference_detectors": rows["mean_difference"]["detectors"] if "mean_difference" in rows else None,
         "union_precision": union_prec, "union_recall": union_rec,
         "second_best_iou": float(iou.topk(2).values[1]) if len(iou) > 1 else None,
         "strength": rows["signal"]["strength"], "filter_strength": rows["filter"]["strength"],

@@ -534,40 +534,51 @@ def _correction(results) -> str:
         return ""
     st = results.get("shortcut_experiment") or {}
     na = None
-    rows = [[_txt("none"), na, c.get("clean_acc_before"), c.get("poisoned_acc_before")],
-            [_txt("signal vector ŝ (EDDP)"), c.get("strength"), c.get("clean_acc_after"), c.get("poisoned_acc_after")]]
+    used = {k: (v or {}).get("detectors") for k, v in (c.get("rows") or {}).items()}
+
+    def det(name):
+        return _txt(" ".join(f"d{i}" for i in used[name]) if used.get(name) else "–")
+    rows = [[_txt("none"), _txt("–"), na, c.get("clean_acc_before"), c.get("poisoned_acc_before")],
+            [_txt("signal vector ŝ (EDDP)"), det("signal"), c.get("strength"), c.get("clean_acc_after"),
+             c.get("poisoned_acc_after")]]
     auto = c.get("signal_value_removal") or {}
     if auto:
-        rows.append([_txt("signal value removal (k = â, untuned)"), _txt("auto"), auto.get("clean_acc_after"),
-                     auto.get("poisoned_acc_after")])
-    rows.append([_txt("filter w"), c.get("filter_strength"), c.get("filter_clean_acc_after"), c.get("filter_acc_after")])
+        rows.append([_txt("signal value removal (k = â, untuned)"), det("signal"), _txt("auto"),
+                     auto.get("clean_acc_after"), auto.get("poisoned_acc_after")])
+    rows.append([_txt("filter w"), det("filter"), c.get("filter_strength"), c.get("filter_clean_acc_after"),
+                 c.get("filter_acc_after")])
     if c.get("random_acc_after") is not None:
         rows.append([_txt(f"random unit directions (mean of {st.get('n_random', '?')}; max "
-                          f"{_fmt(c.get('random_acc_after_max'))})"), _txt("own"), c.get("random_clean_acc_after"),
-                     c.get("random_acc_after")])
+                          f"{_fmt(c.get('random_acc_after_max'))})"), _txt("own"), _txt("own"),
+                     c.get("random_clean_acc_after"), c.get("random_acc_after")])
     if c.get("mean_difference_acc_after") is not None:
-        rows.append([_txt("detector mean difference (label-free)"), c.get("mean_difference_strength"),
-                     c.get("mean_difference_clean_acc_after"), c.get("mean_difference_acc_after")])
+        rows.append([_txt("detector mean difference (label-free)"), det("mean_difference"),
+                     c.get("mean_difference_strength"), c.get("mean_difference_clean_acc_after"),
+                     c.get("mean_difference_acc_after")])
     if c.get("pattern_cav_image_acc_after") is not None:
-        rows.append([_txt("supervised Pattern-CAV, image labels"), c.get("pattern_cav_image_strength"),
-                     c.get("pattern_cav_image_clean_acc_after"), c.get("pattern_cav_image_acc_after")])
+        rows.append([_txt("supervised Pattern-CAV, image labels"), det("pattern_cav_image"),
+                     c.get("pattern_cav_image_strength"), c.get("pattern_cav_image_clean_acc_after"),
+                     c.get("pattern_cav_image_acc_after")])
     if c.get("pattern_cav_acc_after") is not None:
-        rows.append([_txt("supervised Pattern-CAV, cell labels"), c.get("pattern_cav_strength"),
+        rows.append([_txt("supervised Pattern-CAV, cell labels"), det("pattern_cav"), c.get("pattern_cav_strength"),
                      c.get("pattern_cav_clean_acc_after"), c.get("pattern_cav_acc_after")])
     if c.get("oracle_poisoned_acc") is not None:
-        rows.append([_txt("oracle (true watermark cells → mean activation)"), na, na, c.get("oracle_poisoned_acc")])
+        rows.append([_txt("oracle (true watermark cells → mean activation)"), _txt("–"), na, na,
+                     c.get("oracle_poisoned_acc")])
     wm = st.get("watermark") or {}
     setup = (f"Model <b>{_e(st.get('model', '?'))}</b>, layer <code>{_e(st.get('layer', '?'))}</code>, "
              f"{_e(st.get('n_concepts', '?'))} EDDP concepts fitted on {_e(st.get('n_fit', '?'))} training-distribution "
              f"images (a fit separate from the one above). "
-             + (f"Corrected: every detector whose dissection label on the fit images is the watermark "
-                f"(IoU ≥ {_e(st.get('min_iou', 0.04))}): "
-                + ", ".join(f"d{_e(i)} (IoU {_fmt(v)})" for i, v in zip(c.get("watermark_detectors") or [],
-                                                                   c.get("watermark_detectors_iou") or []))
-                + f"; together IoU {_fmt(c.get('union_iou'))}, cell recall {_fmt(c.get('union_recall'))}. "
-                if c.get("detectors_rule") == "label" else
+             + (("Candidates: every detector whose dissection label on the fit images is the watermark "
+                 f"(IoU ≥ {_e(st.get('min_iou', 0.04))}): "
+                 + ", ".join(f"d{_e(i)} (IoU {_fmt(v)})" for i, v in zip(c.get("watermark_detectors") or [],
+                                                                    c.get("watermark_detectors_iou") or []))
+                 + f"; together IoU {_fmt(c.get('union_iou'))}, cell recall {_fmt(c.get('union_recall'))}. "
+                 + ("Each edit keeps, best IoU first, the candidates whose removal raises the held-out accuracy "
+                    "(column “detectors”). " if c.get("detectors_rule") == "select" else "All are corrected. "))
+                if c.get("detectors_rule") in ("select", "label") else
                 "Corrected: the detector with the highest IoU against the watermark mask. ")
-             + f"Every edit uses these detectors' masks m_p; k is chosen on "
+             + f"Every edit uses its detectors' masks m_p; k is chosen on "
              f"{_e(st.get('n_val', '?'))} held-out images (seed {_e(st.get('val_seed', '?'))}) as the best poisoned "
              f"accuracy with a clean accuracy drop ≤ {_e(st.get('max_clean_drop', '?'))}; accuracies are on "
              f"{_e(st.get('n_test', '?'))} test images. Poisoned = the watermark "
@@ -600,7 +611,7 @@ def _correction(results) -> str:
                for k, lab in (("signal", "signal vector ŝ"), ("filter", "filter w"),
                               ("pattern_cav", "supervised Pattern-CAV, cell labels")) if k in tm]
     out = ["<h3>Correcting the shortcut</h3>", f"<p>{setup}</p>",
-           _table(("edit (mask: the watermark detectors)", "k", "clean acc", "poisoned acc"), rows),
+           _table(("edit (masks: watermark detectors)", "detectors", "k", "clean acc", "poisoned acc"), rows, left=2),
            '<div class="note">' + " ".join(facts) + "</div>"]
     if tm_rows:
         out.append("<p class=\"muted\">The same directions with the true watermark cells as the mask instead of the "
