@@ -206,7 +206,7 @@ def test_report_applications_section_states_the_measured_numbers():
     assert "ŝ reached at least the poisoned accuracy of the filter w, random directions (mean)." in app
     assert ("ŝ stayed below the supervised Pattern-CAV (image labels), the supervised Pattern-CAV (cell labels)."
             in app)
-    assert "their label-free mean difference (Pattern-CAV's estimator with the detector as the labeller) reached " \
+    assert "label-free mean difference (Pattern-CAV's estimator with the detector as the labeller) reached " \
            "0.703 (+0.305)" in app
     # gallery figure, counterfactual figure and 3 activation-maximisation images, all inline PNG
     srcs = re.findall(r'src="([^"]*)"', app)

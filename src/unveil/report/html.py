@@ -602,7 +602,7 @@ def _correction(results) -> str:
             facts.append("ŝ stayed below " + ", ".join(better) + ".")
         md = c.get("mean_difference_acc_after")
         if md is not None:
-            facts.append(f"With the same detectors, their label-free mean difference (Pattern-CAV's estimator with the "
+            facts.append(f"The same candidates' label-free mean difference (Pattern-CAV's estimator with the "
                          f"detector as the labeller) reached {_fmt(md)} ({float(md) - float(pb):+.3f}).")
         if c.get("oracle_poisoned_acc") is not None:
             facts.append(f"The oracle edit reaches {_fmt(c['oracle_poisoned_acc'])}.")
