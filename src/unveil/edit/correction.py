@@ -292,12 +292,7 @@ def choose_strength(model: nn.Module, layer: str, pairs, concepts, images, label
     ev, ev_clean = _evaluators if _evaluators is not None else _make_evaluators(
         model, layer, images, labels, clean_images, clean_labels, batch_size, head, tokens)
     if grid is None:
-        if ev.maps is None:
-            from ..capture import capture
-            maps = capture(model, layer, ev.images[:256], batch_size=batch_size, tokens=tokens)
-        else:
-            maps = ev.maps
-        grid = default_grid(pairs, idx, maps)
+        grid = _grid_from(ev, model, layer, pairs, idx, batch_size, tokens)
     grid = sorted({0.0, *[check_strength(float(k)) for k in grid]})
 
     base = ev.accuracy(None)
@@ -316,6 +311,15 @@ def choose_strength(model: nn.Module, layer: str, pairs, concepts, images, label
         logger.info("strength %.4g: accuracy %.4f, clean %s", k, acc, cacc)
     best = max((r for r in table if r["allowed"]), key=lambda r: (r["accuracy"], -r["strength"]))
     return StrengthChoice(best["strength"], best["accuracy"], best["clean_accuracy"], base, base_clean, table)
+
+
+def _grid_from(ev, model, layer, pairs, idx, batch_size, tokens) -> List[float]:
+    """:func:`default_grid` on the evaluator's held-out maps (the first 256 images when there are none)."""
+    maps = ev.maps
+    if maps is None:
+        from ..capture import capture
+        maps = capture(model, layer, ev.images[:256], batch_size=batch_size, tokens=tokens)
+    return default_grid(pairs, idx, maps)
 
 
 def _make_evaluators(model, layer, images, labels, clean_images, clean_labels, batch_size, head, tokens):
@@ -397,12 +401,7 @@ def choose_concepts(model: nn.Module, layer: str, pairs, candidates, images, lab
     ev, ev_clean = _evaluators if _evaluators is not None else _make_evaluators(
         model, layer, images, labels, clean_images, clean_labels, batch_size, head, tokens)
     if grid is None:
-        if ev.maps is None:
-            from ..capture import capture
-            maps = capture(model, layer, ev.images[:256], batch_size=batch_size, tokens=tokens)
-        else:
-            maps = ev.maps
-        grid = default_grid(pairs, idx, maps)
+        grid = _grid_from(ev, model, layer, pairs, idx, batch_size, tokens)
 
     def trial(pos):
         d = direction if rows is None else rows[pos]

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .._errors import LayerError, ValidationError
-from .._validation import check_maps
+from .._validation import check_maps, check_positive_int
 
 __all__ = ["edit_maps", "edit_layer", "resolve_concepts", "resolve_directions", "check_strength",
            "mean_difference_directions", "MODES", "DIRECTIONS"]
@@ -129,7 +129,6 @@ def mean_difference_directions(maps, pairs, concepts=None, *, threshold: float =
     -------
     tensor (len(concepts), D); rows of concepts detected at no position, or at every position, are NaN.
     """
-    from .._validation import check_positive_int
     X = check_maps(maps, "maps", n_features=pairs.n_features, allow_patches=False,
                    context=f"these direction pairs (layer {pairs.meta.get('layer', '?')!r})")
     idx = list(range(pairs.n_concepts)) if concepts is None else resolve_concepts(pairs, concepts)
