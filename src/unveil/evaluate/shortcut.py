@@ -24,9 +24,9 @@ Protocol
 5. Evaluation on the test images of seed ``seed`` (the checkpoint's own test set): clean accuracy and
    poisoned accuracy, before and after the correction.
 6. Controls, each with the masks ``m_p`` of the same candidate detectors, its own selection among
-   them (``"select"``) and its own strength, chosen by the same rule on the same held-out data (all directions have unit norm, so strengths are in the
-   same units): the filter directions ``w/‖w‖``; ``n_random`` draws of random unit directions (one
-   per corrected detector); two supervised Pattern-CAVs (difference of means, normalised, in place of
+   them (``"select"``) and its own strength, chosen by the same rule on the same held-out data (all
+   directions have unit norm, so strengths are in the same units): the filter directions
+   ``w/‖w‖``; ``n_random`` draws of random unit directions (one per candidate); two supervised Pattern-CAVs (difference of means, normalised, in place of
    every corrected detector's direction): with *cell* labels (mean activation of watermark positions
    minus non-watermark positions, a position labelled by the watermark covering ≥ ``cav_cover`` of its
    cell: finer supervision than the literature's) and with *image* labels as in Pahde et al. (max-pooled
@@ -37,7 +37,8 @@ Protocol
    positions it fires at minus the others'), i.e. Pattern-CAV with the detector as the labeller.
 
 An "oracle" row replaces the positions the true watermark mask covers with the mean activation of
-non-watermark positions: how much any edit at this layer could recover. "True-mask" rows apply the
+non-watermark positions: a reference for what an edit at this layer can recover (not a strict
+bound: a direction edit can do slightly better). "True-mask" rows apply the
 signal, filter and Pattern-CAV edits with the true watermark cells as the mask instead of ``m_p``
 (strength chosen by the same rule): they separate the direction's quality from the mask's.
 """
