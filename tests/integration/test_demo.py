@@ -87,6 +87,14 @@ def test_run_demo_shortcut_finds_a_watermark_detector(tmp_path):
     for k in CORRECTION_KEYS:
         assert 0.0 <= on_disk["correction"][k] <= 1.0, k
     assert on_disk["correction"] == json.loads(json.dumps(doc["correction"]))
+    c = on_disk["correction"]
+    for k in ("pattern_cav_acc_after", "pattern_cav_image_acc_after", "mean_difference_acc_after"):
+        assert 0.0 <= c[k] <= 1.0, k
+    # every edit keeps a non-empty subset of the candidates, led by the candidate of highest IoU
+    assert c["detectors_rule"] == "select"
+    for name, row in c["rows"].items():
+        assert row["detectors"] and set(row["detectors"]) <= set(c["watermark_detectors"]), name
+        assert row["detectors"][0] == c["watermark_detectors"][0], name
     assert on_disk["shortcut_experiment"]["n_fit"] == 28 and on_disk["shortcut_experiment"]["layer"] == "layer2"
     for k in ("cos_signal", "cos_filter", "cos_pattern_cav"):
         assert -1.0 - 1e-6 <= on_disk["activation_maximization"][k] <= 1.0 + 1e-6, k

@@ -26,8 +26,9 @@ Protocol
 6. Controls, each with the masks ``m_p`` of the same candidate detectors, its own selection among
    them (``"select"``) and its own strength, chosen by the same rule on the same held-out data (all
    directions have unit norm, so strengths are in the same units): the filter directions
-   ``w/‖w‖``; ``n_random`` draws of random unit directions (one per candidate); two supervised Pattern-CAVs (difference of means, normalised, in place of
-   every corrected detector's direction): with *cell* labels (mean activation of watermark positions
+   ``w/‖w‖``; ``n_random`` draws of random unit directions (one per candidate); two supervised
+   Pattern-CAVs (difference of means, normalised, in place of every corrected detector's
+   direction): with *cell* labels (mean activation of watermark positions
    minus non-watermark positions, a position labelled by the watermark covering ≥ ``cav_cover`` of its
    cell: finer supervision than the literature's) and with *image* labels as in Pahde et al. (max-pooled
    maps of the stamped fit images minus the unstamped ones; when every image of the target class is
@@ -230,14 +231,17 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     P = X.permute(0, 2, 3, 1)
     pos = cover >= cav_cover
     cav = P[pos].mean(0) - P[~pos].mean(0)
-    stamped = torch.from_numpy(fit.watermarked.copy())
-    pooled = X.amax(dim=(2, 3))
-    cav_image = pooled[stamped].mean(0) - pooled[~stamped].mean(0)
     gen = make_generator(seed + 17)
     rand = torch.randn(n_random, len(js), D, generator=gen)
     directions = {"signal": "signal", "filter": "filter",
-                  "pattern_cav": (cav / cav.norm())[None].expand(len(js), D).contiguous(),
-                  "pattern_cav_image": (cav_image / cav_image.norm())[None].expand(len(js), D).contiguous()}
+                  "pattern_cav": (cav / cav.norm())[None].expand(len(js), D).contiguous()}
+    stamped = torch.from_numpy(fit.watermarked.copy())
+    if stamped.any() and not stamped.all():
+        pooled = X.amax(dim=(2, 3))
+        cav_image = pooled[stamped].mean(0) - pooled[~stamped].mean(0)
+        directions["pattern_cav_image"] = (cav_image / cav_image.norm())[None].expand(len(js), D).contiguous()
+    else:
+        logger.warning("every fit image (or none) carries the watermark; no image-label Pattern-CAV row")
     mean_diff = mean_difference_directions(X, pairs, js)
     if torch.isfinite(mean_diff).all():
         directions["mean_difference"] = mean_diff
@@ -311,21 +315,17 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
         "random_clean_acc_after": float(np.mean([r["clean_acc_after"] for r in rnd])) if rnd else None,
         "pattern_cav_acc_after": rows["pattern_cav"]["poisoned_acc_after"],
         "pattern_cav_clean_acc_after": rows["pattern_cav"]["clean_acc_after"],
-        "pattern_cav_image_acc_after": rows["pattern_cav_image"]["poisoned_acc_after"],
-        "pattern_cav_image_clean_acc_after": rows["pattern_cav_image"]["clean_acc_after"],
-        "mean_difference_acc_after": rows["mean_difference"]["poisoned_acc_after"] if "mean_difference" in rows else None,
-        "mean_difference_clean_acc_after": (rows["mean_difference"]["clean_acc_after"] if "mean_difference" in rows
-                                            else None),
+        **{f"{name}_{key}": rows[name][field] if name in rows else None
+           for name in ("pattern_cav_image", "mean_difference")
+           for key, field in (("acc_after", "poisoned_acc_after"), ("clean_acc_after", "clean_acc_after"),
+                              ("strength", "strength"), ("detectors", "detectors"))},
         "watermark_iou": float(iou[j]), "watermark_detector": j, "detectors_rule": detectors,
         "watermark_detectors": js, "watermark_detectors_iou": [float(iou[i]) for i in js], "union_iou": union_iou,
         "signal_detectors": rows["signal"]["detectors"],
-        "mean_difference_detectors": rows["mean_difference"]["detectors"] if "mean_difference" in rows else None,
         "union_precision": union_prec, "union_recall": union_rec,
         "second_best_iou": float(iou.topk(2).values[1]) if len(iou) > 1 else None,
         "strength": rows["signal"]["strength"], "filter_strength": rows["filter"]["strength"],
         "pattern_cav_strength": rows["pattern_cav"]["strength"],
-        "pattern_cav_image_strength": rows["pattern_cav_image"]["strength"],
-        "mean_difference_strength": rows["mean_difference"]["strength"] if "mean_difference" in rows else None,
         "signal_value_removal": auto, "oracle_poisoned_acc": oracle, "true_mask": true_mask,
         "detector_precision": det_prec, "detector_recall": det_rec,
         "grid": grid, "rows": rows,
