@@ -4,12 +4,12 @@ Heavy modules (models, reports) are imported lazily; ``import unveil`` stays fas
 """
 __version__ = "0.1.0"
 
-from ._errors import (CorruptFileError, HeadError, LayerError, NotFittedError, UnveilError,  # noqa: E402
-                      ValidationError)
+from ._errors import (BusyError, CorruptFileError, HeadError, LayerError, NotFittedError,  # noqa: E402
+                      OutputExistsError, UnveilError, ValidationError)
 from .directions import EDDP, DirectionPairs  # noqa: E402
 
 __all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "UnveilError", "ValidationError", "NotFittedError",
-           "CorruptFileError", "LayerError", "HeadError"]
+           "CorruptFileError", "LayerError", "HeadError", "OutputExistsError", "BusyError"]
 
 
 def __getattr__(name):

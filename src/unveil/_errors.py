@@ -13,6 +13,8 @@ __all__ = [
     "CorruptFileError",
     "LayerError",
     "HeadError",
+    "OutputExistsError",
+    "BusyError",
 ]
 
 
@@ -38,3 +40,12 @@ class LayerError(UnveilError, ValueError):
 
 class HeadError(UnveilError, ValueError):
     """The head f+ (the network above the studied layer) does not accept the maps or returns the wrong shape."""
+
+
+class OutputExistsError(UnveilError, FileExistsError):
+    """An output path already holds something unveil will not replace (the user's files, or ours
+    without ``overwrite``)."""
+
+
+class BusyError(UnveilError, OSError):
+    """Another process is writing the same folder (its lock is held)."""

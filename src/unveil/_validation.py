@@ -12,12 +12,25 @@ from ._errors import ValidationError
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def as_tensor(X, name: str = "X", dtype=torch.float32, device=None) -> torch.Tensor:
-    """Return ``X`` as a float tensor (no copy when it already is one of that dtype/device)."""
+def as_tensor(X, name: str = "X", dtype=torch.float32, device=None, detach: bool = True) -> torch.Tensor:
+    """Return ``X`` as a float tensor (no copy when it already is one of that dtype/device).
+
+    A tensor that requires grad is detached unless ``detach=False`` (inputs are data, not part of the
+    caller's graph). Refused with :class:`ValidationError`: complex or non-numeric values, sparse
+    tensors and tensors on the ``meta`` device (they hold no data).
+    """
     if isinstance(X, torch.Tensor):
         t = X
     elif isinstance(X, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(X))
+        if X.dtype.kind not in "biuf":
+            raise ValidationError(f"{name} must hold real numbers, got a numpy array of dtype {X.dtype}; "
+                                  f"convert it with X.astype(np.float32).")
+        if not X.dtype.isnative:
+            X = X.astype(X.dtype.newbyteorder("="))
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(X))
+        except TypeError:  # a dtype torch lacks (e.g. uint32 on old torch, float128)
+            t = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64))
     else:
         try:
             t = torch.as_tensor(np.asarray(X))
@@ -26,18 +39,26 @@ def as_tensor(X, name: str = "X", dtype=torch.float32, device=None) -> torch.Ten
                 f"{name} must be a torch tensor or numpy array, got {type(X).__name__} "
                 f"which could not be converted ({exc})."
             ) from None
-    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-        raise ValidationError(f"{name} must hold real numbers, got dtype {t.dtype}.")
+    if t.device.type == "meta":
+        raise ValidationError(f"{name} is a tensor on the meta device, which holds no data (shape "
+                              f"{tuple(t.shape)}); pass a tensor with values (e.g. on 'cpu' or 'cuda').")
+    if t.layout != torch.strided:
+        raise ValidationError(f"{name} is a {t.layout} tensor; expected a dense tensor. Pass {name}.to_dense().")
+    if t.is_complex() or t.dtype == torch.bool or t.is_quantized:
+        raise ValidationError(f"{name} must hold real numbers, got dtype {t.dtype}; pass a float tensor.")
+    if detach:
+        t = t.detach()
     return t.to(device=device if device is not None else t.device, dtype=dtype)
 
 
 def check_maps(X, name: str = "X", n_features: Optional[int] = None, allow_patches: bool = True,
-               check_finite: bool = True, context: str = "") -> torch.Tensor:
+               check_finite: bool = True, context: str = "", detach: bool = True) -> torch.Tensor:
     """Validate feature maps ``(N, D, H, W)`` (or patches ``(P, D)`` when ``allow_patches``).
 
-    Returns a float32 tensor on the input's device.
+    Returns a float32 tensor on the input's device, detached from autograd unless ``detach=False``
+    (pass that where the result must stay differentiable, e.g. an edit inside a model's forward).
     """
-    t = as_tensor(X, name)
+    t = as_tensor(X, name, detach=detach)
     ok_ranks = (2, 4) if allow_patches else (4,)
     if t.dim() not in ok_ranks:
         want = "(N, D, H, W) feature maps" + (" or (P, D) patch vectors" if allow_patches else "")
@@ -49,6 +70,10 @@ def check_maps(X, name: str = "X", n_features: Optional[int] = None, allow_patch
                               f"{tuple(t.shape)}.{hint}")
     if t.shape[0] == 0:
         raise ValidationError(f"{name} is empty (shape {tuple(t.shape)}); pass at least one map.")
+    if 0 in t.shape[1:]:
+        axes = "D" if t.dim() == 2 else "D, H, W"
+        raise ValidationError(f"{name} has shape {tuple(t.shape)} with a zero-sized axis; expected at least one "
+                              f"channel and one position ({axes} >= 1). Check the layer the maps come from.")
     if n_features is not None and t.shape[1] != n_features:
         raise ValidationError(
             f"{name} has {t.shape[1]} channels, but {context or 'these direction pairs'} expect "
@@ -64,6 +89,35 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValidationError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+MIN_INPUT_SIZE = 8
+MAX_INPUT_SIZE = 8192  # one 3 x 8192 x 8192 float32 image is 0.8 GB
+
+
+def check_input_size(size, name: str = "input size") -> int:
+    """Validate the side of a square network input (``MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE``).
+
+    The upper bound keeps one float32 image (``3 * size**2 * 4`` bytes) under 1 GB, so a typo such
+    as ``100000`` is refused at once instead of exhausting the memory.
+
+    Examples
+    --------
+    >>> check_input_size(224, "--input-size")
+    224
+    """
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise ValidationError(f"{name} must be an integer number of pixels, got {size!r}.")
+    size = int(size)
+    if size < MIN_INPUT_SIZE:
+        raise ValidationError(f"{name} must be at least {MIN_INPUT_SIZE} pixels, got {size}; pass the side of "
+                              f"the square input image (e.g. 224).")
+    if size > MAX_INPUT_SIZE:
+        gb = 3 * size * size * 4 / 1e9
+        raise ValidationError(f"{name} = {size} would make one input image {gb:.3g} GB of float32 "
+                              f"(3 x {size} x {size} x 4 bytes); the limit is {MAX_INPUT_SIZE} pixels. "
+                              f"Pass a smaller size (e.g. 224).")
+    return size
 
 
 def check_in_range(value, name: str, low=None, high=None, low_inclusive=True, high_inclusive=True) -> float:

@@ -358,9 +358,17 @@ def _limit_threads(n: int):
         torch.set_num_threads(old)
 
 
+def _is_demo_results(doc: dict) -> bool:
+    """A results.json the demo wrote (today's, with its format field, or an older one)."""
+    return doc.get("format") == RESULTS_FORMAT or ("timing" in doc and "versions" in doc and "config" in doc)
+
+
+RESULTS_FORMAT = "unveil.demo_results"
+
+
 def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config):
     from . import EDDP
-    from ._io import atomic_write_json, versions
+    from ._io import atomic_write_json, check_outputs_replaceable, versions
     from .capture import capture, make_head
     from .data.world import ConceptWorld
     from .evaluate.dissection import dissect, fit_thresholds_on_train
@@ -374,6 +382,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
     if layer is not None:
         cfg.layer = layer
     out = Path(out)
+    check_outputs_replaceable(out, {"results.json": _is_demo_results, "report.html": None})
     out.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
     load_start = _loadavg()
@@ -551,6 +560,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
         "applications": app_doc,
         "layers": layers_doc,
         "config": {**asdict(cfg), "n_concepts": I, "layer": layer_name, "fast": bool(fast), "model": model_name},
+        "format": RESULTS_FORMAT,
         "seed": seed,
         "versions": versions(),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -8,6 +8,7 @@ from PIL import Image
 
 import unveil.capture.store as store_mod
 from unveil import CorruptFileError, DirectionPairs, HeadError, ValidationError
+from unveil._errors import OutputExistsError
 from unveil.capture import ActivationStore, capture, extract, head_for_store
 from unveil.data.images import Preprocessing, load_batch, scan_images
 from unveil.models import load_model, model_source
@@ -138,12 +139,12 @@ def test_bad_inputs_raise_clear_errors(resnet, folder, tmp_path):
     with pytest.raises(ValidationError, match=r"none of the 3 image files could be decoded"):
         _run(resnet, corrupt, tmp_path / "o2")
     _run(resnet, folder, tmp_path / "taken")
-    with pytest.raises(ValidationError, match="holds a different extraction"):
+    with pytest.raises(OutputExistsError, match="holds a different extraction"):
         _run(resnet, folder, tmp_path / "taken", dtype="float32")
     assert _run(resnet, folder, tmp_path / "taken", dtype="float32", overwrite=True).manifest["dtype"] == "float32"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "mine.txt").write_text("keep")
-    with pytest.raises(ValidationError, match="not empty and is not an activation store"):
+    with pytest.raises(OutputExistsError, match="not empty and is not an activation store"):
         _run(resnet, folder, tmp_path / "other")
     with pytest.raises(ValidationError, match="dtype must be one of"):
         _run(resnet, folder, tmp_path / "o3", dtype="int8")

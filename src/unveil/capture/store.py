@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import CorruptFileError, HeadError, ValidationError
-from .._io import atomic_write_json, atomic_writer, sha256_file, versions
+from .._errors import CorruptFileError, HeadError, OutputExistsError, ValidationError
+from .._io import LOCK_NAME, atomic_write_json, atomic_writer, folder_lock, safe_relpath, sha256_file, versions
 from .._progress import progress as _progress
 from .._validation import check_positive_int, make_generator
 from .hooks import Capturer, TokenLayout
@@ -40,6 +40,59 @@ logger = logging.getLogger("unveil")
 FORMAT = "unveil.activation_store"
 FORMAT_VERSION = 1
 _DTYPES = ("float16", "float32")
+# the only file names a store's manifest or shard records may point to (relative to the store)
+_MAPS_FILE = r"shards/maps_\d{5}\.npy"
+_POS_FILE = r"shards/pos_\d{5}\.npy"
+_OURS_IN_SHARDS = re.compile(r"(maps|pos)_\d{5}\.npy|shard_\d{5}\.json|\.(maps|pos|shard)_\d{5}\.(npy|json)\..*\.tmp")
+_FIX = "Extract again."
+
+
+def _is_int(v, minimum=0) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum
+
+
+def _check_manifest(manifest: dict, mpath: Path) -> None:
+    """Type-check every field a reader uses (a manifest may come from someone else)."""
+    def bad(field, expected):
+        return CorruptFileError(f"{str(mpath)!r}: field {field!r} is {_short(manifest.get(field))}, expected "
+                                f"{expected}; the store is damaged or not trustworthy. {_FIX}")
+
+    for key in ("n_maps", "n_features"):
+        if not _is_int(manifest[key], 1 if key == "n_features" else 0):
+            raise bad(key, "a non-negative integer" if key == "n_maps" else "a positive integer")
+    shape = manifest["map_shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v, 1) for v in shape)):
+        raise bad("map_shape", "a list of two positive integers [H, W]")
+    if manifest["dtype"] not in _DTYPES:
+        raise bad("dtype", f"one of {_DTYPES}")
+    ids = manifest["image_ids"]
+    if not (isinstance(ids, list) and all(isinstance(v, str) for v in ids)):
+        raise bad("image_ids", "a list of strings")
+    labels = manifest.get("labels")
+    if labels is not None and not (isinstance(labels, list) and len(labels) == len(ids)
+                                   and all(_is_int(v, -1) for v in labels)):
+        raise bad("labels", "null or one integer >= -1 per image id")
+    names = manifest.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(v, str) for v in names)):
+        raise bad("class_names", "null or a list of strings")
+    for key in ("layer", "model_id"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise bad(key, "a string")
+    if not isinstance(manifest.get("subsampled", False), bool):
+        raise bad("subsampled", "true or false")
+    if not isinstance(manifest["shards"], list):
+        raise bad("shards", "a list of shard records")
+    for k, rec in enumerate(manifest["shards"]):
+        if not (isinstance(rec, dict) and _is_int(rec.get("n"))):
+            raise CorruptFileError(f"{str(mpath)!r}: shard record {k} is {_short(rec)}, expected "
+                                   f"{{'file', 'n', 'sha256', ...}} with a non-negative integer n. {_FIX}")
+        if rec["n"] and not isinstance(rec.get("sha256"), str):
+            raise CorruptFileError(f"{str(mpath)!r}: shard record {k} has no sha256 string. {_FIX}")
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -58,9 +111,11 @@ class ActivationStore:
     ...     X.shape                                                 # (B, 512, 7, 7) float32
     """
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, verify: str = "lazy"):
         self.path = Path(path)
         self.manifest = manifest
+        self._verify = verify
+        self._checked = [False] * len(manifest["shards"])
         self._shards = manifest["shards"]
         counts = [int(s["n"]) for s in self._shards]
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -73,8 +128,19 @@ class ActivationStore:
 
     # ---------------------------------------------------------------- open
     @classmethod
-    def open(cls, path) -> "ActivationStore":
-        """Open the store at ``path``; :class:`CorruptFileError` if it is missing, incomplete or damaged."""
+    def open(cls, path, verify: str = "lazy") -> "ActivationStore":
+        """Open the store at ``path``; :class:`CorruptFileError` if it is missing, incomplete or damaged.
+
+        Parameters
+        ----------
+        path : folder written by :func:`extract`
+        verify : {"lazy", "full", "none"}
+            ``"lazy"`` (default) checks each shard's sha256 the first time it is read, so a shard
+            modified after extraction is refused instead of used; ``"full"`` checks every shard now;
+            ``"none"`` trusts the files (for very large stores you made yourself).
+        """
+        if verify not in ("lazy", "full", "none"):
+            raise ValidationError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}.")
         path = Path(path)
         if not path.is_dir():
             raise CorruptFileError(f"no activation store at {str(path)!r}: expected a folder written by "
@@ -100,7 +166,8 @@ class ActivationStore:
         missing = [k for k in required if k not in manifest]
         if missing:
             raise CorruptFileError(f"{str(mpath)!r} lacks the fields {missing}; the store is damaged. Extract again.")
-        store = cls(path, manifest)
+        _check_manifest(manifest, mpath)
+        store = cls(path, manifest, verify=verify)
         if store._offsets[-1] != manifest["n_maps"] or len(store.image_ids) != manifest["n_maps"]:
             raise CorruptFileError(f"{str(mpath)!r} is inconsistent: the shards hold {int(store._offsets[-1])} maps, "
                                    f"the manifest says {manifest['n_maps']}. Extract again.")
@@ -108,18 +175,33 @@ class ActivationStore:
         for s, rec in enumerate(store._shards):
             if rec["n"] == 0:
                 continue
-            f = path / rec["file"]
+            f = store._file(s, "file")
+            if store.subsampled:
+                store._file(s, "positions")
             if not f.is_file():
                 raise CorruptFileError(f"shard file {str(f)!r} is missing; the store is damaged. Extract again.")
             arr = store._array(s)
             if arr.shape != (rec["n"], *want) or arr.dtype != np.dtype(manifest["dtype"]):
                 raise CorruptFileError(f"shard file {str(f)!r} holds {arr.dtype} {arr.shape}, expected "
                                        f"{manifest['dtype']} {(rec['n'], *want)}; the store is damaged. Extract again.")
+        if verify == "full":
+            store.verify()
         return store
+
+    def _file(self, s: int, key: str) -> Path:
+        """The checked path of shard ``s``'s ``file`` (maps) or ``positions`` entry."""
+        pattern = _MAPS_FILE if key == "file" else _POS_FILE
+        return safe_relpath(self.path, self._shards[s].get(key), f"shard {s}'s {key!r} entry", pattern, _FIX)
+
+    def _read(self, s: int) -> np.ndarray:
+        """Shard ``s``'s memory map, its checksum checked on first use (``verify="lazy"``)."""
+        if self._verify == "lazy" and not self._checked[s]:
+            self._check_shard(s)
+        return self._array(s)
 
     def _array(self, s: int) -> np.ndarray:
         if self._arrays[s] is None:
-            f = self.path / self._shards[s]["file"]
+            f = self._file(s, "file")
             try:
                 self._arrays[s] = np.load(f, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as exc:
@@ -155,7 +237,18 @@ class ActivationStore:
 
     @property
     def layout(self) -> TokenLayout:
-        return TokenLayout.from_dict(self.manifest["tokens"])
+        d = self.manifest.get("tokens")
+        try:
+            if not (isinstance(d, dict) and d.get("kind") in ("map", "vector", "tokens")
+                    and d.get("tokens", "patches") in ("patches", "all")):
+                raise ValueError("unknown kind or tokens mode")
+            layout = TokenLayout.from_dict(d)
+            if min(layout.n_tokens, layout.n_prefix, *layout.grid) < 0 or len(layout.grid) != 2:
+                raise ValueError("negative sizes")
+            return layout
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFileError(f"{str(self.path / 'manifest.json')!r}: field 'tokens' is {_short(d)} ({exc}), "
+                                   f"expected the layer's token layout; the store is damaged. {_FIX}") from None
 
     def __repr__(self) -> str:
         return (f"ActivationStore({str(self.path)!r}, n={len(self)}, D={self.n_features}, map_shape={self.map_shape}, "
@@ -186,7 +279,7 @@ class ActivationStore:
             where = np.nonzero(shard == s)[0]
             local = idx[where] - self._offsets[s]
             order = np.argsort(local, kind="stable")
-            out[where[order]] = self._array(int(s))[local[order]]
+            out[where[order]] = self._read(int(s))[local[order]]
         return torch.from_numpy(out)
 
     def positions(self, indices) -> torch.Tensor:
@@ -198,7 +291,17 @@ class ActivationStore:
         out = np.empty((idx.size, self.map_shape[0]), dtype=np.int64)
         for s in np.unique(shard):
             if self._positions[s] is None:
-                self._positions[s] = np.load(self.path / self._shards[s]["positions"], mmap_mode="r", allow_pickle=False)
+                f = self._file(s, "positions")
+                try:
+                    pos = np.load(f, mmap_mode="r", allow_pickle=False)
+                except (ValueError, OSError) as exc:
+                    raise CorruptFileError(f"positions file {str(f)!r} is not a readable .npy file ({exc}). "
+                                           f"{_FIX}") from None
+                want = (int(self._shards[s]["n"]), self.map_shape[0])
+                if tuple(pos.shape) != want or not np.issubdtype(pos.dtype, np.integer):
+                    raise CorruptFileError(f"positions file {str(f)!r} holds {pos.dtype} {pos.shape}, expected "
+                                           f"integers of shape {want}. {_FIX}")
+                self._positions[s] = pos
             where = np.nonzero(shard == s)[0]
             out[where] = self._positions[s][idx[where] - self._offsets[s]]
         return torch.from_numpy(out)
@@ -230,20 +333,23 @@ class ActivationStore:
                 stop = min(j, int(self._offsets[s + 1]))
                 if stop > i:
                     # np.array copies: the batch never aliases the read-only memory map
-                    parts.append(np.array(self._array(s)[i - self._offsets[s]:stop - self._offsets[s]], dtype=np.float32))
+                    parts.append(np.array(self._read(s)[i - self._offsets[s]:stop - self._offsets[s]], dtype=np.float32))
                 i, s = stop, s + 1
             batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
             yield torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
 
     def verify(self) -> None:
         """Re-read every shard and check its sha256 against the manifest (:class:`CorruptFileError` if not)."""
-        for rec in self._shards:
-            if rec["n"] == 0:
-                continue
-            f = self.path / rec["file"]
-            if sha256_file(f) != rec.get("sha256"):
-                raise CorruptFileError(f"shard file {str(f)!r} does not match its recorded checksum (modified or "
-                                       f"truncated). Extract again.")
+        for s, rec in enumerate(self._shards):
+            if rec["n"]:
+                self._check_shard(s)
+
+    def _check_shard(self, s: int) -> None:
+        f = self._file(s, "file")
+        if sha256_file(f) != self._shards[s].get("sha256"):
+            raise CorruptFileError(f"shard file {str(f)!r} does not match its recorded checksum (modified or "
+                                   f"truncated since extraction). {_FIX}")
+        self._checked[s] = True
 
 
 # ------------------------------------------------------------------------------------- extraction
@@ -368,91 +474,115 @@ def extract(model: nn.Module, layer: str, images, out, batch_size: int = 64, dty
             "preprocessing": src.preprocessing.to_dict() if src.preprocessing is not None else None}
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     plan["plan_id"] = plan_id
-    _prepare_folder(out, plan_id, overwrite)
-    if (out / "manifest.json").is_file():
-        logger.info("%s already holds this extraction; nothing to do", out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {str(out)!r} exists and is not a folder; pass a folder path for the store.")
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "activation store"):  # two extractions into one folder: the second is refused
+        _prepare_folder(out, plan_id, overwrite)
+        if (out / "manifest.json").is_file():
+            logger.info("%s already holds this extraction; nothing to do", out)
+            return ActivationStore.open(out)
+        if not (out / "plan.json").is_file():
+            atomic_write_json(out / "plan.json", plan)
+
+        n_shards = -(-len(src) // shard_size)
+        records: List[Optional[dict]] = [_read_record(out, s, plan_id) for s in range(n_shards)]
+        done_images = sum(min(shard_size, len(src) - s * shard_size) for s, r in enumerate(records) if r is not None)
+        if done_images:
+            logger.info("resuming %s: %d of %d shards already done", out, sum(r is not None for r in records), n_shards)
+        bar = _progress(total=len(src), enabled=progress, desc=f"extract {layer}", unit="img", initial=done_images)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            try:
+                for s in range(n_shards):
+                    if records[s] is not None:
+                        continue
+                    records[s] = _extract_shard(capturer, src, s, shard_size, batch_size, dtype, subsample, seed,
+                                                out, plan_id, pool, bar)
+            finally:
+                bar.close()
+
+        layouts = {json.dumps(r["layout"], sort_keys=True) for r in records if r["n"]}
+        shapes = {tuple(r["shape"]) for r in records if r["n"]}
+        n_maps = sum(r["n"] for r in records)
+        skipped = src.skipped + [sk for r in records for sk in r["skipped"]]
+        if n_maps == 0:
+            raise ValidationError(f"none of the {len(src)} image files could be decoded ({len(skipped)} skipped, e.g. "
+                                  f"{skipped[0]['path']!r}: {skipped[0]['reason']}); no activations were stored. "
+                                  f"Check the image folder.")
+        if len(layouts) != 1 or len(shapes) != 1:
+            raise CorruptFileError(f"the shards in {str(out)!r} disagree on the map shape/layout ({sorted(shapes)}); "
+                                   f"they come from different runs. Extract again with overwrite=True.")
+        shape = shapes.pop()
+        kept = [i for r in records for i in r["kept"]]
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "plan_id": plan_id,
+            "model_id": model_id, "model": model_source, "layer": layer,
+            "tokens": json.loads(layouts.pop()), "preprocessing": plan["preprocessing"],
+            "data": {"kind": "tensor" if src.tensor is not None else "folder", "root": src.root,
+                     "fingerprint": src.fingerprint, "n_candidates": len(src), "input_shape": src.input_shape},
+            "n_maps": n_maps, "n_features": shape[0], "map_shape": list(shape[1:]), "dtype": dtype,
+            "subsample": subsample, "subsampled": subsample is not None, "seed": seed,
+            "shards": [{"file": r["file"], "n": r["n"], "sha256": r["sha256"], "positions": r.get("positions")}
+                       for r in records],
+            "image_ids": [src.ids[i] for i in kept],
+            "labels": None if src.labels is None else [int(src.labels[i]) for i in kept],
+            "class_names": src.class_names,
+            "skipped": skipped, "n_skipped": len(skipped),
+            "versions": versions(),
+        }
+        atomic_write_json(out / "manifest.json", manifest)
+        if skipped:
+            logger.warning("%d file(s) skipped (not images or unreadable); they are listed in %s",
+                           len(skipped), out / "manifest.json")
         return ActivationStore.open(out)
-    if not (out / "plan.json").is_file():
-        atomic_write_json(out / "plan.json", plan)
 
-    n_shards = -(-len(src) // shard_size)
-    records: List[Optional[dict]] = [_read_record(out, s, plan_id) for s in range(n_shards)]
-    done_images = sum(min(shard_size, len(src) - s * shard_size) for s, r in enumerate(records) if r is not None)
-    if done_images:
-        logger.info("resuming %s: %d of %d shards already done", out, sum(r is not None for r in records), n_shards)
-    bar = _progress(total=len(src), enabled=progress, desc=f"extract {layer}", unit="img", initial=done_images)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        try:
-            for s in range(n_shards):
-                if records[s] is not None:
-                    continue
-                records[s] = _extract_shard(capturer, src, s, shard_size, batch_size, dtype, subsample, seed,
-                                            out, plan_id, pool, bar)
-        finally:
-            bar.close()
 
-    layouts = {json.dumps(r["layout"], sort_keys=True) for r in records if r["n"]}
-    shapes = {tuple(r["shape"]) for r in records if r["n"]}
-    n_maps = sum(r["n"] for r in records)
-    skipped = src.skipped + [sk for r in records for sk in r["skipped"]]
-    if n_maps == 0:
-        raise ValidationError(f"none of the {len(src)} image files could be decoded ({len(skipped)} skipped, e.g. "
-                              f"{skipped[0]['path']!r}: {skipped[0]['reason']}); no activations were stored. "
-                              f"Check the image folder.")
-    if len(layouts) != 1 or len(shapes) != 1:
-        raise CorruptFileError(f"the shards in {str(out)!r} disagree on the map shape/layout ({sorted(shapes)}); "
-                               f"they come from different runs. Extract again with overwrite=True.")
-    shape = shapes.pop()
-    kept = [i for r in records for i in r["kept"]]
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "plan_id": plan_id,
-        "model_id": model_id, "model": model_source, "layer": layer,
-        "tokens": json.loads(layouts.pop()), "preprocessing": plan["preprocessing"],
-        "data": {"kind": "tensor" if src.tensor is not None else "folder", "root": src.root,
-                 "fingerprint": src.fingerprint, "n_candidates": len(src), "input_shape": src.input_shape},
-        "n_maps": n_maps, "n_features": shape[0], "map_shape": list(shape[1:]), "dtype": dtype,
-        "subsample": subsample, "subsampled": subsample is not None, "seed": seed,
-        "shards": [{"file": r["file"], "n": r["n"], "sha256": r["sha256"], "positions": r.get("positions")}
-                   for r in records],
-        "image_ids": [src.ids[i] for i in kept],
-        "labels": None if src.labels is None else [int(src.labels[i]) for i in kept],
-        "class_names": src.class_names,
-        "skipped": skipped, "n_skipped": len(skipped),
-        "versions": versions(),
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    if skipped:
-        logger.warning("%d file(s) skipped (not images or unreadable); they are listed in %s",
-                       len(skipped), out / "manifest.json")
-    return ActivationStore.open(out)
+def _read_own(path: Path) -> Optional[dict]:
+    """The json document at ``path`` if it is one of ours (a store plan or manifest), else None."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(doc, dict) and doc.get("format") in (FORMAT, FORMAT + ".plan"):
+        return doc
+    return None
 
 
 def _prepare_folder(out: Path, plan_id: str, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValidationError(f"output {str(out)!r} exists and is not a folder; pass a folder path for the store.")
-    out.mkdir(parents=True, exist_ok=True)
-    ours = {"plan.json", "manifest.json", "shards"}
-    existing = {p.name for p in out.iterdir() if not p.name.startswith(".")}
-    if not existing:
+    """Check that ``out`` is empty or holds a store of ours; with ``overwrite``, delete only the files
+    a store of ours writes (never anything else, never through a symbolic link)."""
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if not entries:
         return
-    if not existing <= ours:
-        raise ValidationError(f"output folder {str(out)!r} is not empty and is not an activation store "
-                              f"(holds {sorted(existing - ours)[:3]}); choose a new or empty folder.")
-    old = None
-    for name in ("manifest.json", "plan.json"):
-        try:
-            old = json.loads((out / name).read_text()).get("plan_id")
-            break
-        except (OSError, ValueError, AttributeError):
-            continue
-    if old == plan_id:
+    docs = [d for d in (_read_own(out / "manifest.json"), _read_own(out / "plan.json")) if d is not None]
+    if not docs:
+        raise OutputExistsError(f"output folder {str(out)!r} is not empty and is not an activation store (holds "
+                                f"{sorted(p.name for p in entries)[:3]}); nothing was changed. Choose a new or "
+                                f"empty folder.")
+    shards = out / "shards"
+    if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
+        raise OutputExistsError(f"{str(shards)!r} is a symbolic link or not a folder; unveil writes and deletes "
+                                f"shards only in a real folder inside the store. Remove it yourself or choose "
+                                f"another folder.")
+    if docs[0].get("plan_id") == plan_id:
         return
     if not overwrite:
-        raise ValidationError(f"{str(out)!r} holds a different extraction (another model, layer, image set or "
-                              f"setting); choose another folder, or pass overwrite=True (--overwrite) to replace it.")
-    for name in ("manifest.json", "plan.json"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "shards", ignore_errors=True)
+        raise OutputExistsError(f"{str(out)!r} holds a different extraction (another model, layer, image set or "
+                                f"setting); choose another folder, or pass overwrite=True (--overwrite) to "
+                                f"replace it.")
+    # delete what a store of ours writes: the manifest first (the store is then incomplete), the plan last
+    (out / "manifest.json").unlink(missing_ok=True)
+    if shards.is_dir():
+        for f in sorted(shards.iterdir()):
+            if _OURS_IN_SHARDS.fullmatch(f.name) and (f.is_file() or f.is_symlink()):
+                f.unlink()
+        if not any(shards.iterdir()):
+            shards.rmdir()
+        else:
+            logger.warning("%s holds files unveil did not write; they were left in place", shards)
+    (out / "plan.json").unlink(missing_ok=True)
 
 
 def _read_record(out: Path, s: int, plan_id: str) -> Optional[dict]:
@@ -463,13 +593,26 @@ def _read_record(out: Path, s: int, plan_id: str) -> Optional[dict]:
         return None
     if not isinstance(rec, dict) or rec.get("plan_id") != plan_id:
         return None
-    if rec["n"]:
-        try:
-            arr = np.load(out / rec["file"], mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError):
+    # a record that does not check out is recomputed, never trusted
+    try:
+        if rec.get("index") != s or not _is_int(rec.get("n")) or not isinstance(rec.get("kept"), list) \
+                or len(rec["kept"]) != rec["n"] or not all(_is_int(i) for i in rec["kept"]) \
+                or not isinstance(rec.get("skipped"), list):
             return None
-        if tuple(arr.shape) != (rec["n"], *rec["shape"]):
-            return None
+        if rec["n"]:
+            f = safe_relpath(out, rec.get("file"), "shard file", _MAPS_FILE)
+            if rec.get("positions") is not None:
+                safe_relpath(out, rec["positions"], "positions file", _POS_FILE)
+            shape = rec.get("shape")
+            if not (isinstance(shape, list) and all(_is_int(v, 1) for v in shape)):
+                return None
+            if sha256_file(f) != rec.get("sha256"):
+                return None
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+            if tuple(arr.shape) != (rec["n"], *shape):
+                return None
+    except (OSError, ValueError):  # CorruptFileError is an OSError
+        return None
     return rec
 
 
@@ -531,15 +674,27 @@ def _subsample(maps: torch.Tensor, k: int, g: torch.Generator, layer: str):
 
 
 # ------------------------------------------------------------------------------------------- head
-def head_for_store(store: Union[ActivationStore, str, os.PathLike], model: Optional[nn.Module] = None):
-    """The head f⁺ matching a store: rebuilt from the manifest's model and layer with :func:`make_head`.
+def head_for_store(store: Union[ActivationStore, str, os.PathLike], model: Optional[nn.Module] = None, *,
+                   model_name: Optional[str] = None, weights=None):
+    """The head f⁺ matching a store: its model cut at its layer with :func:`make_head`.
+
+    The model is never taken from the store's files alone: a manifest may come from someone else,
+    so it can only *name* a model that unveil registers (``resnet18``, ``worldnet``, ...; see
+    :func:`unveil.models.available_models`), and a weights file is read only when the caller names
+    it. A ``package.module:factory`` model must be named again by the caller (``model_name`` or
+    ``model``).
 
     Parameters
     ----------
     store : ActivationStore or path
     model : nn.Module, optional
-        The model the store was extracted from (otherwise rebuilt with
-        :func:`unveil.models.load_model` from the manifest, checking the weights' sha256).
+        The model the store was extracted from; used as given.
+    model_name : str, optional
+        Rebuild this model (checked against the manifest's) instead of the manifest's name; needed
+        for ``package.module:factory`` models.
+    weights : path, optional
+        The weights file to load; it must have the sha256 the manifest records. Needed whenever the
+        store was extracted with weights.
 
     Raises
     ------
@@ -555,21 +710,66 @@ def head_for_store(store: Union[ActivationStore, str, os.PathLike], model: Optio
         raise HeadError(f"the store at {str(store.path)!r} is subsampled ({m.get('subsample')} positions per image), so "
                         f"its maps are not the layer's (H, W) maps the head takes; fit without a head, or extract "
                         f"without subsample.")
-    src = m.get("model")
     if model is None:
-        from ..models import load_model
-        if not src:
-            raise HeadError(f"the store at {str(store.path)!r} does not record how to rebuild its model "
-                            f"({m.get('model_id')!r}); pass model=.")
-        weights = src.get("weights")
-        if weights is not None:
-            if not Path(weights).is_file():
-                raise HeadError(f"the weights file {weights!r} the store was extracted with is missing; pass model=.")
-            if src.get("weights_sha256") and sha256_file(weights) != src["weights_sha256"]:
-                raise HeadError(f"the weights file {weights!r} changed since the store was extracted (sha256 differs); "
-                                f"pass model= or extract again.")
-        model, _, _ = load_model(src["name"], weights=weights, **src.get("options", {}))
+        model = _rebuild_model(store, model_name, weights)
+    elif model_name is not None or weights is not None:
+        raise ValidationError("pass either model= or model_name=/weights=, not both.")
     layout = store.layout
     size = ((m.get("data") or {}).get("input_shape") or [None])[-1]
+    if not (size is None or _is_int(size, 1)):
+        raise CorruptFileError(f"the store at {str(store.path)!r} records an input size of {_short(size)}, expected "
+                               f"an integer. {_FIX}")
+    if not isinstance(m.get("layer"), str):
+        raise CorruptFileError(f"the store at {str(store.path)!r} records no layer name. {_FIX}")
     return make_head(model, m["layer"], tokens=layout.tokens, prefix_tokens=layout.n_prefix, input_size=size,
                      layout=layout)
+
+
+_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+def _rebuild_model(store: ActivationStore, model_name: Optional[str], weights) -> nn.Module:
+    """Rebuild the store's model from a registered name (or the caller's), never from the file alone."""
+    from ..models import available_models, load_model
+    src = store.manifest.get("model")
+    where = f"the store at {str(store.path)!r}"
+    if not src:
+        raise HeadError(f"{where} does not record how to rebuild its model ({store.model_id!r}); pass model= "
+                        f"(CLI: --model).")
+    if not isinstance(src, dict) or not isinstance(src.get("name"), str):
+        raise CorruptFileError(f"{where} has a 'model' record of {_short(src)}, expected {{'name': str, "
+                               f"'options': {{...}}, ...}}. {_FIX}")
+    name = src["name"]
+    options = src.get("options") or {}
+    if not (isinstance(options, dict) and all(isinstance(k, str) and _OPTION.fullmatch(k) for k in options)
+            and all(isinstance(v, (bool, int, float, str)) and (not isinstance(v, str) or len(v) <= 200)
+                    for v in options.values())):
+        raise CorruptFileError(f"{where} records model options {_short(options)}, expected a mapping of option "
+                               f"names to plain numbers, booleans or short strings. {_FIX}")
+    if model_name is not None:
+        if model_name != name:
+            raise HeadError(f"{where} was extracted with model {name!r}, but model_name={model_name!r} was given; "
+                            f"pass the same model (CLI: --model {name}).")
+    elif name not in available_models():
+        raise HeadError(f"{where} names the model {name!r}, which is not one unveil registers, and unveil does not "
+                        f"import code named in a file; name it yourself: model_name={name!r} or model= "
+                        f"(CLI: unveil fit --model {name}).")
+    want_sha = src.get("weights_sha256")
+    if want_sha is not None and not isinstance(want_sha, str):
+        raise CorruptFileError(f"{where} records a weights sha256 of {_short(want_sha)}, expected a string. {_FIX}")
+    if want_sha and weights is None:
+        recorded = src.get("weights") if isinstance(src.get("weights"), str) else "?"
+        raise HeadError(f"{where} was extracted with a weights file (recorded as {recorded!r}, sha256 "
+                        f"{want_sha[:12]}...); unveil reads only weights you name: pass weights= (CLI: --weights).")
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise HeadError(f"the weights file {str(weights)!r} does not exist; pass the file the store was "
+                            f"extracted with.")
+        if not want_sha:
+            raise HeadError(f"{where} was extracted without a weights file, but weights={str(weights)!r} was given; "
+                            f"drop it (or pass model=).")
+        if sha256_file(weights) != want_sha:
+            raise HeadError(f"the weights file {str(weights)!r} is not the one the store was extracted with (sha256 "
+                            f"differs); pass that file, or extract again.")
+    model, _, _ = load_model(name, weights=weights, **options)
+    return model

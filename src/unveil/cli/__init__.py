@@ -15,7 +15,7 @@ from .. import __version__
 from .._errors import UnveilError
 
 # modules in this package that define sub-commands, in the order `unveil --help` lists them
-_COMMAND_MODULES = ["demo", "synthetic", "capture", "world", "apply"]
+_COMMAND_MODULES = ["demo", "synthetic", "capture", "world", "apply", "influence"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +48,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except UnveilError as exc:
-        if args.debug:
-            raise
-        print(f"unveil {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"unveil {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every failure is one line unless --debug
+        if args.debug:
+            raise
+        print(f"unveil {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """The message a user sees for ``exc``: ours as written; the operating system's, an image
+    decoder's or memory errors with what to do; anything else marked as a defect to report."""
+    if isinstance(exc, UnveilError):
+        text = str(exc)
+    elif isinstance(exc, MemoryError):
+        text = ("out of memory; use smaller --batch-size / --image-size / fewer images, or a machine with more "
+                "memory.")
+    elif isinstance(exc, OSError):
+        where = f" ({exc.filename!s})" if getattr(exc, "filename", None) else ""
+        text = f"{exc.strerror or exc}{where}; check the path, its permissions and the free disk space."
+    elif isinstance(exc, UnicodeError):
+        text = f"a file or file name is not valid text ({exc}); rename or re-save it as UTF-8."
+    elif type(exc).__name__ == "DecompressionBombError":  # PIL's, without importing PIL here
+        text = f"refused an image that decodes to too many pixels ({exc}); resize it first."
+    else:
+        text = (f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback and report "
+                f"it.")
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

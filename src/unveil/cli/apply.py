@@ -53,9 +53,26 @@ def _model_args(p) -> None:
     p.add_argument("--batch-size", type=int, default=32)
 
 
+def _check_args(args) -> None:
+    """Refuse bad numbers with one line before the model is loaded."""
+    from .._validation import check_in_range, check_input_size, check_positive_int
+    check_positive_int(args.batch_size, "--batch-size")
+    if args.image_size is not None:
+        check_input_size(args.image_size, "--image-size")
+    if getattr(args, "top_k", None) is not None:
+        check_positive_int(args.top_k, "--top-k")
+    if args.strength is not None:
+        check_in_range(args.strength, "--strength", low=0.0)
+    for c in getattr(args, "concepts", None) or []:
+        check_positive_int(c, "--concepts (each index)", minimum=0)
+    if getattr(args, "max_clean_drop", None) is not None:
+        check_in_range(args.max_clean_drop, "--max-clean-drop", low=0.0, high=1.0)
+
+
 def _load(args):
     from ..directions.pairs import DirectionPairs
     from ..models import load_model
+    _check_args(args)
     options = {} if args.image_size is None else {"image_size": args.image_size}
     model, pre, model_id = load_model(args.model, weights=args.weights, **options)
     pairs = DirectionPairs.load(args.pairs)
@@ -76,15 +93,22 @@ def _explain(args) -> int:
     import matplotlib.pyplot as plt
     import torch
 
-    from .._errors import ValidationError
-    from .._io import atomic_write_json
+    import io
+
+    from .._errors import OutputExistsError, ValidationError
+    from .._io import atomic_write_bytes, atomic_write_json
     from ..data.images import load_image
     from ..explain import explain, plot_explanation
+    if args.out.exists() and not args.out.is_dir():
+        raise OutputExistsError(f"--out {str(args.out)!r} exists and is not a folder; pass a folder path (it is "
+                                f"created if missing).")
     model, pre, model_id, pairs = _load(args)
     tensors = []
     for path in args.images:
         try:
             tensors.append(load_image(path, pre))
+        except ValidationError:  # too large to decode (the message names the file)
+            raise
         except (OSError, ValueError) as exc:
             raise ValidationError(f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc}); pass image "
                                   f"files (.jpg, .png, ...).") from None
@@ -99,8 +123,10 @@ def _explain(args) -> int:
         fig, ax = plt.subplots(figsize=(3.2, 3.8))
         plot_explanation(ex, img, ax=ax)
         fig.tight_layout()
-        fig.savefig(args.out / f"{stem}.png", dpi=120)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
         plt.close(fig)
+        atomic_write_bytes(args.out / f"{stem}.png", buf.getvalue())
         doc = {"image": str(path), "model": model_id, "layer": args.layer, "pairs": str(args.pairs), **ex.to_dict()}
         atomic_write_json(args.out / f"{stem}.json", doc)
         top = ", ".join(f"{ex.names[i]} {float(ex.contributions[i]):+.2f}" for i in ex.top[:3])

@@ -30,7 +30,9 @@ def register(subparsers) -> None:
     e.add_argument("--tokens", choices=["patches", "all"], default="patches",
                    help="ViT layers: drop the CLS/prefix tokens and use the patch grid, or keep every token")
     e.add_argument("--seed", type=int, default=0, help="seed of --subsample")
-    e.add_argument("--overwrite", action="store_true", help="replace a different extraction found in --out")
+    e.add_argument("--device", default=None, help="torch device to run the model on (default: cpu)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a different extraction found in --out (only the store's own files are deleted)")
     e.set_defaults(func=_extract)
 
     f = subparsers.add_parser("fit", help="learn direction pairs (EDDP) from an activation store",
@@ -47,6 +49,12 @@ def register(subparsers) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default=None, help="torch device (default: cpu)")
     f.add_argument("--no-head", action="store_true", help="fit without the head (no URA terms)")
+    f.add_argument("--model", default=None,
+                   help="the store's model, named again: needed for package.module:factory models (unveil never "
+                        "imports code named in a store's files); checked against the store")
+    f.add_argument("--weights", type=Path, default=None,
+                   help="the weights file the store was extracted with (checked against its recorded sha256)")
+    f.add_argument("--overwrite", action="store_true", help="replace direction pairs already saved in --out")
     f.set_defaults(func=_fit)
 
 
@@ -58,16 +66,22 @@ def _model_args(p) -> None:
 
 
 def _load(args):
+    from .._device import check_device
+    from .._validation import check_input_size
     from ..models import load_model, model_source
-    options = {} if args.image_size is None else {"image_size": args.image_size}
+    device = check_device(getattr(args, "device", None), "--device")
+    options = {} if args.image_size is None else {"image_size": check_input_size(args.image_size, "--image-size")}
     model, pre, model_id = load_model(args.model, weights=args.weights, **options)
+    if device is not None:
+        model.to(device)  # our own freshly loaded model, not a user's object
     return model, pre, model_id, model_source(args.model, args.weights, **options)
 
 
 def _layers(args) -> int:
     from ..capture import list_layers
+    from .._validation import check_input_size
     model, pre, model_id, _ = _load(args)
-    size = args.input_size or pre.size
+    size = pre.size if args.input_size is None else check_input_size(args.input_size, "--input-size")
     infos = list_layers(model, size)
     rows = [(i.name, i.type, "x".join(str(v) for v in i.shape[1:]) if i.shape else "-",
              {True: "yes", False: "no", None: "?"}[i.cut]) for i in infos if args.all or i.shape]
@@ -110,11 +124,20 @@ def parse_levels(text):
 
 
 def _fit(args) -> int:
+    import math
+
     from .. import EDDP
-    from .._errors import ValidationError
+    from .._device import check_device
+    from .._errors import OutputExistsError, ValidationError
+    from .._io import _is_ours
     from ..capture import ActivationStore, head_for_store
-    if not args.epochs_scale > 0:
-        raise ValidationError(f"--epochs-scale must be > 0, got {args.epochs_scale}.")
+    if not (math.isfinite(args.epochs_scale) and 0 < args.epochs_scale <= 1000):
+        raise ValidationError(f"--epochs-scale must be a finite number in (0, 1000], got {args.epochs_scale}.")
+    device = check_device(args.device, "--device")
+    if (args.out / "pairs.json").exists() and _is_ours(args.out / "pairs.json", "pairs") and not args.overwrite:
+        # checked before the fit, so a long fit never ends in a refusal to save
+        raise OutputExistsError(f"{str(args.out)!r} already holds saved direction pairs; pass --overwrite to replace "
+                                f"them, or choose another --out.")
     store = ActivationStore.open(args.store)
     head = None
     if args.no_head:
@@ -123,8 +146,9 @@ def _fit(args) -> int:
         print(f"the store is subsampled ({store.manifest.get('subsample')} positions per image): fitting without "
               f"a head (no URA terms)")
     else:
-        head = head_for_store(store)
-    est = EDDP(n_concepts=args.concepts, random_state=args.seed, progress=True, device=args.device,
+        head = head_for_store(store, model_name=args.model, weights=args.weights)
+    est = EDDP(n_concepts=args.concepts, random_state=args.seed, progress=True,
+               device=None if device is None else str(device),
                levels=parse_levels(args.levels))
     est.resolved_levels()  # a bad --levels fails here, before any work
     if args.epochs_scale != 1.0:
@@ -134,6 +158,6 @@ def _fit(args) -> int:
     pairs = est.pairs_
     pairs.meta.update({"model_id": store.model_id, "layer": store.layer, "store": str(Path(args.store).resolve()),
                        "store_plan_id": store.manifest.get("plan_id"), "seed": args.seed, "head": head is not None})
-    pairs.save(args.out)
+    pairs.save(args.out, overwrite=args.overwrite)
     print(f"saved {pairs.n_concepts} direction pairs (D = {pairs.n_features}, layer {store.layer!r}) to {args.out}")
     return 0

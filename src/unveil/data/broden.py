@@ -15,16 +15,24 @@ Layout of a Broden folder::
 
 :func:`export_broden` writes a data set that follows the unveil data protocol (for example
 :class:`~unveil.data.world.ConceptWorld`) in this layout; the class label becomes the whole-image
-``scene`` label. :class:`BrodenDataset` reads any Broden-format folder and offers the same protocol
+``scene`` label; the folder is built beside its destination and renamed into place, and it carries a
+marker file (``.unveil-broden.json``) so a later export knows it may replace it. :class:`BrodenDataset`
+reads any Broden-format folder and offers the same protocol
 as ``ConceptWorld`` (``ds[i] -> WorldSample(image, masks (C,H,W) bool, label)``), so the same
 dissection code runs on both.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import json
 import logging
+import os
 import re
+import shutil
+import tempfile
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -32,8 +40,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .._errors import CorruptFileError, ValidationError
-from .._io import atomic_write_bytes
+from .._errors import CorruptFileError, OutputExistsError, ValidationError
+from .._io import atomic_write_bytes, versions
 from .._validation import check_positive_int
 from .world import Concept, WorldSample
 
@@ -43,6 +51,9 @@ logger = logging.getLogger("unveil")
 
 _META_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
 _MAX_WARNINGS = 10
+MARKER = ".unveil-broden.json"  # written by export_broden: "this folder is ours to replace"
+_MARKER_FORMAT = "unveil.broden-export"
+_TOP_LEVEL = {"index.csv", "label.csv", "category.csv", "images", MARKER}
 
 
 class SkippedFile(NamedTuple):
@@ -68,8 +79,13 @@ def encode_label_png(labels: np.ndarray) -> bytes:
 
 
 def decode_label_png(path) -> np.ndarray:
-    """Label numbers (H, W) int32 of a Broden label PNG (R + 256 * G)."""
-    with Image.open(path) as im:
+    """Label numbers (H, W) int32 of a Broden label PNG (R + 256 * G).
+
+    Raises ``OSError``/``ValueError`` for an unreadable file (a ``ValidationError`` for one of more than
+    :data:`unveil.data.images.MAX_IMAGE_PIXELS` pixels).
+    """
+    from .images import open_image
+    with open_image(path) as im:
         im.load()
         arr = np.asarray(im.convert("RGB"), dtype=np.int32)
     return arr[..., 0] + 256 * arr[..., 1]
@@ -85,42 +101,179 @@ def _csv_bytes(header: Sequence[str], rows) -> bytes:
 
 
 def export_broden(ds, out_dir, indices=None, split: Optional[str] = None, image_folder: str = "world",
-                  progress: bool = False) -> Path:
+                  progress: bool = False, overwrite: bool = False) -> Path:
     """Write ``ds`` (any data set following the protocol) in Broden's layout under ``out_dir``.
 
     Parameters
     ----------
     ds : data set with ``concepts``, ``class_names``, ``__len__`` and ``ds[i] -> (image, masks, label)``.
-    out_dir : folder to create (existing files of the same names are replaced).
+    out_dir : folder to create. It may exist if it is empty, or if it holds an earlier export by this
+        function (and nothing else) and ``overwrite=True``; any other content is never touched
+        (:class:`~unveil.OutputExistsError`).
     indices : images to export (default all).
     split : the ``split`` column (default ``ds.split`` or ``"train"``).
     image_folder : sub-folder of ``images/`` for the files.
+    overwrite : replace an earlier export in ``out_dir``.
 
     Images are written as PNG (lossless, so an exported image reads back identical). Each mask
     category gets one label PNG per image (more when a pixel has several labels of one category);
-    the class label becomes the whole-image ``scene`` label. ``index.csv`` is written last, so an
-    interrupted export has none and is not mistaken for a complete one.
+    the class label becomes the whole-image ``scene`` label. Everything is written into a hidden
+    temporary folder beside ``out_dir`` that is renamed into place only when complete (swapped with an
+    earlier export in one step where the system allows it): an interrupted or failed export leaves
+    the earlier export, or no folder, never a half-written one.
 
     Examples
     --------
     >>> from unveil.data.world import ConceptWorld
     >>> export_broden(ConceptWorld(4), "/tmp/broden_world")  # doctest: +SKIP
     """
-    from .._progress import progress as _progress
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValidationError(f"out_dir {str(out)!r} exists and is not a folder; pass a folder path.")
+    out = Path(os.path.abspath(out_dir))
+    if out.name in ("", ".", ".."):
+        raise ValidationError(f"out_dir {str(out_dir)!r} names no folder; pass a folder path such as 'broden_world'.")
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", image_folder):
         raise ValidationError(f"image_folder must be a simple folder name, got {image_folder!r}.")
-    (out / "images" / image_folder).mkdir(parents=True, exist_ok=True)
-    stale = out / "index.csv"
-    if stale.exists():
-        stale.unlink()
+    _check_export_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export-tmp", dir=out.parent))
+    try:
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
+        n_rows, n_labels, n_cats = _write_export(ds, stage, indices, split, image_folder, progress)
+        atomic_write_bytes(stage / MARKER, (json.dumps(
+            {"format": _MARKER_FORMAT, "format_version": 1, "image_folder": image_folder, "n_images": n_rows,
+             "versions": versions()}, indent=2, sort_keys=True) + "\n").encode())
+        existed = _check_export_target(out, overwrite)  # again: the folder may have changed meanwhile
+        if existed and _exchange(stage, out):
+            shutil.rmtree(stage, ignore_errors=True)  # now the earlier export (checked to hold only ours)
+        elif existed:
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+            os.rename(out, old)
+            try:
+                os.rename(stage, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.rename(stage, out)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise OutputExistsError(f"out_dir {str(out)!r} was created by someone else during the export; "
+                                        f"it is left alone. Choose another folder.") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    logger.info("exported %d images with %d labels in %d categories to %s", n_rows, n_labels, n_cats, out)
+    return Path(out_dir)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _read_marker(folder: Path) -> Optional[dict]:
+    try:
+        doc = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == _MARKER_FORMAT else None
+
+
+def _foreign_entries(folder: Path, image_folder: str) -> List[str]:
+    """Entries of ``folder`` that an export with ``image_folder`` does not write (relative paths)."""
+    foreign = []
+    with os.scandir(folder) as it:
+        top = list(it)
+    for e in top:
+        ok = (e.name in _TOP_LEVEL or re.fullmatch(r"c_[^/\\]+\.csv", e.name)) and not e.is_symlink()
+        if ok and e.name == "images":
+            ok = e.is_dir(follow_symlinks=False)
+        elif ok:
+            ok = e.is_file(follow_symlinks=False)
+        if not ok:
+            foreign.append(e.name)
+    images = folder / "images"
+    if images.is_dir() and not images.is_symlink():
+        with os.scandir(images) as it:
+            subs = list(it)
+        for e in subs:
+            if e.name != image_folder or not e.is_dir(follow_symlinks=False):
+                foreign.append(f"images/{e.name}")
+                continue
+            with os.scandir(e.path) as it:
+                files = list(it)
+            for f in files:
+                if not (f.is_file(follow_symlinks=False) and re.fullmatch(r"\d{6,}(_[^/\\]+)?\.png", f.name)):
+                    foreign.append(f"images/{e.name}/{f.name}")
+    return sorted(foreign)
+
+
+def _check_export_target(out: Path, overwrite: bool) -> bool:
+    """Refuse an ``out`` that holds anything but an earlier export (that only with ``overwrite``);
+    returns whether ``out`` exists (empty, or an export to replace)."""
+    if out.is_symlink():
+        raise OutputExistsError(f"out_dir {str(out)!r} is a symbolic link; pass the folder it points to, or a "
+                                f"new folder path.")
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise OutputExistsError(f"out_dir {str(out)!r} exists and is not a folder; pass a folder path.")
+    try:
+        entries = sorted(os.listdir(out))
+    except OSError as exc:
+        raise OutputExistsError(f"out_dir {str(out)!r} cannot be listed ({exc.strerror}); choose another "
+                                f"folder.") from None
+    if not entries:
+        return True
+    marker = _read_marker(out)
+    if marker is None:
+        raise OutputExistsError(f"out_dir {str(out)!r} is not empty ({len(entries)} entries, e.g. {entries[:3]}) "
+                                f"and is not a Broden export written by unveil (no valid {MARKER}); its files are "
+                                f"left alone. Choose a new or empty folder.")
+    if not overwrite:
+        raise OutputExistsError(f"out_dir {str(out)!r} already holds a Broden export; pass overwrite=True "
+                                f"(CLI: --overwrite) to replace it, or choose another folder.")
+    foreign = _foreign_entries(out, str(marker.get("image_folder", "")))
+    if foreign:
+        raise OutputExistsError(f"out_dir {str(out)!r} holds an earlier export but also {len(foreign)} file(s) "
+                                f"unveil did not write (e.g. {foreign[:3]}); nothing is replaced. Move them out, "
+                                f"or choose another folder.")
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the system or file system cannot, so the caller falls back to two renames.
+    """
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except Exception:  # noqa: BLE001 - no such call here (not Linux, old libc, no ctypes)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _write_export(ds, folder: Path, indices, split, image_folder: str, progress: bool) -> Tuple[int, int, int]:
+    """The export itself, into the (new, empty) ``folder``; returns (images, labels, categories)."""
+    from .._progress import progress as _progress
+
     concepts: List[Concept] = list(ds.concepts)
     class_names: List[str] = list(getattr(ds, "class_names", []) or [])
     split = split if split is not None else str(getattr(ds, "split", "train") or "train")
-    idx = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
+        raise ValidationError(f"indices must lie in [0, {len(ds)}) for this data set of {len(ds)} images, got "
+                              f"values from {int(idx.min())} to {int(idx.max())}.")
 
     # global label numbers: one per distinct concept name, then the scene labels
     names: "OrderedDict[str, int]" = OrderedDict()
@@ -129,6 +282,13 @@ def export_broden(ds, out_dir, indices=None, split: Optional[str] = None, image_
     cats: "OrderedDict[str, List[int]]" = OrderedDict()
     for ch, c in enumerate(concepts):
         cats.setdefault(c.category, []).append(ch)
+    for cat in cats:  # categories become file names (c_<cat>.csv, <image>_<cat>.png)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\- ]*", str(cat)):
+            raise ValidationError(f"concept category {cat!r} cannot be exported: Broden uses it in file names, so "
+                                  f"it must be letters, digits, '_', '-' or spaces. Rename the category.")
+    if class_names and "scene" in cats:
+        raise ValidationError("a concept category is named 'scene', which Broden reserves for the class labels; "
+                              "rename the category.")
     scene_numbers = []
     for cname in class_names:
         nm = cname if cname not in names else f"{cname}-s"
@@ -150,7 +310,7 @@ def export_broden(ds, out_dir, indices=None, split: Optional[str] = None, image_
         stem = f"{image_folder}/{int(i):06d}"
         buf = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB").save(buf, format="PNG")
-        atomic_write_bytes(out / "images" / f"{stem}.png", buf.getvalue())
+        atomic_write_bytes(folder / "images" / f"{stem}.png", buf.getvalue())
         row = [f"{stem}.png", split, h, w, h, w]
         for cat, chans in cats.items():
             layers: List[np.ndarray] = []
@@ -172,7 +332,7 @@ def export_broden(ds, out_dir, indices=None, split: Optional[str] = None, image_
             files = []
             for k, layer in enumerate(layers):
                 fn = f"{stem}_{cat}.png" if k == 0 else f"{stem}_{cat}_{k}.png"
-                atomic_write_bytes(out / "images" / fn, encode_label_png(layer))
+                atomic_write_bytes(folder / "images" / fn, encode_label_png(layer))
                 files.append(fn)
             cat_images[cat] += bool(files)
             row.append(";".join(files))
@@ -201,21 +361,37 @@ def export_broden(ds, out_dir, indices=None, split: Optional[str] = None, image_
         label_rows.append([number, name, ";".join(f"{c}({int(freq[c][number])})" for c in cs),
                            int(sum(freq[c][number] for c in cs)),
                            f"{sum(cover[c][number] for c in cs):.6f}", ""])
-    atomic_write_bytes(out / "label.csv", _csv_bytes(["number", "name", "category", "frequency", "coverage", "syns"],
+    atomic_write_bytes(folder / "label.csv", _csv_bytes(["number", "name", "category", "frequency", "coverage", "syns"],
                                                      label_rows))
     cat_rows = []
     for cat in all_cats:
         numbers = ([names[concepts[ch].name] for ch in cats[cat]] if cat != "scene" else scene_numbers)
         numbers = list(OrderedDict.fromkeys(numbers))
-        atomic_write_bytes(out / f"c_{cat}.csv", _csv_bytes(
+        atomic_write_bytes(folder / f"c_{cat}.csv", _csv_bytes(
             ["code", "number", "name", "frequency", "coverage"],
             [[code, n, list(names)[n - 1], int(freq[cat][n]), f"{cover[cat][n]:.6f}"]
              for code, n in enumerate(numbers, start=1)]))
         cat_rows.append([cat, min(numbers), max(numbers), len(numbers), cat_images[cat]])
-    atomic_write_bytes(out / "category.csv", _csv_bytes(["name", "first", "last", "count", "frequency"], cat_rows))
-    atomic_write_bytes(out / "index.csv", _csv_bytes(list(_META_COLUMNS) + all_cats, rows))
-    logger.info("exported %d images with %d labels in %d categories to %s", len(rows), n_labels, len(all_cats), out)
-    return out
+    atomic_write_bytes(folder / "category.csv", _csv_bytes(["name", "first", "last", "count", "frequency"], cat_rows))
+    atomic_write_bytes(folder / "index.csv", _csv_bytes(list(_META_COLUMNS) + all_cats, rows))
+    return len(rows), n_labels, len(all_cats)
+
+
+def _unsafe_relpath(rel: str) -> Optional[str]:
+    """Why ``rel`` is not a plain relative POSIX path without ``..`` (None when it is)."""
+    if "\0" in rel:
+        return "holds a NUL character"
+    if "\\" in rel:
+        return "holds a backslash (Broden paths use '/')"
+    if rel.startswith("/") or re.match(r"[A-Za-z]:", rel):
+        return "is absolute"
+    if ".." in rel.split("/"):
+        return "holds '..'"
+    return None
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> Tuple[List[str], List[dict]]:
@@ -255,6 +431,12 @@ class BrodenDataset:
     ``ds.skipped`` (:class:`SkippedFile`) and a warning is logged. A broken ``index.csv``,
     ``label.csv`` or ``category.csv`` raises :class:`~unveil.CorruptFileError` naming the file.
 
+    Every file path of ``index.csv`` must be relative, use ``/``, hold no ``..`` and stay inside
+    ``images/`` also through symbolic links (``images`` itself may be a link to the real image
+    folder); any other path raises :class:`~unveil.CorruptFileError` naming its line, and no file
+    outside is opened. Images of more than :data:`unveil.data.images.MAX_IMAGE_PIXELS` pixels are
+    not decoded.
+
     Examples
     --------
     >>> ds = BrodenDataset("/tmp/broden_world")  # doctest: +SKIP
@@ -272,7 +454,11 @@ class BrodenDataset:
         index_path = self.root / "index.csv"
         fields, raw_rows = _read_csv(index_path, _META_COLUMNS)
         cat_columns = [c for c in fields if c not in _META_COLUMNS]
-        self._rows = []
+        for c in cat_columns:  # a category names the file c_<category>.csv
+            if "/" in c or "\\" in c or "\0" in c:
+                raise CorruptFileError(f"{str(index_path)!r} has a category column {c!r} that is not a plain name "
+                                       f"(no '/', '\\'); the index is corrupt: export the data set again.")
+        self._rows, self._lines = [], []
         for line, r in enumerate(raw_rows, start=2):
             try:
                 row = {"image": r["image"], "split": r["split"]}
@@ -293,6 +479,7 @@ class BrodenDataset:
                                        f"index is corrupt: export the data set again.") from None
             if split is None or row["split"] == split:
                 self._rows.append(row)
+                self._lines.append(line)
         if not self._rows:
             raise CorruptFileError(f"{str(index_path)!r} lists no images"
                                    f"{'' if split is None else f' of split {split!r}'}; expected at least one row.")
@@ -340,13 +527,42 @@ class BrodenDataset:
 
         self.skipped: List[SkippedFile] = []
         self._bad_files = set()
+        self._images = self.root / "images"
+        self._images_real = os.path.realpath(self._images)
+        self._dir_inside: Dict[str, bool] = {}
         for i, row in enumerate(self._rows):
+            self._checked_path(i, row["image"], "image")
             for cat in categories:
                 for v in row[cat]:
-                    if isinstance(v, str) and not (self.root / "images" / v).is_file():
+                    if isinstance(v, str) and not self._checked_path(i, v, cat).is_file():
                         self._skip(i, cat, v, "file is missing")
 
     # -- helpers --------------------------------------------------------------------------------
+    def _checked_path(self, i: int, rel: str, column: str) -> Path:
+        """``images/rel`` after checking that it stays inside ``images/`` (else CorruptFileError)."""
+        why = _unsafe_relpath(rel)
+        if why is None and self._leaves_images(rel):
+            why = "leads outside the images folder through a symbolic link"
+        if why is not None:
+            raise CorruptFileError(
+                f"{str(self.root / 'index.csv')!r} line {self._lines[i]}: the {column} path {rel!r} {why}; expected "
+                f"a relative path inside {str(self._images)!r}. The file was not opened: the index is corrupt or "
+                f"crafted, export the data set again.")
+        return self._images / rel
+
+    def _leaves_images(self, rel: str) -> bool:
+        """Whether ``images/rel`` resolves outside ``images/`` (``rel`` holds no ``..``; the verdict on each
+        folder is cached, the file itself is checked every time)."""
+        parent = rel.rpartition("/")[0]
+        inside = self._dir_inside.get(parent)
+        if inside is None:
+            inside = _within(os.path.realpath(self._images / parent), self._images_real)
+            self._dir_inside[parent] = inside
+        if not inside:
+            return True
+        path = self._images / rel
+        return path.is_symlink() and not _within(os.path.realpath(path), self._images_real)
+
     def _category_numbers(self, cat, label_rows, known_cats) -> List[int]:
         cpath = self.root / f"c_{cat}.csv"
         if cpath.is_file():
@@ -411,10 +627,11 @@ class BrodenDataset:
 
     def __getitem__(self, i) -> WorldSample:
         i = self._index(i)
+        from .images import open_image
         row = self._rows[i]
-        path = self.root / "images" / row["image"]
+        path = self._checked_path(i, row["image"], "image")
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 im.load()
                 im = im.convert("RGB")
                 if self.image_size is not None and im.size != (self.image_size, self.image_size):
@@ -435,7 +652,7 @@ class BrodenDataset:
                 if (i, v) in self._bad_files:
                     continue
                 try:
-                    lab = decode_label_png(self.root / "images" / v)
+                    lab = decode_label_png(self._checked_path(i, v, cat))
                 except (OSError, ValueError, SyntaxError) as exc:
                     self._skip(i, cat, v, f"unreadable ({type(exc).__name__}: {exc})")
                     continue

@@ -4,12 +4,16 @@ A folder is scanned recursively for ``.jpg .jpeg .png .webp .bmp`` files. When e
 inside a first-level sub-folder, those sub-folders are the classes (``labels`` = index into the
 sorted ``class_names``); otherwise there are no labels. Grayscale, palette, RGBA, CMYK, ... images
 are converted to RGB. Files that are not images, or that cannot be decoded, are skipped and
-reported (never a crash); hidden files and folders (name starting with ``.``) are ignored.
+reported (never a crash); hidden files and folders (name starting with ``.``) are ignored. So are
+files whose name is not valid UTF-8 or that cannot be read, and images of more than
+:data:`MAX_IMAGE_PIXELS` pixels (decompression bombs): each is skipped with its reason.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,9 +24,13 @@ import torch
 
 from .._errors import ValidationError
 
-__all__ = ["IMAGE_EXTENSIONS", "Preprocessing", "ImageFolder", "scan_images", "load_image", "load_batch"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "Preprocessing", "ImageFolder", "scan_images", "load_image",
+           "load_batch", "open_image"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+#: Largest image (width x height) unveil decodes; PIL's own default. A larger one is refused before
+#: its pixels are decoded (a tiny file can claim a huge size: a "decompression bomb").
+MAX_IMAGE_PIXELS = 89_478_485
 logger = logging.getLogger("unveil")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,6 +97,10 @@ class Preprocessing:
         w, h = img.size
         scale = self.resize / min(w, h)
         nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        if nw * nh > max(MAX_IMAGE_PIXELS, w * h):
+            raise ValidationError(f"an image of {w} x {h} pixels would be resized to {nw} x {nh} before the "
+                                  f"centre crop, more than the limit of {MAX_IMAGE_PIXELS} pixels (unveil.data."
+                                  f"images.MAX_IMAGE_PIXELS); crop the image to a less extreme aspect ratio.")
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.BILINEAR)
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
@@ -118,14 +130,41 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(path, preprocessing: Preprocessing) -> torch.Tensor:
-    """Decode ``path`` and preprocess it; raises ``OSError``/``ValueError`` if it is not a readable image."""
+@contextlib.contextmanager
+def open_image(path):
+    """``PIL.Image.open(path)`` that refuses decompression bombs before decoding any pixel.
+
+    Raises :class:`ValidationError` for an image of more than :data:`MAX_IMAGE_PIXELS` pixels (also
+    when PIL's own limit, ``PIL.Image.MAX_IMAGE_PIXELS``, is lower and fires first), ``OSError`` /
+    ``ValueError`` when the file is not a readable image. PIL's global settings are not changed.
+    """
     from PIL import Image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. PIL's "palette images with transparency" notice
-        with Image.open(path) as img:
-            img.load()
-            return preprocessing(img)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValidationError(f"image {str(path)!r} is too large to decode ({exc}); images up to "
+                                  f"{MAX_IMAGE_PIXELS} pixels are read. Resize it first.") from None
+        with img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValidationError(f"image {str(path)!r} claims {w} x {h} = {w * h} pixels, more than the limit "
+                                      f"of {MAX_IMAGE_PIXELS} (unveil.data.images.MAX_IMAGE_PIXELS), so it is not "
+                                      f"decoded (a decompression bomb?); resize it first.")
+            yield img
+
+
+def load_image(path, preprocessing: Preprocessing) -> torch.Tensor:
+    """Decode ``path`` and preprocess it.
+
+    Raises ``OSError``/``ValueError`` if it is not a readable image, :class:`ValidationError` (a
+    ``ValueError``) if it has more than :data:`MAX_IMAGE_PIXELS` pixels.
+    """
+    with open_image(path) as img:
+        img.load()
+        return preprocessing(img)
 
 
 @dataclass
@@ -154,15 +193,24 @@ class ImageFolder:
         return len(self.files)
 
     def fingerprint(self) -> str:
-        """sha256 over (relative path, size, content sha256) of every candidate image, in order."""
+        """sha256 over (relative path, size, content sha256) of every candidate image, in order.
+
+        A file that cannot be read (removed or made unreadable since the scan) enters as its path and
+        the error's name, so the fingerprint still changes when it does; loading it skips it later.
+        """
         h = hashlib.sha256()
         for rel in self.files:
             p = self.root / rel
             fh = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    fh.update(chunk)
-            h.update(f"{rel}\0{p.stat().st_size}\0{fh.hexdigest()}\n".encode())
+            try:
+                with open(p, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        fh.update(chunk)
+                    size = os.fstat(f.fileno()).st_size
+                entry = f"{size}\0{fh.hexdigest()}"
+            except OSError as exc:
+                entry = f"unreadable\0{type(exc).__name__}"
+            h.update(f"{rel}\0{entry}\n".encode("utf-8", "backslashreplace"))
         return h.hexdigest()
 
 
@@ -189,12 +237,24 @@ def scan_images(root) -> ImageFolder:
         rel = p.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
             continue
-        if not p.is_file():
+        try:
+            if not p.is_file():
+                continue
+        except OSError:  # e.g. a name too long for the file system, a symlink loop
             continue
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(rel.as_posix())
+        name = rel.as_posix()
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes (surrogate escapes): json and ids need real text
+            skipped.append({"path": os.fsencode(name).decode("utf-8", "backslashreplace"),
+                            "reason": "file name is not valid UTF-8; rename the file"})
+            continue
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append({"path": name, "reason": f"not an image file (extension {p.suffix or 'none'!r})"})
+        elif not os.access(p, os.R_OK):
+            skipped.append({"path": name, "reason": "file cannot be read (permission denied)"})
         else:
-            skipped.append({"path": rel.as_posix(), "reason": f"not an image file (extension {p.suffix or 'none'!r})"})
+            files.append(name)
     if not files:
         extra = f" ({len(skipped)} other files were skipped)" if skipped else ""
         raise ValidationError(f"no images found in {str(root)!r}{extra}: expected files ending in "
@@ -213,8 +273,8 @@ def scan_images(root) -> ImageFolder:
 def load_batch(folder: ImageFolder, indices: Sequence[int], preprocessing: Preprocessing):
     """Decode the images ``indices`` of ``folder``.
 
-    Returns ``(tensor (B, 3, S, S), kept indices, skipped [{"path", "reason"}])``; undecodable files
-    are skipped, never raised.
+    Returns ``(tensor (B, 3, S, S), kept indices, skipped [{"path", "reason"}])``; undecodable or
+    unreadable files and images over :data:`MAX_IMAGE_PIXELS` are skipped, never raised.
     """
     tensors, kept, skipped = [], [], []
     for i in indices:
@@ -222,9 +282,12 @@ def load_batch(folder: ImageFolder, indices: Sequence[int], preprocessing: Prepr
         try:
             tensors.append(load_image(folder.root / rel, preprocessing))
             kept.append(i)
+            continue
+        except ValidationError as exc:  # too large: a decompression bomb or an extreme aspect ratio
+            reason = f"not decoded: {str(exc)[:300]}"
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "corrupt image"
             reason = f"cannot be decoded as an image ({type(exc).__name__}: {str(exc)[:200]})"
-            logger.info("skipping %s: %s", rel, reason)
-            skipped.append({"path": rel, "reason": reason})
+        logger.info("skipping %s: %s", rel, reason)
+        skipped.append({"path": rel, "reason": reason})
     batch = torch.stack(tensors) if tensors else torch.empty(0, 3, preprocessing.size, preprocessing.size)
     return batch, kept, skipped

@@ -213,7 +213,7 @@ class ArgmaxPairs(DirectionPairs):
             obj = cls(tensors["decoders"], tensors["biases"], tensors["encoders"], tensors["mean"],
                       names=doc.get("names"), meta=doc.get("meta"), score_weights=tensors["score_weights"],
                       score_offsets=tensors["score_offsets"])
-        except (KeyError, ValidationError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
             raise CorruptFileError(f"saved pairs at {str(path)!r} are inconsistent ({exc}).") from None
         return obj.to(device)
 

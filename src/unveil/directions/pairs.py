@@ -88,25 +88,32 @@ class DirectionPairs:
 
     # --------------------------------------------------------------- compute
     def _project(self, X) -> torch.Tensor:
-        X = check_maps(X, "X", n_features=self.n_features,
+        """``w_iᵀx`` per position; float32, or float64 where float32 overflows (|x| near 3.4e38)."""
+        X = check_maps(X, "X", n_features=self.n_features, detach=False,
                        context=f"these direction pairs (layer {self.meta.get('layer', '?')!r})")
-        W = self.decoders.to(X.device)
-        if X.dim() == 2:
-            return X @ W.T
-        return torch.einsum("ndhw,id->nihw", X, W)
+        z = _einsum(X, self.decoders.to(X.device))
+        if not torch.isfinite(z).all():
+            # finite inputs whose products or sums leave float32's range: exact enough in float64
+            z = _einsum(X.double(), self.decoders.to(X.device, torch.float64))
+        return z
 
     def _bias_shape(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        v = v.to(z.device)
+        v = v.to(z.device, z.dtype)
         return v if z.dim() == 2 else v[None, :, None, None]
 
     def decision_function(self, X) -> torch.Tensor:
         """``w_iᵀx − b_i`` per position: (N, I, H, W) for maps, (P, I) for patches."""
         z = self._project(X)
-        return z - self._bias_shape(z, self.biases)
+        d = z - self._bias_shape(z, self.biases)
+        if not torch.isfinite(d).all():
+            z = z.double()
+            d = z - self._bias_shape(z, self.biases)
+        return _as_float32(d, "decision values w_iᵀx − b_i")
 
     def detect(self, X) -> torch.Tensor:
         """Detector activations ``σ(w_iᵀx − b_i)`` in [0, 1]; concept present where > 0.5."""
-        return torch.sigmoid(self.decision_function(X))
+        z = self._project(X)
+        return torch.sigmoid(z - self._bias_shape(z, self.biases)).float()
 
     def signal_values(self, X) -> torch.Tensor:
         """Mean-centred latent factors ``(w_iᵀx − w_iᵀE[x]) / (w_iᵀŝ_i)`` (method.md §3)."""
@@ -118,24 +125,56 @@ class DirectionPairs:
         if tiny.any():
             raise ValidationError(f"decoder and encoder of concepts {tiny.nonzero().flatten().tolist()} are "
                                   f"orthogonal (wᵀŝ = 0), so their signal values are undefined.")
-        return (z - self._bias_shape(z, offset)) / self._bias_shape(z, scale)
+        out = (z - self._bias_shape(z, offset)) / self._bias_shape(z, scale)
+        if not torch.isfinite(out).all():
+            W = W.double()
+            offset, scale = W @ self.mean.to(z.device, torch.float64), (W * self.encoders.to(z.device)).sum(1)
+            z = z.double()
+            out = (z - self._bias_shape(z, offset)) / self._bias_shape(z, scale)
+        return _as_float32(out, "signal values")
 
     # ----------------------------------------------------------- persistence
-    def save(self, path) -> Path:
-        """Save to the folder ``path`` as ``pairs.json`` + ``pairs.safetensors`` (atomic; no pickle)."""
+    def save(self, path, overwrite: bool = True) -> Path:
+        """Save to the folder ``path`` as ``pairs.json`` + ``pairs.safetensors`` (one transaction; no pickle).
+
+        Files of those names that unveil did not write are never replaced; saved pairs are replaced
+        only when ``overwrite``.
+        """
         return save_bundle(path, "pairs", {"decoders": self.decoders, "biases": self.biases,
                                             "encoders": self.encoders, "mean": self.mean},
                            {"n_concepts": self.n_concepts, "n_features": self.n_features,
-                            "names": self.names, "meta": self.meta})
+                            "names": self.names, "meta": self.meta}, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, device="cpu") -> "DirectionPairs":
         """Load pairs saved by :meth:`save`; raises :class:`CorruptFileError` on a damaged folder."""
         from .._errors import CorruptFileError
         tensors, doc = load_bundle(path, "pairs")
+        names, meta = doc.get("names"), doc.get("meta")
+        if names is not None and not (isinstance(names, list) and all(isinstance(v, str) for v in names)):
+            raise CorruptFileError(f"saved pairs at {str(path)!r}: 'names' is a {type(names).__name__}, expected a "
+                                   f"list of strings. Save the pairs again.")
+        if meta is not None and not isinstance(meta, dict):
+            raise CorruptFileError(f"saved pairs at {str(path)!r}: 'meta' is a {type(meta).__name__}, expected an "
+                                   f"object (dict). Save the pairs again.")
         try:
             obj = cls(tensors["decoders"], tensors["biases"], tensors["encoders"], tensors["mean"],
                       names=doc.get("names"), meta=doc.get("meta"))
-        except (KeyError, ValidationError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
             raise CorruptFileError(f"saved pairs at {str(path)!r} are inconsistent ({exc}).") from None
         return obj.to(device)
+
+
+def _einsum(X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    return X @ W.T if X.dim() == 2 else torch.einsum("ndhw,id->nihw", X, W)
+
+
+def _as_float32(z: torch.Tensor, what: str) -> torch.Tensor:
+    """``z`` as float32; a value beyond float32's range (about 3.4e38) is refused, never returned as inf/NaN."""
+    out = z.float()
+    if not torch.isfinite(out).all():
+        big = float(z.detach().abs().max())
+        raise ValidationError(f"the {what} reach {big:.3g}, beyond the float32 range (3.4e38): the activations "
+                              f"are too large for these direction pairs. Rescale the maps (e.g. divide by their "
+                              f"largest value) or check the model's numerics.")
+    return out

@@ -8,6 +8,7 @@ that applies ``x'_p = ReLU(x_p − m_p·k·ŝ_i)`` at the layer (method.md §8; 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -124,6 +125,22 @@ class CorrectedModel(nn.Module):
         """Rebuild a saved correction around ``model`` (the same model it was made for)."""
         from ..directions.pairs import DirectionPairs
         tensors, doc = load_bundle(path, "correction")
+        checks = {"layer": lambda v: isinstance(v, str) and bool(v),
+                  "concepts": lambda v: isinstance(v, list) and all(isinstance(c, int) and not isinstance(c, bool)
+                                                                    and c >= 0 for c in v),
+                  "strength": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and math.isfinite(v)),
+                  "tokens": lambda v: v in (None, "patches", "all"),
+                  "nonneg": lambda v: v is None or isinstance(v, bool),
+                  "names": lambda v: v is None or (isinstance(v, list) and all(isinstance(n, str) for n in v)),
+                  "pairs_meta": lambda v: v is None or isinstance(v, dict),
+                  "model_id": lambda v: v is None or isinstance(v, str),
+                  "direction": lambda v: v is None or isinstance(v, str)}
+        for key, ok in checks.items():
+            if not ok(doc.get(key)):
+                raise CorruptFileError(f"saved correction at {str(path)!r}: field {key!r} is "
+                                       f"{type(doc.get(key)).__name__} {str(doc.get(key))[:40]!r}, which is not valid; "
+                                       f"the file is corrupt or not trustworthy. Save the correction again.")
         try:
             concepts = [int(c) for c in doc["concepts"]]
             pairs = DirectionPairs(tensors["decoders"], tensors["biases"], tensors["encoders"], tensors["mean"],

@@ -220,7 +220,7 @@ def edit_maps(X, pairs, concepts, *, strength: Optional[float] = None, mode: str
     """
     if mode not in MODES:
         raise ValidationError(f"mode must be one of {MODES}, got {mode!r}.")
-    X = check_maps(X, "X", n_features=pairs.n_features, allow_patches=False,
+    X = check_maps(X, "X", n_features=pairs.n_features, allow_patches=False, detach=False,
                    context=f"these direction pairs (layer {pairs.meta.get('layer', '?')!r})")
     idx = resolve_concepts(pairs, concepts)
     k = check_strength(strength)

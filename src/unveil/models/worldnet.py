@@ -148,7 +148,14 @@ def load_worldnet_file(path) -> Tuple[WorldNet, dict]:
     path = Path(path)
     state, meta = read_checked(path, _sidecar(path), "worldnet",
                                f"Rebuild it with `unveil world train --out {path}`.")
-    model = WorldNet(int(meta["num_classes"]), tuple(meta["widths"]))
+    nc, widths = meta.get("num_classes"), meta.get("widths")
+    if not (isinstance(nc, int) and not isinstance(nc, bool) and 1 <= nc <= 100_000
+            and isinstance(widths, list) and len(widths) == 4
+            and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 4096 for w in widths)):
+        raise CorruptFileError(f"{str(_sidecar(path))!r}: num_classes {nc!r} / widths {widths!r} are not a class "
+                               f"count and four stage widths (positive integers); the checkpoint is corrupt. "
+                               f"Rebuild it with `unveil world train --out {path}`.")
+    model = WorldNet(nc, tuple(widths))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CorruptFileError(f"{str(path)!r} does not hold WorldNet weights: missing {missing[:3]}, "
@@ -179,7 +186,10 @@ def load_worldnet(shortcut: bool = False, with_meta: bool = False):
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``images`` (N,3,H,W); the model's train/eval mode is restored."""
-    labels = torch.from_numpy(np.array(labels, dtype=np.int64))
+    labels = torch.from_numpy(np.array(labels, dtype=np.int64)).reshape(-1)
+    if labels.shape[0] != len(images):
+        raise ValidationError(f"labels must have one entry per image ({len(images)}), got {labels.shape[0]}; pass "
+                              f"the labels of exactly these images.")
     was_training = model.training
     model.eval()
     try:
