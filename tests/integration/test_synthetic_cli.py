@@ -98,3 +98,21 @@ def test_summarize_mean_and_worst_directions():
     assert s["mean_iou"] == {"mean": pytest.approx(0.7, abs=1e-12), "worst": 0.5}
     assert s["rmse"]["worst"] == 0.6 and s["encoder_cosine"]["worst"] == 0.8
     assert s["iou_per_concept"]["worst"] == [0.4, 0.6]
+
+
+def test_cli_scale_setting_small_with_supervised_ceiling(tmp_path, capsys):
+    """The scale setting's code path at smoke size (--fast: D=64, 8 images per class)."""
+    rc = main(["synthetic", "--seeds", "0", "--setting", "scale", "--n-concepts", "8", "--fast", "--head-epochs", "5",
+               "--no-progress", "--out", str(tmp_path), "--methods", "supervised", "pca"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "synthetic.json").read_text())
+    assert doc["setting"] == "scale"
+    data = doc["heads"][0]["data"]
+    assert data["n_concepts"] == 8 and data["n_distractors"] == 4 and data["n_classes"] == 8
+    assert data["patches"] == 4 and data["n_features"] == 64 and data["noise"] > 0
+    sup = doc["methods"]["supervised"]["per_seed"][0]
+    assert "error" not in sup, sup.get("error")
+    assert len(sup["matched_iou"]) == 8
+    # the supervised ceiling detects the planted concepts far better than PCA
+    assert sup["mean_iou"] > 0.8 > doc["methods"]["pca"]["per_seed"][0]["mean_iou"]
+    assert doc["methods"]["supervised"]["detection_rule"] == "sigmoid(w^T x - b) > 0.5"

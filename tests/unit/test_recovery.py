@@ -190,3 +190,46 @@ def test_score_pairs_validates(data):
         score_pairs("nope", data)
     with pytest.raises(ValidationError, match="pairs have 4 features but the data has 16"):
         score_pairs(DirectionPairs(torch.eye(4)[:3], torch.zeros(3), torch.eye(4)[:3]), data)
+
+
+# ------------------------------------------------------------------ scoring a subset of the planted concepts
+def test_free_patches_plant_class_independent_concepts():
+    from unveil.data.synthetic import make_hard_synthetic
+    d = make_hard_synthetic(n_concepts=6, n_used=3, patches=2, free_patches=1, n_classes=3, n_per_class=200,
+                            random_state=0)
+    used = sorted({c for rule in d.classes for c in rule})
+    assert used == [0, 1, 2] and d.X.shape[3] == 3 and d.info["free_concepts"] == [3, 4, 5]
+    # every image holds its rule's concepts plus exactly one of the free concepts, whatever its class
+    for n in range(0, 600, 37):
+        got = sorted(d.concept[n].tolist())
+        extra = [c for c in got if c >= 3]
+        assert len(extra) == 1 and sorted(c for c in got if c < 3) == sorted(d.classes[int(d.y[n])])
+    counts = torch.stack([torch.bincount(d.concept[d.y == k].flatten(), minlength=6)[3:] for k in range(3)]).double()
+    freq = counts / counts.sum(1, keepdim=True)
+    torch.testing.assert_close(freq, torch.full_like(freq, 1 / 3), rtol=0, atol=0.08)
+    # the default recipe is unchanged by the new parameters
+    a, b = make_synthetic(n_per_class=20, random_state=3), make_synthetic(n_per_class=20, random_state=3, free_patches=0)
+    assert torch.equal(a.X, b.X) and a.X.shape[3] == 2
+    with pytest.raises(ValidationError, match="n_used"):
+        make_hard_synthetic(n_concepts=6, n_used=7)
+
+
+def test_score_pairs_on_a_subset_of_concepts():
+    d = make_synthetic(n_per_class=50, random_state=0)
+    F = d.ideal_filters()
+    mean = d.X.mean(dim=(0, 2, 3))
+    # detectors for concepts 2 and 0 only, in that order
+    pairs = DirectionPairs(F[[2, 0]], (2.5 + 10 * F.sum(1))[[2, 0]], d.S[[2, 0]], mean=mean)
+    rep = score_pairs(pairs, d, concepts=[0, 2])
+    np.testing.assert_allclose(rep.matched_iou, [1.0, 1.0], atol=1e-12)
+    assert rep.assignment == [1, 0]
+    np.testing.assert_allclose(rep.encoder_cosine, [1.0, 1.0], atol=1e-5)
+    np.testing.assert_allclose(rep.decoder_cosine, [1.0, 1.0], atol=1e-5)
+    assert rep.rmse_overall == pytest.approx(0.0, abs=1e-3)
+    assert rep.off_diagonal_iou == pytest.approx(0.0, abs=1e-12)
+    # over all three concepts one is unmatched
+    assert score_pairs(pairs, d).n_unmatched == 1
+    with pytest.raises(ValidationError, match="concepts must be distinct indices"):
+        score_pairs(pairs, d, concepts=[0, 0])
+    with pytest.raises(ValidationError, match="concepts must be distinct indices"):
+        score_pairs(pairs, d, concepts=[3])

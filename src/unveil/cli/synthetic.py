@@ -16,9 +16,11 @@ def register(subparsers) -> None:
                     "planted truth. Prints a table and writes DIR/synthetic.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one data set per seed")
-    p.add_argument("--setting", choices=["paper", "hard"], default="paper",
+    p.add_argument("--setting", choices=["paper", "hard", "scale"], default="paper",
                    help="'paper': the paper's recipe (D=16, 3 concepts); 'hard': more dimensions, concepts, "
-                        "distractors and noise")
+                        "distractors and noise; 'scale': D=512, --n-concepts concepts, >= 500k patches")
+    p.add_argument("--n-concepts", type=int, default=32,
+                   help="concepts planted in the 'scale' setting (e.g. 32 or 64)")
     p.add_argument("--out", type=Path, default=Path("unveil-synthetic"), help="folder for synthetic.json")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS), metavar="METHOD",
                    help=f"methods to run, from: {' '.join(METHODS)}")
@@ -31,14 +33,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .._io import atomic_write_json
+    from .._io import atomic_write_json, check_outputs_replaceable
     from .._validation import check_positive_int
     from ..evaluate.benchmark_synthetic import format_table, run_synthetic_benchmark
 
     if args.head_epochs is not None:
         check_positive_int(args.head_epochs, "--head-epochs")
+    check_outputs_replaceable(args.out, {"synthetic.json": lambda d: "methods" in d and "setting" in d})
     result = run_synthetic_benchmark(seeds=args.seeds, setting=args.setting, methods=args.methods, fast=args.fast,
-                                     head_epochs=args.head_epochs, show_progress=not args.no_progress)
+                                     head_epochs=args.head_epochs, show_progress=not args.no_progress,
+                                     n_concepts=args.n_concepts)
     path = Path(args.out) / "synthetic.json"
     atomic_write_json(path, result)
     print(format_table(result))

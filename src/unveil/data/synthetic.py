@@ -7,7 +7,7 @@ in random order). The ground truth (S, Dist, α, per-patch concept) comes with t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -101,11 +101,15 @@ def random_directions(n: int, dim: int, correlation: float = 0.5, rng=None) -> n
 def make_synthetic(S=None, Dist=None, classes: Sequence[Sequence[int]] = PAPER_CLASSES,
                    n_per_class: int = 1000, alpha_on=(2.5, 5.0), alpha_off=(0.0, 2.5),
                    beta=(0.0, 5.0), offset: float = 10.0, noise: float = 0.0,
-                   random_state=0) -> SyntheticData:
+                   free_patches: int = 0, free_concepts=None, random_state=0) -> SyntheticData:
     """Generate maps ``(N, D, 1, P)`` from encoding directions ``S`` (I×D) and distractors ``Dist`` (F×D).
 
     Defaults reproduce the paper's recipe (method.md §6). ``noise`` adds isotropic Gaussian noise of
     that standard deviation to every component (real activations have noise everywhere).
+    ``free_patches`` adds that many patches per image whose concept is drawn uniformly from
+    ``free_concepts`` (default: the concepts no class rule names, else all), independently of the
+    class: concepts that are present in the layer but that the class, and so a trained head, does
+    not depend on. ``P = len(rule) + free_patches``; patch order is shuffled per image.
     """
     if S is None and Dist is None:
         S, Dist = paper_directions()
@@ -121,18 +125,28 @@ def make_synthetic(S=None, Dist=None, classes: Sequence[Sequence[int]] = PAPER_C
     n_concepts = S.shape[0]
     if not classes or any(not rule for rule in classes):
         raise ValidationError("classes must be a non-empty list of non-empty concept tuples.")
-    P = len(classes[0])
-    if any(len(rule) != P for rule in classes):
+    P_rule = len(classes[0])
+    if any(len(rule) != P_rule for rule in classes):
         raise ValidationError("every class rule must name the same number of patches (one concept per patch).")
     if any(c < 0 or c >= n_concepts for rule in classes for c in rule):
         raise ValidationError(f"class rules must use concepts 0..{n_concepts - 1}; got {classes}.")
+    free_patches = check_positive_int(free_patches, "free_patches", minimum=0)
+    if free_concepts is None:
+        used = {c for rule in classes for c in rule}
+        free_concepts = [c for c in range(n_concepts) if c not in used] or list(range(n_concepts))
+    free_concepts = np.array([int(c) for c in free_concepts], dtype=np.int64)
+    if free_concepts.size == 0 or free_concepts.min() < 0 or free_concepts.max() >= n_concepts:
+        raise ValidationError(f"free_concepts must be a non-empty list of concepts in 0..{n_concepts - 1}; "
+                              f"got {free_concepts.tolist()}.")
+    P = P_rule + free_patches
     rng = np.random.default_rng(random_state)
     K, F = len(classes), Dist.shape[0]
     N = K * n_per_class
     y = np.repeat(np.arange(K), n_per_class)
     concept = np.empty((N, P), dtype=np.int64)
     for n in range(N):
-        concept[n] = rng.permutation(np.array(classes[y[n]]))
+        extra = rng.choice(free_concepts, size=free_patches) if free_patches else np.empty(0, np.int64)
+        concept[n] = rng.permutation(np.concatenate([np.array(classes[y[n]]), extra]))
     alpha = rng.uniform(*alpha_off, size=(N, P, n_concepts))
     on = rng.uniform(*alpha_on, size=(N, P))
     np.put_along_axis(alpha, concept[..., None], on[..., None], axis=2)
@@ -146,32 +160,43 @@ def make_synthetic(S=None, Dist=None, classes: Sequence[Sequence[int]] = PAPER_C
     return SyntheticData(X=to_map(X), y=torch.tensor(y), concept=torch.tensor(concept), alpha=to_map(alpha),
                          beta=to_map(b), S=S, Dist=Dist, classes=classes, noise=float(noise),
                          info={"n_per_class": n_per_class, "alpha_on": list(alpha_on),
+                               "free_patches": free_patches, "free_concepts": free_concepts.tolist(),
                                "alpha_off": list(alpha_off), "beta": list(beta), "offset": offset,
                                "random_state": random_state if isinstance(random_state, int) else None})
 
 
 def make_hard_synthetic(dim: int = 64, n_concepts: int = 8, n_distractors: int = 6, n_classes: int = 8,
                         patches: int = 4, correlation: float = 0.5, noise: float = 0.05,
-                        n_per_class: int = 500, random_state=0) -> SyntheticData:
+                        n_per_class: int = 500, n_used: Optional[int] = None, free_patches: int = 0,
+                        random_state=0) -> SyntheticData:
     """A harder setting: more dimensions, concepts, distractors and classes; correlated, mixed-sign
-    directions; noise in every component. Class rules are random concept tuples (distinct classes)."""
+    directions; noise in every component. Class rules are random concept tuples (distinct classes).
+
+    ``n_used`` (default all): the class rules draw only from concepts ``0..n_used-1``; with
+    ``free_patches`` > 0 each image also holds that many patches of the other concepts, drawn
+    independently of the class (planted concepts the head does not use; see :func:`make_synthetic`).
+    """
     rng = np.random.default_rng(random_state)
+    n_used = n_concepts if n_used is None else check_positive_int(n_used, "n_used")
+    if n_used > n_concepts or n_used < patches:
+        raise ValidationError(f"n_used must lie in {patches}..{n_concepts} (patches..n_concepts); got {n_used}.")
     dirs = random_directions(n_concepts + n_distractors, dim, correlation, rng)
     rules = set()
-    # every concept appears in some class; classes are distinct multisets
+    # every used concept appears in some class; classes are distinct multisets
     while len(rules) < n_classes:
-        rule = tuple(sorted(rng.choice(n_concepts, size=patches, replace=False).tolist()))
+        rule = tuple(sorted(rng.choice(n_used, size=patches, replace=False).tolist()))
         rules.add(rule)
     rules = sorted(rules)
     used = {c for r in rules for c in r}
-    if len(used) < n_concepts:  # force coverage
-        missing = sorted(set(range(n_concepts)) - used)
+    if len(used) < n_used:  # force coverage
+        missing = sorted(set(range(n_used)) - used)
         for k, c in enumerate(missing):
             r = list(rules[k % len(rules)])
             r[-1] = c
             rules[k % len(rules)] = tuple(sorted(set(r) | {c})) if len(set(r)) == patches else tuple(r)
+    free = list(range(n_used, n_concepts)) or None
     return make_synthetic(dirs[:n_concepts], dirs[n_concepts:], classes=rules, n_per_class=n_per_class,
-                          noise=noise, random_state=rng)
+                          noise=noise, free_patches=free_patches, free_concepts=free, random_state=rng)
 
 
 class PoolLinearHead(nn.Module):
@@ -187,32 +212,32 @@ class PoolLinearHead(nn.Module):
 
 def train_head(data: SyntheticData, epochs: int = 2000, lr: float = 5e-3, batch_size: int = 1024,
                random_state=0) -> Tuple[PoolLinearHead, float]:
-    """Train the pool → linear head with cross-entropy (Adam); return it frozen, in eval mode, and its
-    training accuracy."""
+    """Train the pool → linear head with cross-entropy (Adam, the paper's recipe); return it frozen, in
+    eval mode, and its training accuracy.
+
+    The head is trained on the raw pooled activations, exactly the input f⁺ sees. Standardising each
+    component first (and folding the scaling back) is *not* the same head: in the paper's recipe
+    components 8–16 carry almost no variance, standardisation blows them up and the head ends up
+    reading them with weights of order 10³ (method.md §6) — a head no real network has, whose
+    gradient then dominates the URA term. On raw features the weights stay in the span of the data.
+    """
     g = torch.Generator().manual_seed(int(random_state) if isinstance(random_state, int) else 0)
     head = PoolLinearHead(data.X.shape[1], data.n_classes)
     with torch.no_grad():
         head.fc.weight.copy_(torch.randn(head.fc.weight.shape, generator=g) * 0.01)
         head.fc.bias.zero_()
     feats = data.X.mean(dim=(2, 3))
-    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     N = feats.shape[0]
-    # optimise on standardised inputs (same function class), then fold the scaling into the layer
-    lin = nn.Linear(feats.shape[1], data.n_classes)
-    lin.load_state_dict(head.fc.state_dict())
-    opt = torch.optim.Adam(lin.parameters(), lr=lr)
-    z = (feats - mu) / sd
+    opt = torch.optim.Adam(head.fc.parameters(), lr=lr)
     for _ in range(epochs):
         perm = torch.randperm(N, generator=g)
         for i in range(0, N, batch_size):
             idx = perm[i:i + batch_size]
-            loss = nn.functional.cross_entropy(lin(z[idx]), data.y[idx])
+            loss = nn.functional.cross_entropy(head.fc(feats[idx]), data.y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        head.fc.weight.copy_(lin.weight / sd)
-        head.fc.bias.copy_(lin.bias - (lin.weight / sd) @ mu)
         acc = float((head(data.X).argmax(1) == data.y).float().mean())
     head.eval().requires_grad_(False)
     return head, acc

@@ -16,13 +16,18 @@ import numpy as np
 
 from .._errors import ValidationError
 from .._progress import progress
+from .._validation import check_positive_int
 from .recovery import score_pairs
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "run_synthetic_benchmark", "format_table", "summarize"]
 
 log = logging.getLogger("unveil")
 
-SETTINGS = ("paper", "hard")
+SETTINGS = ("paper", "hard", "scale")
+# the scale setting: D = 512, I concepts (32 or 64), I/2 distractors, correlated mixed-sign directions,
+# noise in every component, >= 500k patches (4 per image, I classes); ``fast`` shrinks it to a smoke test
+SCALE_DIM = 512
+SCALE_PATCHES = 500_000
 
 
 def _baselines():
@@ -54,6 +59,8 @@ def _make(name: str, n_concepts: int, seed: int, fast: bool):
         return b.SparseAutoencoder(n_concepts, l1=float(name[4:]), epochs=ae_epochs, random_state=seed), "X"
     if name == "pattern-cav":
         return b.PatternCAV(n_concepts, random_state=seed), "X+labels"
+    if name == "supervised":
+        return SupervisedCeiling(n_concepts), "X+labels"
     raise ValidationError(f"unknown method {name!r}; choose from {', '.join(METHODS)}.")
 
 
@@ -69,6 +76,7 @@ METHODS: Dict[str, str] = {
     "sae-0.01": "sparse autoencoder, L1 = 0.01",
     "sae-0.1": "sparse autoencoder, L1 = 0.1",
     "pattern-cav": "Pattern-CAV (supervised: true patch labels)",
+    "supervised": "supervised ceiling: per concept a logistic regression on the true patch labels",
 }
 DEFAULT_METHODS: List[str] = list(METHODS)
 
@@ -83,11 +91,51 @@ _SUMMARY = {
 }
 
 
-def _make_data(setting: str, seed: int, fast: bool):
+def _make_data(setting: str, seed: int, fast: bool, n_concepts: int = 32):
     from ..data.synthetic import make_hard_synthetic, make_synthetic
     if setting == "paper":
         return make_synthetic(random_state=seed, **({"n_per_class": 150} if fast else {}))
+    if setting == "scale":
+        per_class = 8 if fast else math.ceil(SCALE_PATCHES / (4 * n_concepts))
+        return make_hard_synthetic(dim=64 if fast else SCALE_DIM, n_concepts=n_concepts,
+                                   n_distractors=max(1, n_concepts // 2), n_classes=n_concepts, patches=4,
+                                   n_per_class=per_class, random_state=seed)
     return make_hard_synthetic(random_state=seed, **({"n_per_class": 60} if fast else {}))
+
+
+class SupervisedCeiling:
+    """A reference, not a competitor: per concept a one-vs-rest logistic regression (class-balanced,
+    weak L2) on the *true* patch labels, in the isotropically scaled space ``(x − μ)/σ``; detection
+    ``σ(wᵀx − b) > 0.5`` as for EDDP; encoders by the positive-only pattern estimator (method.md §3).
+    """
+
+    def __init__(self, n_concepts: int, max_patches: int = 200_000, steps: int = 100):
+        self.n_concepts = n_concepts
+        self.max_patches = max_patches
+        self.steps = steps
+
+    def fit(self, X, labels):
+        import torch
+
+        from ..directions.eddp import EDDP, _fit_margin_classifiers, _TensorSource
+        from ..directions.pairs import DirectionPairs
+        x = X.permute(0, 2, 3, 1).reshape(-1, X.shape[1]).double()
+        lab = labels.reshape(-1).long()
+        if x.shape[0] > self.max_patches:
+            idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[: self.max_patches]
+            x, lab = x[idx], lab[idx]
+        mu = x.mean(0)
+        sigma = float(((x - mu) ** 2).sum(1).mean().sqrt()) / math.sqrt(x.shape[1])
+        Wz, bz = _fit_margin_classifiers(((x - mu) / sigma).float(), lab, self.n_concepts, steps=self.steps,
+                                         l2=1e-6)
+        W = Wz.double() / sigma
+        b = bz.double() + W @ mu
+        S = EDDP(n_concepts=self.n_concepts)._pattern(_TensorSource(X), W, b, 256, X.device)
+        S = S / S.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        self.pairs_ = DirectionPairs(W.float(), b.float(), S.float(), X.mean(dim=(0, 2, 3)).float(),
+                                     meta={"method": "supervised-ceiling",
+                                           "detection_rule": "sigmoid(w^T x - b) > 0.5"})
+        return self
 
 
 def _fit(est, how: str, data, head):
@@ -123,6 +171,7 @@ def summarize(per_seed: List[dict]) -> dict:
 def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str = "paper",
                             methods: Optional[Sequence[str]] = None, fast: bool = False,
                             head_epochs: Optional[int] = None, show_progress: bool = False,
+                            n_concepts: int = 32,
                             on_result: Optional[Callable[[str, int, dict], None]] = None) -> dict:
     """Fit EDDP and the baselines on synthetic data for each seed and score them against the truth.
 
@@ -132,13 +181,17 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
         One data set (and one fit of every method) per seed.
     setting : {"paper", "hard"}
         ``"paper"``: :func:`~unveil.data.synthetic.make_synthetic` (method.md §6);
-        ``"hard"``: :func:`~unveil.data.synthetic.make_hard_synthetic`.
+        ``"hard"``: :func:`~unveil.data.synthetic.make_hard_synthetic`; ``"scale"``: D = 512,
+        ``n_concepts`` concepts and as many classes, ``n_concepts // 2`` distractors, correlated
+        mixed-sign directions, noise in every component, >= 500k patches (4 per image).
     methods : sequence of str, optional
         Names from :data:`METHODS` (default: all). ``"eddp"`` is skipped with a warning when
         ``unveil.EDDP`` is not available.
     fast : bool
         Fewer images (150 per class for "paper", 60 for "hard"), 200 head epochs, 40 autoencoder
         epochs and 3 k-means restarts: a smoke test, not a measurement.
+    n_concepts : int
+        Concepts planted in the ``"scale"`` setting (32 or 64 in our runs); ignored otherwise.
     head_epochs : int, optional
         Epochs of the head's training (default 2000, the paper's; 200 with ``fast``).
     show_progress : bool
@@ -192,7 +245,7 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
     bar = progress(total=len(seeds) * len(methods), enabled=show_progress, desc=f"synthetic ({setting})")
     try:
         for seed in seeds:
-            data = _make_data(setting, seed, fast)
+            data = _make_data(setting, seed, fast, n_concepts=check_positive_int(n_concepts, "n_concepts"))
             t0 = time.perf_counter()
             head, acc = train_head(data, epochs=head_epochs, random_state=seed)
             heads.append({"seed": seed, "accuracy": acc, "epochs": head_epochs,

@@ -268,6 +268,20 @@ class RecoveryReport:
         return clean(d)
 
 
+def _matched_subset(detected, concept, n_concepts: int, sel) -> Dict[str, np.ndarray]:
+    """:func:`matched_iou` restricted to the true concepts ``sel`` (the others are negatives)."""
+    from scipy.optimize import linear_sum_assignment
+
+    iou = iou_matrix(detected, concept, n_concepts)[:, sel]
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    assignment = np.full(len(sel), -1, dtype=np.int64)
+    assignment[cols] = rows
+    matched = np.array([iou[k, i] if k >= 0 else 0.0 for i, k in enumerate(assignment)])
+    off = [iou[k, j] for i, k in enumerate(assignment) if k >= 0 for j in range(len(sel)) if j != i]
+    return {"iou": iou, "assignment": assignment, "matched": matched,
+            "off_diagonal": float(np.mean(off)) if off else float("nan")}
+
+
 def unit_encoder_pairs(pairs):
     """A copy of ``pairs`` whose encoders are scaled to unit norm (same detectors, same directions).
 
@@ -290,7 +304,7 @@ def _patches_first(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def score_pairs(pairs, data) -> RecoveryReport:
+def score_pairs(pairs, data, concepts=None) -> RecoveryReport:
     """Score direction pairs against the planted truth of a synthetic data set.
 
     Parameters
@@ -300,6 +314,10 @@ def score_pairs(pairs, data) -> RecoveryReport:
         ``detect`` method decides detection (a subclass may override it, e.g. nearest centroid).
     data : SyntheticData
         Maps ``X`` with their truth (``concept``, ``alpha``, ``S``, ``Dist``).
+    concepts : sequence of int, optional
+        Score only these true concepts (e.g. the ones the class rules use): detectors are matched
+        to them alone, every other patch counts as a negative, and the ideal filters are still the
+        rows of pinv([S | Dist]) over *all* planted concepts. Per-concept lists follow this order.
 
     Returns
     -------
@@ -333,19 +351,28 @@ def score_pairs(pairs, data) -> RecoveryReport:
         raise ValidationError(f"pairs have {pairs.n_features} features but the data has {X.shape[1]}; score "
                               f"pairs fitted on this data set.")
     I = data.n_concepts
+    if concepts is None:
+        sel = list(range(I))
+    else:
+        sel = [int(c) for c in concepts]
+        if not sel or len(set(sel)) != len(sel) or min(sel) < 0 or max(sel) >= I:
+            raise ValidationError(f"concepts must be distinct indices in 0..{I - 1}; got {list(concepts)!r}.")
     with torch.no_grad():
         det = _patches_first(pairs.detect(X) > 0.5)
-        m = matched_iou(det, data.patch_concepts(), I)
+        if concepts is None:
+            m = matched_iou(det, data.patch_concepts(), I)
+        else:
+            m = _matched_subset(det, data.patch_concepts(), I, sel)
         a = m["assignment"]
-        enc = direction_cosines(pairs.encoders, data.S, a)
-        dec = direction_cosines(pairs.decoders, data.ideal_filters(), a)
-        truth = data.true_signal_values()
+        enc = direction_cosines(pairs.encoders, data.S[sel], a)
+        dec = direction_cosines(pairs.decoders, data.ideal_filters()[sel], a)
+        truth = data.true_signal_values()[:, sel]
         try:
             r = signal_value_rmse(unit_encoder_pairs(pairs).signal_values(X), truth, a)
             raw = signal_value_rmse(pairs.signal_values(X), truth, a)["overall"]
             notes = {}
         except ValidationError as exc:  # wᵀŝ = 0 for some concept: values undefined
-            r = {"per_concept": np.full(I, np.nan), "overall": float("nan")}
+            r = {"per_concept": np.full(len(sel), np.nan), "overall": float("nan")}
             raw = float("nan")
             notes = {"rmse": str(exc)}
     return RecoveryReport(
