@@ -8,7 +8,7 @@ from ._errors import (BusyError, CorruptFileError, HeadError, LayerError, NotFit
                       OutputExistsError, UnveilError, ValidationError)
 from .directions import EDDP, DirectionPairs  # noqa: E402
 
-__all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "UnveilError", "ValidationError", "NotFittedError",
+__all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "influence", "UnveilError", "ValidationError", "NotFittedError",
            "CorruptFileError", "LayerError", "HeadError", "OutputExistsError", "BusyError"]
 
 
@@ -17,4 +17,8 @@ def __getattr__(name):
     if name == "explain":
         import importlib
         return importlib.import_module(".explain", __name__)
+    # ``unveil.influence(head, maps, labels, pairs)``: RCAV with the paper's null; a plain function
+    if name == "influence":
+        from .evaluate.influence import influence
+        return influence
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
