@@ -428,3 +428,9 @@ def test_demo_and_synthetic_refuse_to_replace_the_users_results(tmp_path, capsys
     assert main(["demo", "--fast", "--out", str(lone)]) == 1
     _one_line(capsys, "not ours")
     assert (lone / "report.html").read_text() == "<p>my report</p>"
+
+
+@pytest.mark.parametrize("size,match", [("100000", "would make one input image"), ("2", "at least 8 pixels")])
+def test_layers_input_size_is_guarded(capsys, size, match):
+    assert main(["layers", "--model", "resnet18", "--input-size", size]) == 1
+    _one_line(capsys, match)

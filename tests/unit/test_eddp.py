@@ -418,3 +418,24 @@ def test_fit_leaves_the_users_head_untouched(paper_small):
     for k, v in user.state_dict().items():
         assert v.device.type == "cpu"
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_same_pairs_whatever_the_thread_count():
+    """Results must not depend on the thread count (torchrun sets one thread per process)."""
+    from unveil.data.synthetic import make_hard_synthetic
+    data = make_hard_synthetic(dim=32, n_concepts=6, n_distractors=4, n_classes=6, n_per_class=150, random_state=1)
+    head = PoolLinearHead(32, 6)
+    old = torch.get_num_threads()
+    fits = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            est = EDDP(n_concepts=6, random_state=0, steps={"b": 40, "d": 40}).fit(data.X, head=head)
+            fits.append(est.pairs_)
+    finally:
+        torch.set_num_threads(old)
+    a, b = fits
+    # the same clusters and detectors; only float rounding of the refinement's reductions may differ
+    assert torch.allclose(a.decoders, b.decoders, rtol=1e-5, atol=1e-5 * float(a.decoders.abs().max()))
+    assert torch.allclose(a.encoders, b.encoders, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(a.detect(data.X[:50]), b.detect(data.X[:50]), rtol=0, atol=1e-4)

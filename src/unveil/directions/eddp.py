@@ -173,9 +173,14 @@ def _kmeans(Z: torch.Tensor, k: int, n_init: int, gen: torch.Generator) -> torch
     The seed is drawn from ``gen`` so the result is reproducible from ``random_state``."""
     from sklearn.cluster import KMeans
 
+    from threadpoolctl import threadpool_limits
+
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, max_iter=100)
-    labels = km.fit_predict(Z.detach().cpu().numpy().astype(np.float32))
+    # one thread: scikit-learn's k-means gives other clusters under other thread counts (measured),
+    # and results must not depend on them (torchrun runs one thread per process)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        labels = km.fit_predict(Z.detach().cpu().numpy().astype(np.float32))
     return torch.as_tensor(labels, dtype=torch.long, device=Z.device)
 
 
@@ -184,7 +189,13 @@ def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps
     """One-vs-rest logistic regressions (all k at once) in the whitened space: weights (k, d), bias (k,).
 
     Classes are balanced by weighting, so a small concept is separated as carefully as a large one.
+    Solved in float64: on nearly separable clusters the weakly regularised optimum is flat, and
+    float32 rounding (which depends on the thread count) would move it.
     """
+    out_dtype = Z.dtype
+    Z = Z.double()
+    if start is not None:
+        start = (start[0].double(), start[1].double())
     Y = nn.functional.one_hot(labels, k).to(Z.dtype)  # (n, k)
     pos = Y.sum(0).clamp_min(1)
     neg = (Y.shape[0] - Y.sum(0)).clamp_min(1)
@@ -212,7 +223,7 @@ def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps
         return loss
 
     opt.step(closure)
-    return W.detach(), b.detach()
+    return W.detach().to(out_dtype), b.detach().to(out_dtype)
 
 
 def _ward_partitions(centroids: torch.Tensor, counts: torch.Tensor, sizes) -> Dict[int, list]:
@@ -270,15 +281,21 @@ def _filters(params, orthogonal: bool = False) -> Tuple[torch.Tensor, torch.Tens
 def _detector_terms(x, wbar, g, b, S, w, tau, rho, gamma) -> Dict[str, torch.Tensor]:
     """The detector losses of one mini-batch of patches ``x`` (P, D): L_s, L_ma, L_mm, L_ic, and
     L_sb / L_eac / L_fso when the phase's weights ``w`` name them (L_fso needs signal vectors ``S``)."""
-    y = torch.sigmoid(x @ (wbar * g[:, None]).T - b)
+    terms = _activation_terms(torch.sigmoid(x @ (wbar * g[:, None]).T - b), g, w, tau, rho, gamma)
+    if "fso" in w and S is not None:
+        terms["fso"] = L.fso_loss(wbar, S)
+    return terms
+
+
+def _activation_terms(y, g, w, tau, rho, gamma) -> Dict[str, torch.Tensor]:
+    """The losses of detector activations ``y`` (P, I) and gains ``g``: L_s, L_ma, L_mm, L_ic, and
+    L_sb / L_eac when the weights ``w`` name them."""
     terms = {"s": L.sparsity_loss(y), "ma": L.max_activation_loss(y), "mm": L.max_margin_loss(g),
              "ic": L.inactive_loss(y, tau, gamma)}
     if "sb" in w:
         terms["sb"] = L.sparsity_bound_loss(y)
     if "eac" in w:
         terms["eac"] = L.excessive_loss(y, rho, gamma)
-    if "fso" in w and S is not None:
-        terms["fso"] = L.fso_loss(wbar, S)
     return terms
 
 
@@ -303,13 +320,7 @@ def _calibrate_gains(Wt: torch.Tensor, bt: torch.Tensor, x: torch.Tensor, how, w
         opt = torch.optim.Adam([log_g], lr=0.05)
         for _ in range(steps):
             g = log_g.exp()
-            y = torch.sigmoid(P * g[None, :])
-            terms = {"s": L.sparsity_loss(y), "ma": L.max_activation_loss(y), "mm": L.max_margin_loss(g),
-                     "ic": L.inactive_loss(y, tau, gamma)}
-            if "sb" in w:
-                terms["sb"] = L.sparsity_bound_loss(y)
-            if "eac" in w:
-                terms["eac"] = L.excessive_loss(y, rho, gamma)
+            terms = _activation_terms(torch.sigmoid(P * g[None, :]), g, w, tau, rho, gamma)
             total = sum(w.get(k, 0.0) * v for k, v in terms.items())
             opt.zero_grad()
             total.backward()
