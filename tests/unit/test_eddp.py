@@ -65,7 +65,7 @@ def test_positive_only_signal_vectors_on_planted_data(paper_small):
     F = data.ideal_filters().double()
     b = (2.5 + 10 * F.sum(1))  # α_c > 2.5 <=> the concept's patch; the recipe adds 10 everywhere
     est = EDDP(n_concepts=3)
-    from unveil.directions.eddp import _TensorSource
+    from unveil.directions.eddp._source import _TensorSource
     S = est._pattern(_TensorSource(data.X), F, b, 256, torch.device("cpu"))
     Su = S / S.norm(dim=1, keepdim=True)
     cos = (Su * data.S.double()).sum(1)
@@ -245,7 +245,7 @@ def test_levels_auto_and_bad_levels():
 
 
 def test_ward_partitions_known_tree():
-    from unveil.directions.eddp import _ward_partitions
+    from unveil.directions.eddp.initialisation import _ward_partitions
     C = torch.tensor([[0.0, 0], [0, 1], [10, 0], [10, 1], [30, 0]])
     parts = _ward_partitions(C, torch.ones(5), [2, 3, 4])
     assert parts[4] == [0, 0, 1, 2, 3]
@@ -397,7 +397,7 @@ def test_random_init_step_a_uses_soft_standardised_features(paper_small):
 
 # ------------------------------------------------------------------ the head follows the fit's device
 def test_head_is_copied_to_the_fit_device_never_moved():
-    from unveil.directions.eddp import _head_on_device
+    from unveil.directions.eddp.estimator import _head_on_device
     head = PoolLinearHead(16, 3)
     assert _head_on_device(head, torch.device("cpu")) is head
     moved = _head_on_device(head, torch.device("meta"))

@@ -117,7 +117,9 @@ class SupervisedCeiling:
     def fit(self, X, labels):
         import torch
 
-        from ..directions.eddp import EDDP, _fit_margin_classifiers, _TensorSource
+        from ..directions.eddp._source import _TensorSource
+        from ..directions.eddp.initialisation import _fit_margin_classifiers
+        from ..directions.eddp import EDDP
         from ..directions.pairs import DirectionPairs
         x = X.permute(0, 2, 3, 1).reshape(-1, X.shape[1]).double()
         lab = labels.reshape(-1).long()

@@ -100,6 +100,7 @@ import torch
 from .._errors import HeadError, ValidationError
 from .._progress import progress as _progress
 from .._validation import check_in_range, check_maps, check_positive_int, make_generator
+from ..directions.pattern import positive_patterns
 
 __all__ = ["Influence", "influence", "InfluenceResult", "rcav", "noise_signal_vectors", "permutation_noise_vectors"]
 
@@ -311,21 +312,10 @@ def _fit_noise_classifiers(Xs: torch.Tensor, Y: torch.Tensor, epochs: int, lr: f
 def _positive_patterns(Xs: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Positive-only pattern ``cov[x, z] / var[z]`` (z = wᵀx) over each classifier's positives (wᵀx + b > 0).
 
-    Xs: (n, D); W: (N, D); b: (N,). Returns (N, D) float64, NaN rows where < 2 positives or var[z] = 0.
+    Xs: (n, D); W: (N, D); b: (N,). Returns (N, D) float64, NaN rows where < 2 positives or var[z] = 0
+    (:func:`unveil.directions.pattern.positive_patterns`, thresholds ``−b``).
     """
-    X = Xs.double()
-    Z = W.double() @ X.T  # (N, n)
-    M = (Z + b.double()[:, None] > 0).double()
-    cnt = M.sum(1)
-    c = cnt.clamp_min(1.0)[:, None]
-    mz = (M * Z).sum(1, keepdim=True) / c
-    Zc = (Z - mz) * M
-    cov = Zc @ X / c  # Σ_pos (z − z̄) x / n_pos = cov[x, z] over the positives (Σ_pos (z − z̄) = 0)
-    var = (Zc * Zc).sum(1) / cnt.clamp_min(1.0)
-    ok = (cnt >= 2) & (var > 1e-12 * (Z * Z * M).sum(1).div(cnt.clamp_min(1.0)).clamp_min(1e-300))
-    out = cov / var.clamp_min(1e-300)[:, None]
-    out[~ok] = float("nan")
-    return out
+    return positive_patterns(Xs, W, -b.double())[0]
 
 
 def permutation_noise_vectors(maps, pairs, n_null: int = 100, *, random_state=0, max_patches: int = 5000,

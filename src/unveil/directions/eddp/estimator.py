@@ -1,0 +1,538 @@
+"""`EDDP`, the estimator: validates its parameters, runs the stages, builds the direction pairs."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..._errors import HeadError, NotFittedError, ValidationError
+from ..._progress import progress
+from ..._validation import check_in_range, check_positive_int, make_generator
+from ..pairs import DirectionPairs
+from ..pattern import PositivePattern
+from ._source import _as_source, _patches
+from .initialisation import _calibrate_gains, _ward_partitions, cluster_init
+from .refinement import PAPER_CONSTRAINTS, PAPER_WEIGHTS, DataSpec, PhaseSpec, final_terms, run_phase
+from .statistics import _soft_standard_scale, _stream_stats
+
+logger = logging.getLogger("unveil")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _head_on_device(head, device: torch.device):
+    """The head on ``device``: the user's module itself when its tensors are there already, else a
+    deep copy moved there (the user's module is never moved or modified)."""
+    if not isinstance(head, nn.Module):
+        return head
+    tensors = list(head.parameters()) + list(head.buffers())
+    if not tensors or all(_same_device(t.device, device) for t in tensors):
+        return head
+    import copy
+
+    logger.info("the head lives on %s and the fit on %s: using a copy of the head on %s",
+                tensors[0].device, device, device)
+    return copy.deepcopy(head).to(device)
+
+
+
+# ---------------------------------------------------------------------------------- the estimator
+class EDDP:
+    """Learn concept detectors (decoding directions) and signal vectors (encoding directions).
+
+    Parameters
+    ----------
+    n_concepts : int
+        Number of concepts (direction pairs) I to learn.
+    init : {"cluster", "random"}
+        ``"cluster"`` (default): k-means on soft-whitened patches + max-margin detectors (see the
+        module docstring). ``"random"``: random unit filters, then step (a) of the paper's schedule.
+    steps : dict, optional
+        Optimisation steps per schedule step, keys ``"a"``, ``"b"``, ``"d"``. Default
+        ``{"a": 0, "b": 100, "d": 150}`` (``"a": 600`` with ``init="random"``). One step is one
+        mini-batch.
+    weights : dict, optional
+        Loss weights per step (``{"b": {"s": 0.85, ...}}``), merged over :data:`PAPER_WEIGHTS`.
+    mode : {"weighted", "constrained"}
+        ``"weighted"``: a weighted sum of the losses (the paper's). ``"constrained"``: minimise
+        L_s (+ L_sb) + L_ura subject to L_ma < 0.8, L_mm < 8, L_ic < 0.1, L_eac < 0.1, L_fso < 0.1
+        with an augmented Lagrangian (more stable on small problems). Early stopping watches the
+        objective plus the total constraint violation; whether every constraint holds at the end
+        is recorded (``constraints_hold_``, ``history_["constraints"]``, ``pairs_.meta``). From the
+        margin detectors' gains (``init_gain=None``) L_mm < 8 is out of reach of a few hundred Adam
+        steps; pass ``init_gain="auto"`` to start inside the bound.
+    lr : dict, optional
+        Adam learning rates per step; default the paper's ``{"a": 1e-3, "b": 1e-4, "d": 5e-4}``
+        scaled by ``lr_scale``.
+    lr_scale : float
+        Multiplies every default learning rate (default 1.0: the paper's rates).
+    gamma : float
+        Sharpening exponent γ in L_ic and L_eac (default 1.1, the paper's synthetic run).
+    tau : dict
+        τ per step (ν = τ/I); default ``{"a": 0.9, "b": 0.9, "d": 0.2}``.
+    rho : dict
+        ρ per step as a multiple of τ/I: default ``{"b": 12, "d": 70}`` (the paper's); ρ is capped
+        at 0.95.
+    kappa : tuple
+        Range of the URA step κ ~ U[κ₀, κ₁].
+    whiten_eps : float
+        The ε floor of the soft whitening, relative to the mean eigenvalue.
+    n_init : int
+        k-means restarts.
+    init_rounds : int
+        Rounds of discriminative re-clustering after k-means: every patch is reassigned to the
+        detector it lies deepest inside, and the detectors are refitted (1 = k-means labels only).
+    batch_patches : int
+        Patches per mini-batch (whole maps are drawn until at least this many patches).
+    max_init_patches : int
+        Size of the random patch sample used for the initialisation.
+    patience : int
+        Early stopping: a schedule step ends when its smoothed criterion (the weighted total, or in
+        the constrained mode the objective plus the total constraint violation) has not improved for
+        ``patience`` steps; the best parameters are restored.
+    init_gain : None, float or "auto"
+        The gain (1/margin) the refinement starts from; the hyperplanes of the initialisation are
+        kept, only the scale of each detector changes. ``None`` (default): the gains of the
+        max-margin detectors as fitted (nearly hard boundaries, so the y-based losses see little
+        gradient). A number c: each detector's pre-activation gets standard deviation c over the
+        patches. ``"auto"``: the gains that minimise the first step's detector losses. See
+        ``benchmarks/eddp_ablation.py`` for what each choice does to recovery.
+    levels : None, "auto" or sequence of int
+        Fit the concepts as a hierarchy of levels of granularity (see the module docstring): the
+        finest level (the last size) is fitted first and the coarser ones start from its Ward tree;
+        the sizes must sum to ``n_concepts``; needs ``init="cluster"``. ``None`` (default): one level, the paper's setting.
+        ``"auto"``: 2, 4, 8, … (doubling while the next two levels still fit), the finest level
+        taking the rest; fewer than 6 concepts stay one level. Every coarser level must be smaller
+        than the finest (the last) one.
+    device : str or torch.device, optional
+        Where to compute; ``None`` = where the data is (CPU for a store).
+    random_state : int, Generator or None
+        Seed for every random choice (a local generator; global seeds are never touched).
+    progress : bool
+        Show a progress bar.
+
+    Attributes
+    ----------
+    pairs_ : DirectionPairs
+    init_pairs_ : DirectionPairs
+        The pairs after the initialisation, before the loss refinement.
+    history_ : dict
+        Every loss per step (``history_["b"]["s"]`` is a list; ``"criterion"`` is what early
+        stopping watched, ``"best_step"`` the step restored), ``"gains"`` (the detectors' gains
+        from the initialisation and at the start of the refinement) and ``"seconds"``; with several
+        levels, ``history_["levels"]`` holds one such dict per level.
+    constraints_hold_ : bool
+        Constrained mode only: whether every constraint held at the end of every schedule step.
+    levels_ : list of int
+        The level sizes fitted (``[n_concepts]`` for one level); ``pairs_.meta["levels"]`` too.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> from unveil import EDDP
+    >>> from unveil.data.synthetic import make_synthetic, train_head
+    >>> data = make_synthetic(n_per_class=200)
+    >>> head, _ = train_head(data, epochs=200)
+    >>> est = EDDP(n_concepts=3, random_state=0).fit(data.X, head=head)
+    >>> est.pairs_.detect(data.X).shape
+    torch.Size([600, 3, 1, 2])
+    """
+
+    def __init__(self, n_concepts: int = 32, *, init: str = "cluster", steps: Optional[dict] = None,
+                 weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
+                 lr_scale: float = 1.0, gamma: float = 1.1, tau: Optional[dict] = None,
+                 rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
+                 whiten_eps: float = 1e-2, n_init: int = 8, init_rounds: int = 5, batch_patches: int = 2048,
+                 max_init_patches: int = 20_000, patience: int = 60, init_gain=None, levels=None,
+                 device=None, random_state=None, progress: bool = False):
+        self.n_concepts = n_concepts
+        self.init = init
+        self.steps = steps
+        self.weights = weights
+        self.mode = mode
+        self.lr = lr
+        self.lr_scale = lr_scale
+        self.gamma = gamma
+        self.tau = tau
+        self.rho = rho
+        self.kappa = kappa
+        self.whiten_eps = whiten_eps
+        self.n_init = n_init
+        self.init_rounds = init_rounds
+        self.batch_patches = batch_patches
+        self.max_init_patches = max_init_patches
+        self.patience = patience
+        self.init_gain = init_gain
+        self.levels = levels
+        self.device = device
+        self.random_state = random_state
+        self.progress = progress
+
+    # ------------------------------------------------------------------ params
+    def _resolved(self):
+        I = check_positive_int(self.n_concepts, "n_concepts")
+        if self.init not in ("cluster", "random"):
+            raise ValidationError(f"init must be 'cluster' or 'random', got {self.init!r}.")
+        if self.mode not in ("weighted", "constrained"):
+            raise ValidationError(f"mode must be 'weighted' or 'constrained', got {self.mode!r}.")
+        steps = {"a": 600 if self.init == "random" else 0, "b": 100, "d": 150}
+        steps.update(self.steps or {})
+        for k, v in steps.items():
+            if k not in "abd":
+                raise ValidationError(f"steps keys must be 'a', 'b' or 'd'; got {k!r}.")
+            check_positive_int(v, f"steps[{k!r}]", minimum=0)
+        weights = {k: dict(v) for k, v in PAPER_WEIGHTS.items()}
+        for k, v in (self.weights or {}).items():
+            if k not in weights:
+                raise ValidationError(f"weights keys must be 'a', 'b' or 'd'; got {k!r}.")
+            weights[k].update(v)
+        lr = {"a": 1e-3, "b": 1e-4, "d": 5e-4}
+        lr = {k: v * check_in_range(self.lr_scale, "lr_scale", 0, None, low_inclusive=False) for k, v in lr.items()}
+        lr.update(self.lr or {})
+        tau = {"a": 0.9, "b": 0.9, "d": 0.2}
+        tau.update(self.tau or {})
+        rho = {"a": 12.0, "b": 12.0, "d": 70.0}
+        rho.update(self.rho or {})
+        check_in_range(self.gamma, "gamma", 0, None, low_inclusive=False)
+        if not (self.init_gain is None or self.init_gain == "auto"):
+            if isinstance(self.init_gain, str):
+                raise ValidationError(f"init_gain must be None, 'auto' or a positive number; got {self.init_gain!r}.")
+            check_in_range(self.init_gain, "init_gain", 0, None, low_inclusive=False)
+        k0, k1 = self.kappa
+        check_in_range(k0, "kappa[0]", 0, 1)
+        check_in_range(k1, "kappa[1]", k0, 1)
+        return I, steps, weights, lr, tau, rho
+
+    def resolved_levels(self) -> list:
+        """The level sizes ``fit`` will use (see ``levels``)."""
+        I = check_positive_int(self.n_concepts, "n_concepts")
+        lv = self.levels
+        if lv is None:
+            return [I]
+        if isinstance(lv, str):
+            if lv != "auto":
+                raise ValidationError(f"levels must be None, 'auto' or a list of level sizes; got {lv!r}.")
+            sizes, s = [], 2
+            while sum(sizes) + 3 * s <= I:  # this level and a finer one of twice its size still fit
+                sizes.append(s)
+                s *= 2
+            sizes = sizes + [I - sum(sizes)]
+            if len(sizes) > 1 and self.init != "cluster":
+                raise ValidationError("levels='auto' needs init='cluster' (the coarse levels start from the finest "
+                                      f"level's clusters); got init={self.init!r}.")
+            return sizes
+        try:
+            sizes = [check_positive_int(v, "levels[i]") for v in lv]
+        except TypeError:
+            raise ValidationError(f"levels must be None, 'auto' or a list of level sizes; got {lv!r}.") from None
+        if not sizes or sum(sizes) != I:
+            raise ValidationError(f"the level sizes {sizes} must sum to n_concepts = {I}; adjust one of them "
+                                  f"(or pass levels='auto').")
+        if len(sizes) > 1 and self.init != "cluster":
+            raise ValidationError(f"levels {sizes} need init='cluster' (the coarse levels start from the finest "
+                                  f"level's clusters); got init={self.init!r}.")
+        if len(sizes) > 1 and max(sizes[:-1]) >= sizes[-1]:
+            raise ValidationError(f"levels {sizes}: the last (finest) level must be larger than every other, "
+                                  f"which are built by merging its concepts; reorder or resize them.")
+        return sizes
+
+    def resolved_steps(self) -> Dict[str, int]:
+        """The optimisation steps per schedule step that ``fit`` will run (defaults merged with ``steps``)."""
+        return dict(self._resolved()[1])
+
+    def _check_fitted(self):
+        if not hasattr(self, "pairs_"):
+            raise NotFittedError("this EDDP instance is not fitted yet; call fit(X, head=...) first.")
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, X, head: Optional[nn.Module] = None, y=None) -> "EDDP":
+        """Learn the direction pairs.
+
+        Parameters
+        ----------
+        X : tensor (N, D, H, W) or an ActivationStore
+            Feature maps of the studied layer (a store is streamed; memory does not grow with it).
+            (P, D) patch vectors are accepted too (treated as 1×1 maps).
+        head : nn.Module, optional
+            The frozen rest of the network f⁺: maps (N, D, H, W) -> logits (N, K). Enables the URA
+            terms. Never trained, moved or switched to eval mode here; its gradients are not touched.
+        y : ignored
+            Present for scikit-learn compatibility.
+
+        Returns
+        -------
+        self
+        """
+        I, steps, weights, lr, tau, rho = self._resolved()
+        levels = self.resolved_levels()
+        if len(levels) > 1:
+            return self._fit_levels(X, head, levels)
+        self.levels_ = levels
+        t_start = time.perf_counter()
+        source, data_device = _as_source(X)
+        device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
+        gen = make_generator(self.random_state)
+        D = source.n_features
+        batch_maps = self._batch_maps(source)
+        if getattr(source, "subsampled", False) and head is not None:
+            raise ValidationError("this activation store holds randomly subsampled patches, not whole maps, "
+                                  "so the head f+ cannot be applied to them; fit without a head "
+                                  "(head=None) or extract the store without --subsample.")
+        if head is not None:
+            head = _head_on_device(head, device)
+            self._check_head(head, source, device)
+
+        stats = _stream_stats(source, batch_maps, check_positive_int(self.max_init_patches, "max_init_patches"),
+                              gen, device)
+        if stats.n_patches < 2 * I:
+            raise ValidationError(f"only {stats.n_patches} patches for {I} concepts; expected at least "
+                                  f"{2 * I}. Pass more images or ask for fewer concepts.")
+        mu = stats.mean
+        sigma = math.sqrt(max(float(torch.trace(stats.cov)) / D, 1e-30))
+        self.n_features_in_ = D
+        self.scale_ = sigma
+
+        # ---- initialisation
+        eps = check_in_range(self.whiten_eps, "whiten_eps", 0, None, low_inclusive=False)
+        r_std = _soft_standard_scale(stats.cov, eps).to(device)  # x̃ -> soft-standardised, for step (a)
+        if self.init == "cluster":
+            Wt, bt = cluster_init(stats, I, whiten_eps=eps, n_init=check_positive_int(self.n_init, "n_init"),
+                                  init_rounds=self.init_rounds, gen=gen,
+                                  labeler=getattr(self, "_init_labeler", None))  # scaled-space decoders, thresholds
+        else:  # random unit filters in the soft-standardised space of step (a)
+            v = torch.randn(I, D, generator=gen).double().to(device)
+            Wt = 4.0 * v / v.norm(dim=1, keepdim=True) * r_std.double()[None, :]
+            bt = torch.zeros(I, dtype=torch.float64, device=device)
+        gains = {"init": Wt.norm(dim=1).tolist()}
+        if self.init_gain is not None:
+            first = next(p for p in "bda" if steps[p] > 0) if any(steps.values()) else "b"
+            Wt, bt = _calibrate_gains(Wt, bt, (stats.sample - mu) / sigma, self.init_gain, weights[first],
+                                      tau[first], min(0.95, rho[first] * tau[first] / I), self.gamma)
+        gains["start"] = Wt.norm(dim=1).tolist()
+        dec0, bias0 = self._to_original(Wt, bt, mu, sigma)
+        S0 = self._pattern(source, dec0, bias0, batch_maps, device)
+        self.init_pairs_ = self._make_pairs(dec0, bias0, S0, mu, stage="init")
+
+        # ---- refinement with the paper's losses
+        history: Dict[str, Dict[str, list]] = {"gains": gains}
+        total = sum(steps.values())
+        bar = progress(total=total, enabled=self.progress, desc="EDDP")
+        params = {
+            "v": (Wt / Wt.norm(dim=1, keepdim=True)).float().clone(),
+            "log_g": Wt.norm(dim=1).clamp_min(1e-3).log().float().clone(),
+            "b": bt.float().clone(),
+        }
+        mu32, s32 = mu.float(), float(sigma)
+        data = DataSpec(source=source, batch_maps=batch_maps, mu=mu32, sigma=s32, device=device)
+        to_model = (lambda m: m * s32 + mu32[None, :, None, None]) if head is not None else None
+        S_scaled = S0.float().clone()  # signal directions (isotropic scaling keeps directions)
+        constraints: Dict[str, dict] = {}
+        try:
+            for phase in ("a", "b", "d"):
+                if steps[phase] == 0:
+                    continue
+                scale = None
+                if phase == "a":  # step (a) acts on soft-standardised features: w x̃ = (w / r)(x̃ ⊙ r)
+                    scale = r_std.float()
+                    Wa = self._decoders_t(params) / scale[None, :]
+                    params = {"v": Wa / Wa.norm(dim=1, keepdim=True), "log_g": Wa.norm(dim=1).log(),
+                              "b": params["b"]}
+                if phase == "d":
+                    # (c): signal vectors from the positive-only estimator for the current filters
+                    dec, bias = self._to_original(self._decoders_t(params), params["b"].double(), mu, sigma)
+                    S_scaled = self._pattern(source, dec, bias, batch_maps, device).float()
+                    S_scaled = S_scaled / S_scaled.norm(dim=1, keepdim=True)
+                spec = PhaseSpec(phase=phase, n_steps=steps[phase], weights=weights[phase], lr=lr[phase],
+                                 tau=tau[phase], rho=min(0.95, rho[phase] * tau[phase] / I), gamma=self.gamma,
+                                 kappa=tuple(self.kappa), mode=self.mode, patience=self.patience, feat_scale=scale)
+                history[phase] = run_phase(spec, data, params, S_scaled if phase == "d" else None, head, to_model,
+                                           gen, bar)
+                if self.mode == "constrained":
+                    vals = final_terms(spec, data, params, gen)
+                    per = {k: {"value": vals[k], "bound": bound, "holds": bool(vals[k] <= bound)}
+                           for k, bound in PAPER_CONSTRAINTS.items() if k in vals}
+                    constraints[phase] = {"terms": per, "all_hold": all(c["holds"] for c in per.values())}
+                if phase == "a":  # back to the scaled space; standardisation and orthogonality are dropped
+                    if I <= D:
+                        params["v"] = params["v"] / params["v"].norm(dim=1, keepdim=True)
+                    Wt_ = self._decoders_t(params) * scale[None, :]
+                    params = {"v": Wt_ / Wt_.norm(dim=1, keepdim=True), "log_g": Wt_.norm(dim=1).log(),
+                              "b": params["b"]}
+                if phase == "d":
+                    S_scaled = params.pop("S").detach()
+        finally:
+            bar.close()
+
+        dec, bias = self._to_original(self._decoders_t(params).double(), params["b"].double(), mu, sigma)
+        S = self._pattern(source, dec, bias, batch_maps, device)
+        self.pairs_ = self._make_pairs(dec, bias, S, mu, stage="final")
+        if self.mode == "constrained":
+            history["constraints"] = constraints
+            self.constraints_hold_ = all(c["all_hold"] for c in constraints.values()) if constraints else None
+            self.pairs_.meta["constraints_hold"] = self.constraints_hold_
+            self.pairs_.meta["constraints"] = {p: {k: c["holds"] for k, c in v["terms"].items()}
+                                               for p, v in constraints.items()}
+        history["seconds"] = time.perf_counter() - t_start
+        self.history_ = history
+        logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, stats.n_patches, D,
+                    history["seconds"])
+        return self
+
+    def _batch_maps(self, source) -> int:
+        """Whole maps per mini-batch: enough for at least ``batch_patches`` patches."""
+        H, Wd = source.map_shape
+        return max(1, math.ceil(check_positive_int(self.batch_patches, "batch_patches") / (H * Wd)))
+
+    def _fit_levels(self, X, head, levels) -> "EDDP":
+        """The finest level, then the coarser ones from its Ward tree (see the module docstring)."""
+        t_start = time.perf_counter()
+        gen = make_generator(self.random_state)
+        seeds = [int(v) for v in torch.randint(0, 2**31 - 1, (len(levels),), generator=gen)]
+        params = {k: v for k, v in self.get_params().items() if k not in ("n_concepts", "levels", "random_state")}
+        logger.info("EDDP finest level: %d concepts", levels[-1])
+        fine = EDDP(n_concepts=levels[-1], levels=None, random_state=seeds[-1], **params).fit(X, head=head)
+        Pf = fine.pairs_
+        source, data_device = _as_source(X)
+        device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
+        batch_maps = self._batch_maps(source)
+        Wf = Pf.decoders.double().to(device)
+        bf = Pf.biases.double().to(device)
+        norms = Wf.norm(dim=1).clamp_min(1e-12)
+
+        def assign(P):  # the finest concept each patch lies deepest inside (signed distance)
+            return ((P.double() @ Wf.T - bf) / norms).argmax(1)
+        # centroids of the finest concepts (streamed)
+        n_f = len(bf)
+        sums = torch.zeros(n_f, Wf.shape[1], dtype=torch.float64, device=device)
+        counts = torch.zeros(n_f, dtype=torch.float64, device=device)
+        for maps in source.iter_maps(batch_maps):
+            P = _patches(maps.to(device)).double()
+            a = assign(P)
+            sums.index_add_(0, a, P)
+            counts += torch.bincount(a, minlength=n_f).double()
+        partitions = _ward_partitions(sums / counts.clamp_min(1)[:, None], counts, sorted(set(levels[:-1])))
+
+        parts = {}
+        for li, (size, seed) in enumerate(zip(levels[:-1], seeds[:-1])):
+            groups = torch.as_tensor(partitions[size], device=device)
+            logger.info("EDDP level %d: %d concepts (merged from the finest level)", li, size)
+            est = EDDP(n_concepts=size, levels=None, random_state=seed, **params)
+            est._init_labeler = lambda P, _g=groups: _g[assign(P.to(device))]
+            parts[li] = est.fit(X, head=head)
+        parts[len(levels) - 1] = fine
+        parts = [parts[i] for i in range(len(levels))]
+
+        def cat(attr, stage):
+            ps = [getattr(p, attr) for p in parts]
+            meta = {**ps[-1].meta, "stage": stage, "n_concepts": sum(levels), "levels": list(levels),
+                    "level_of_concept": [li for li, size in enumerate(levels) for _ in range(size)],
+                    "parent_groups": {str(size): [int(v) for v in partitions[size]] for size in partitions},
+                    "level_seeds": seeds,
+                    "params": {**ps[-1].meta.get("params", {}), "n_concepts": sum(levels), "levels": list(levels)},
+                    "random_state": self.random_state if isinstance(self.random_state, int) else None}
+            return DirectionPairs(torch.cat([p.decoders for p in ps]), torch.cat([p.biases for p in ps]),
+                                  torch.cat([p.encoders for p in ps]), ps[-1].mean, meta=meta)
+        self.levels_ = list(levels)
+        self.n_features_in_ = fine.n_features_in_
+        self.scale_ = fine.scale_
+        self.init_pairs_ = cat("init_pairs_", "init")
+        self.pairs_ = cat("pairs_", "final")
+        self.history_ = {"levels": [p.history_ for p in parts], "seconds": time.perf_counter() - t_start}
+        return self
+
+    # ------------------------------------------------------------ components
+    def _check_head(self, head, source, device):
+        if not isinstance(head, nn.Module) and not callable(head):
+            raise HeadError(f"head must be a torch nn.Module (or callable) mapping maps (N, D, H, W) to logits "
+                            f"(N, K); got {type(head).__name__}.")
+        if isinstance(head, nn.Module) and head.training:
+            logger.warning("the head is in training mode (dropout/batch-norm behave stochastically); "
+                           "call head.eval() before fitting for reproducible results.")
+        probe = next(iter(source.iter_maps(2)))[:2].to(device)
+        try:
+            with torch.no_grad():
+                out = head(probe)
+        except Exception as exc:  # noqa: BLE001 - re-raised as a clear error
+            raise HeadError(f"the head does not accept the feature maps: calling it on a batch of shape "
+                            f"{tuple(probe.shape)} raised {type(exc).__name__}: {exc}. Pass the part of the "
+                            f"network above the studied layer (it must take that layer's output).") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != probe.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise HeadError(f"the head must return logits of shape (N, K) = ({probe.shape[0]}, K) for "
+                            f"{probe.shape[0]} maps; got {shape}. Wrap it so that it returns class logits.")
+        if out.shape[1] < 2:
+            raise HeadError(f"the head returns {out.shape[1]} logit per map; URA needs at least 2 classes.")
+        if not torch.isfinite(out).all():
+            raise HeadError("the head returned NaN or infinite logits on the activations.")
+
+    @staticmethod
+    def _decoders_t(params) -> torch.Tensor:
+        v = params["v"]
+        return (v / v.norm(dim=1, keepdim=True)) * params["log_g"].exp()[:, None]
+
+    @staticmethod
+    def _to_original(Wt, bt, mu, sigma):
+        """Scaled-space detectors (Wt·x̃ − bt) to original-space (W·x − b)."""
+        W = Wt.double() / sigma
+        b = bt.double() + W @ mu.double()
+        return W, b
+
+    @staticmethod
+    def _pattern(source, W, b, batch_maps, device) -> torch.Tensor:
+        """Positive-only pattern estimator ŝ_i = cov[x, z_i] / var[z_i] over {x: z_i > b_i} (streamed)."""
+        acc = PositivePattern(W.to(device), b.to(device))
+        for maps in source.iter_maps(batch_maps):
+            acc.update(_patches(maps.to(device)))
+        S, ok = acc.result()
+        if not ok.all():
+            bad = (~ok).nonzero().flatten().tolist()
+            logger.warning("concepts %s fire on fewer than 2 patches (or on constant values); their signal "
+                           "vectors fall back to their filter direction.", bad)
+            Wb = W.double().to(device)[bad]
+            S[bad] = Wb / (Wb * Wb).sum(1, keepdim=True)
+        return S
+
+    def _make_pairs(self, W, b, S, mu, stage):
+        Su = S / S.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        meta = {"method": "EDDP", "stage": stage, "n_concepts": W.shape[0],
+                "params": {k: (v if isinstance(v, (int, float, str, bool, type(None), dict, list, tuple)) else repr(v))
+                           for k, v in self.get_params().items()},
+                "random_state": self.random_state if isinstance(self.random_state, int) else None}
+        return DirectionPairs(W.float(), b.float(), Su.float(), mu.float(), meta=meta)
+
+    # ------------------------------------------------------------- sklearn API
+    def get_params(self, deep: bool = True) -> dict:
+        import inspect
+        names = [p for p in inspect.signature(self.__init__).parameters]
+        return {n: getattr(self, n) for n in names}
+
+    def set_params(self, **params) -> "EDDP":
+        valid = self.get_params()
+        for k, v in params.items():
+            if k not in valid:
+                raise ValidationError(f"unknown parameter {k!r} for EDDP; valid: {sorted(valid)}.")
+            setattr(self, k, v)
+        return self
+
+    def detect(self, X) -> torch.Tensor:
+        """Detector activations of the fitted pairs (see :meth:`DirectionPairs.detect`)."""
+        self._check_fitted()
+        return self.pairs_.detect(X)
+
+    def transform(self, X) -> torch.Tensor:
+        """Signal values (mean-centred latent factors) of the fitted pairs, (N, I, H, W)."""
+        self._check_fitted()
+        return self.pairs_.signal_values(X)
+
+    def fit_transform(self, X, head=None, y=None) -> torch.Tensor:
+        return self.fit(X, head=head).transform(X)
+
+    def __repr__(self) -> str:
+        return f"EDDP(n_concepts={self.n_concepts!r}, init={self.init!r}, mode={self.mode!r})"
+

@@ -1,0 +1,189 @@
+"""The clustering initialisation: k-means on soft-whitened patches, max-margin detectors, Ward levels,
+and the gain calibration that tempers the detectors before the refinement."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..._errors import ValidationError
+from .refinement import _activation_terms
+from .statistics import _Stats
+
+logger = logging.getLogger("unveil")
+
+
+def _kmeans(Z: torch.Tensor, k: int, n_init: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ / Lloyd (scikit-learn), the best of ``n_init`` runs by inertia; labels as a tensor.
+
+    The seed is drawn from ``gen`` so the result is reproducible from ``random_state``."""
+    from sklearn.cluster import KMeans
+
+    from threadpoolctl import threadpool_limits
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, max_iter=100)
+    # one thread: scikit-learn's k-means gives other clusters under other thread counts (measured),
+    # and results must not depend on them (torchrun runs one thread per process)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        labels = km.fit_predict(Z.detach().cpu().numpy().astype(np.float32))
+    return torch.as_tensor(labels, dtype=torch.long, device=Z.device)
+
+
+def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps: int = 60,
+                            l2: float = 1e-8, start=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One-vs-rest logistic regressions (all k at once) in the whitened space: weights (k, d), bias (k,).
+
+    Classes are balanced by weighting, so a small concept is separated as carefully as a large one.
+    Solved in float64: on nearly separable clusters the weakly regularised optimum is flat, and
+    float32 rounding (which depends on the thread count) would move it.
+    """
+    out_dtype = Z.dtype
+    Z = Z.double()
+    if start is not None:
+        start = (start[0].double(), start[1].double())
+    Y = nn.functional.one_hot(labels, k).to(Z.dtype)  # (n, k)
+    pos = Y.sum(0).clamp_min(1)
+    neg = (Y.shape[0] - Y.sum(0)).clamp_min(1)
+    weight = Y / pos + (1 - Y) / neg  # each side of each problem sums to 1
+    if start is not None:  # warm start (re-clustering rounds)
+        W, b = start[0].clone(), start[1].clone()
+    else:  # start from the difference of means (a good direction)
+        with torch.no_grad():
+            mu_pos = (Y.T @ Z) / pos[:, None]
+            mu_neg = ((1 - Y).T @ Z) / neg[:, None]
+            W = mu_pos - mu_neg
+            b = ((mu_pos + mu_neg) / 2 * W).sum(1)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, max_eval=int(steps * 1.5), history_size=20,
+                            line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    sign = 2 * Y - 1
+
+    def closure():
+        opt.zero_grad()
+        margin = sign * (Z @ W.T - b)
+        loss = (nn.functional.softplus(-margin) * weight).sum() / k + l2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach().to(out_dtype), b.detach().to(out_dtype)
+
+
+def _ward_partitions(centroids: torch.Tensor, counts: torch.Tensor, sizes) -> Dict[int, list]:
+    """Agglomerate weighted points by Ward's criterion; the group of every point at each size.
+
+    ``centroids`` (n, D), ``counts`` (n,) weights; returns ``{size: [group of point 0, …]}`` with
+    groups numbered 0..size-1 in order of their first point.
+    """
+    C = centroids.double().clone()
+    w = counts.double().clamp_min(1e-12).clone()
+    members = [[i] for i in range(C.shape[0])]
+    alive = list(range(C.shape[0]))
+    out: Dict[int, list] = {}
+    want = sorted(set(int(v) for v in sizes), reverse=True)
+
+    def record(size):
+        g = [0] * C.shape[0]
+        order = sorted(alive, key=lambda a: min(members[a]))
+        for k, a in enumerate(order):
+            for i in members[a]:
+                g[i] = k
+        out[size] = g
+    while want and len(alive) >= want[-1]:
+        if len(alive) == want[0]:
+            record(want.pop(0))
+            continue
+        A = torch.as_tensor(alive)
+        d = torch.cdist(C[A], C[A]) ** 2
+        ww = w[A]
+        cost = d * (ww[:, None] * ww[None, :]) / (ww[:, None] + ww[None, :])
+        cost.fill_diagonal_(math.inf)
+        flat = int(cost.argmin())
+        a, b = alive[flat // len(alive)], alive[flat % len(alive)]
+        C[a] = (C[a] * w[a] + C[b] * w[b]) / (w[a] + w[b])
+        w[a] = w[a] + w[b]
+        members[a] += members[b]
+        alive.remove(b)
+    return out
+
+
+# ---------------------------------------------------------------------------------- loss kernels
+def _calibrate_gains(Wt: torch.Tensor, bt: torch.Tensor, x: torch.Tensor, how, w, tau, rho, gamma,
+                     steps: int = 300) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each detector (gain g_i and threshold b_i together: the hyperplane does not move).
+
+    The margin detectors of the initialisation separate the clusters with a nearly hard boundary
+    (gains of order 10²), so every sigmoid saturates and the y-based losses see almost no gradient.
+    The gain is a free scale of such a detector; ``how`` chooses it:
+
+    - a number c: the detector's pre-activation ``g w̄ᵀx − b`` gets standard deviation c over ``x``;
+    - ``"auto"``: the gains that minimise the phase's detector losses (weights ``w``; L_mm against
+      L_ma, L_s, …) with the hyperplanes held fixed (Adam on log g, ``steps`` steps).
+    """
+    g0 = Wt.norm(dim=1).clamp_min(1e-12)
+    wbar, t = Wt / g0[:, None], bt / g0
+    dist = x.double() @ wbar.double().T - t.double()  # (n, I) signed distance to each hyperplane
+    if how == "auto":
+        P = dist.float()
+        log_g = (1.0 / dist.std(0).clamp_min(1e-12)).log().float().clone().requires_grad_(True)
+        opt = torch.optim.Adam([log_g], lr=0.05)
+        for _ in range(steps):
+            g = log_g.exp()
+            terms = _activation_terms(torch.sigmoid(P * g[None, :]), g, w, tau, rho, gamma)
+            total = sum(w.get(k, 0.0) * v for k, v in terms.items())
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+        g = log_g.detach().exp().double().to(Wt.device)
+    else:
+        g = float(how) / dist.std(0).clamp_min(1e-12)
+    return wbar * g[:, None], t * g
+
+
+
+def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_rounds: int, gen,
+                 labeler=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """k-means on soft-whitened patches, then one-vs-rest max-margin detectors.
+
+    ``labeler``, optional: a function patches -> group labels that replaces k-means (the coarse
+    levels of a hierarchy start from the finest level's Ward groups). Returns decoders with
+    magnitude and thresholds in the scaled space ``(x − μ)/σ``.
+    """
+    mu, cov = stats.mean, stats.cov
+    sigma = math.sqrt(max(float(torch.trace(cov)) / cov.shape[0], 1e-30))
+    ev, U = torch.linalg.eigh(cov)
+    ev = ev.clamp_min(0)
+    white = U / torch.sqrt(ev + whiten_eps * ev.mean().clamp_min(1e-30))[None, :]  # (D, D): z = (x−μ) @ white
+    Z = (stats.sample - mu) @ white
+    if labeler is not None:
+        labels = labeler(stats.sample).to(Z.device).long()
+        if (torch.bincount(labels, minlength=I) < 2).any():
+            logger.warning("a merged group holds fewer than 2 sampled patches; this level starts from k-means")
+            labeler = None
+    if labeler is None:
+        labels = _kmeans(Z.float(), I, n_init, gen)
+    counts = torch.bincount(labels, minlength=I)
+    if (counts == 0).any():
+        raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "
+                              f"{int((counts == 0).sum())} clusters empty); ask for fewer concepts.")
+    Zf = Z.float()
+    Wz, bz = _fit_margin_classifiers(Zf, labels, I)
+    for _ in range(init_rounds - 1):
+        # discriminative re-clustering: each patch goes to the detector it is deepest inside
+        # (signed distance to the hyperplane), then the detectors are refitted
+        new = ((Zf @ Wz.T - bz) / Wz.norm(dim=1).clamp_min(1e-12)).argmax(1)
+        if torch.equal(new, labels) or (torch.bincount(new, minlength=I) < 2).any():
+            break
+        labels = new
+        Wz, bz = _fit_margin_classifiers(Zf, labels, I, steps=30, start=(Wz, bz))
+    Wz, bz = Wz.double(), bz.double()
+    # z-space classifier: Wz·((x−μ) @ white) − bz  ->  scaled space x̃ = (x−μ)/σ
+    Wt = (white @ Wz.T).T * sigma
+    return Wt, bz

@@ -1,0 +1,234 @@
+"""The refinement with the paper's losses (method.md §5): one schedule step as a kernel."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import losses as L
+from ._source import _patches
+
+logger = logging.getLogger("unveil")
+
+# the paper's loss weights (method.md §5), per step
+PAPER_WEIGHTS: Dict[str, Dict[str, float]] = {
+    "a": {"s": 2.6, "ma": 2.8, "mm": 0.6, "ic": 5.0, "uur": 0.25},
+    "b": {"s": 0.85, "sb": 2.6, "ma": 2.8, "mm": 0.6, "ic": 15.0, "uur": 0.25, "eac": 15.0},
+    "d": {"s": 0.85, "sb": 2.6, "ma": 2.8, "mm": 0.6, "ic": 15.0, "cur": 0.25, "eac": 15.0, "fso": 1.0},
+}
+# the constrained form (method.md §5): minimise L_s (+L_sb) + L_ura subject to these upper bounds
+PAPER_CONSTRAINTS: Dict[str, float] = {"ma": 0.8, "mm": 8.0, "ic": 0.1, "eac": 0.1, "fso": 0.1}
+
+
+
+def _filters(params, orthogonal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unit filter directions w̄ (I, D) and gains g (I,) from the parameters ``v`` and ``log_g``.
+
+    ``orthogonal``: the UIBE/CBE form of step (a), an orthonormal filter basis (QR of ``v``)."""
+    v = params["v"]
+    if orthogonal:
+        q, r = torch.linalg.qr(v.T)
+        wbar = (q * torch.sign(torch.diagonal(r))[None, :]).T
+    else:
+        wbar = v / v.norm(dim=1, keepdim=True)
+    return wbar, params["log_g"].exp()
+
+
+def _detector_terms(x, wbar, g, b, S, w, tau, rho, gamma) -> Dict[str, torch.Tensor]:
+    """The detector losses of one mini-batch of patches ``x`` (P, D): L_s, L_ma, L_mm, L_ic, and
+    L_sb / L_eac / L_fso when the phase's weights ``w`` name them (L_fso needs signal vectors ``S``)."""
+    terms = _activation_terms(torch.sigmoid(x @ (wbar * g[:, None]).T - b), g, w, tau, rho, gamma)
+    if "fso" in w and S is not None:
+        terms["fso"] = L.fso_loss(wbar, S)
+    return terms
+
+
+def _activation_terms(y, g, w, tau, rho, gamma) -> Dict[str, torch.Tensor]:
+    """The losses of detector activations ``y`` (P, I) and gains ``g``: L_s, L_ma, L_mm, L_ic, and
+    L_sb / L_eac when the weights ``w`` name them."""
+    terms = {"s": L.sparsity_loss(y), "ma": L.max_activation_loss(y), "mm": L.max_margin_loss(g),
+             "ic": L.inactive_loss(y, tau, gamma)}
+    if "sb" in w:
+        terms["sb"] = L.sparsity_bound_loss(y)
+    if "eac" in w:
+        terms["eac"] = L.excessive_loss(y, rho, gamma)
+    return terms
+
+
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One schedule step of the refinement: what it optimises and how.
+
+    ``phase`` is ``"a"``, ``"b"`` or ``"d"``; ``weights`` the loss weights; ``feat_scale`` (D,),
+    when given, makes the losses see ``x̃ ⊙ feat_scale`` instead of the scaled patches ``x̃``
+    (step (a): soft-standardised features), and the parameters act in that space.
+    """
+
+    phase: str
+    n_steps: int
+    weights: Dict[str, float]
+    lr: float
+    tau: float
+    rho: float
+    gamma: float
+    kappa: Tuple[float, float]
+    mode: str = "weighted"
+    patience: int = 60
+    feat_scale: Optional[torch.Tensor] = None
+
+    @property
+    def ura_key(self) -> str:
+        return "cur" if self.phase == "d" else "uur"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data a phase reads: the source, whole maps per mini-batch, the scaling ``(x − μ)/σ``."""
+
+    source: object
+    batch_maps: int
+    mu: torch.Tensor  # (D,) float32, on ``device``
+    sigma: float
+    device: torch.device
+
+
+def _batches(data: DataSpec, gen) -> Iterator[torch.Tensor]:
+    """Mini-batches of whole maps, reshuffled at every pass over the data, forever."""
+    while True:
+        empty = True
+        for maps in data.source.iter_maps(data.batch_maps, shuffle=True, generator=gen):
+            empty = False
+            yield maps
+        if empty:  # pragma: no cover - guarded by _as_source
+            return
+
+
+def _scaled(maps: torch.Tensor, data: DataSpec, feat_scale) -> torch.Tensor:
+    xs = (maps.to(data.device) - data.mu[None, :, None, None]) / data.sigma
+    if feat_scale is not None:
+        xs = xs * feat_scale.float().to(data.device)[None, :, None, None]
+    return xs
+
+
+def run_phase(spec: PhaseSpec, data: DataSpec, params: Dict[str, torch.Tensor], S_init, head, to_model, gen,
+              bar) -> Dict[str, list]:
+    """One schedule step: Adam on the phase's losses, early stopping, the best state restored.
+
+    ``params`` (``v``, ``log_g``, ``b``; ``S`` is added from ``S_init`` in step (d)) is updated in place.
+    The early-stopping criterion is the weighted total (``mode="weighted"``) or, in the constrained
+    mode, the objective plus the total constraint violation (not the augmented Lagrangian, which
+    grows with the multipliers). The parameters saved as "best" are the ones the loss was computed
+    for (before that step's update).
+    """
+    device = data.device
+    I = params["v"].shape[0]
+    w = spec.weights
+    for k in list(params):
+        params[k] = params[k].detach().to(device).requires_grad_(True)
+    if S_init is not None:
+        params["S"] = S_init.detach().clone().to(device).requires_grad_(True)
+    trainable = list(params.values())
+    opt = torch.optim.Adam(trainable, lr=spec.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(5, spec.patience // 4))
+    use_head = head is not None
+    ura_key = spec.ura_key
+    orthogonal = spec.phase == "a" and I <= data.source.n_features
+    constrained = spec.mode == "constrained"
+    if spec.feat_scale is not None and to_model is not None:
+        r4 = spec.feat_scale.float().to(device)[None, :, None, None]
+        model_map = lambda m: to_model(m / r4)  # noqa: E731
+    else:
+        model_map = to_model
+    hist: Dict[str, list] = {}
+    lam = {k: 0.0 for k in PAPER_CONSTRAINTS}
+    penalty = 10.0
+    best, best_step, best_state = math.inf, 0, None
+    batches = _batches(data, gen)
+    stopped = False
+    for step in range(spec.n_steps):
+        xs = _scaled(next(batches), data, spec.feat_scale)
+        wbar, g = _filters(params, orthogonal)
+        terms = _detector_terms(_patches(xs), wbar, g, params["b"], params.get("S"), w, spec.tau, spec.rho,
+                                spec.gamma)
+        if use_head and w.get(ura_key, 0) > 0:
+            S = params["S"] if spec.phase == "d" else None
+            terms[ura_key] = L.ura_loss(xs, head, wbar * g[:, None], params["b"], S, spec.kappa, gen, model_map)
+        if not constrained:
+            total = sum(w.get(k, 0.0) * t for k, t in terms.items())
+            criterion = float(total.detach())
+        else:
+            obj = terms["s"] + terms.get("sb", 0.0) + terms.get(ura_key, 0.0)
+            aug = 0.0
+            violation = 0.0
+            for k, bound in PAPER_CONSTRAINTS.items():
+                if k in terms:
+                    c = terms[k] - bound
+                    aug = aug + (torch.relu(lam[k] + penalty * c) ** 2 - lam[k] ** 2) / (2 * penalty)
+                    violation += max(0.0, float(c.detach()))
+            total = obj + aug
+            criterion = float(obj.detach()) + violation
+            hist.setdefault("objective", []).append(float(obj.detach()))
+            hist.setdefault("violation", []).append(violation)
+        for k, t in terms.items():
+            hist.setdefault(k, []).append(float(t.detach()))
+        hist.setdefault("total", []).append(float(total.detach()))
+        hist.setdefault("criterion", []).append(criterion)
+        # early stopping on the smoothed criterion; the snapshot is of the parameters just evaluated
+        smooth = float(np.mean(hist["criterion"][-10:]))
+        if smooth < best - 1e-4:
+            best, best_step = smooth, step
+            best_state = {k: p.detach().clone() for k, p in params.items()}
+        elif step - best_step >= spec.patience:
+            bar.update(spec.n_steps - step)
+            logger.info("EDDP step (%s): early stop at %d/%d (best at %d)", spec.phase, step + 1, spec.n_steps,
+                        best_step + 1)
+            stopped = True
+            break
+        grads = torch.autograd.grad(total, trainable, allow_unused=True)
+        for p, gr in zip(trainable, grads):
+            p.grad = gr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step(criterion)
+        if constrained and (step + 1) % 10 == 0:
+            for k, bound in PAPER_CONSTRAINTS.items():
+                if k in terms:
+                    lam[k] = max(0.0, lam[k] + penalty * (float(terms[k].detach()) - bound))
+        bar.update(1)
+    if best_state is not None:
+        for k in params:
+            params[k] = best_state[k]
+    if orthogonal:
+        q, r_ = torch.linalg.qr(params["v"].T)
+        params["v"] = (q * torch.sign(torch.diagonal(r_))[None, :]).T.contiguous()
+    for k in list(params):
+        params[k] = params[k].detach()
+    hist["steps_run"] = [len(hist.get("total", []))]
+    hist["best_step"] = [best_step]
+    hist["early_stopped"] = [bool(stopped)]
+    return hist
+
+
+def final_terms(spec: PhaseSpec, data: DataSpec, params, gen, n_batches: int = 8) -> Dict[str, float]:
+    """The detector losses of the phase's final parameters, averaged over a few mini-batches."""
+    orthogonal = spec.phase == "a" and params["v"].shape[0] <= data.source.n_features
+    sums: Dict[str, float] = {}
+    n = 0
+    with torch.no_grad():
+        wbar, g = _filters(params, orthogonal)
+        for maps in data.source.iter_maps(data.batch_maps, shuffle=True, generator=gen):
+            xs = _scaled(maps, data, spec.feat_scale)
+            terms = _detector_terms(_patches(xs), wbar, g, params["b"], params.get("S"), spec.weights, spec.tau,
+                                    spec.rho, spec.gamma)
+            for k, t in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(t)
+            n += 1
+            if n >= n_batches:
+                break
+    return {k: v / max(n, 1) for k, v in sums.items()}

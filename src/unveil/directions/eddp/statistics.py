@@ -1,0 +1,61 @@
+"""The streamed statistics of a fit: mean, covariance, a uniform patch sample; the soft standardisation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..._errors import ValidationError
+from ._source import _patches
+
+
+
+@dataclass
+class _Stats:
+    mean: torch.Tensor  # (D,) float64
+    cov: torch.Tensor  # (D, D) float64
+    sample: torch.Tensor  # (n, D) float64, a uniform random sample of patches
+    n_patches: int
+
+
+
+def _stream_stats(source, batch_maps: int, max_sample: int, gen: torch.Generator, device) -> _Stats:
+    """One pass: mean and covariance (float64, shifted by the first batch for stability) and a
+    reservoir-style uniform sample of at most ``max_sample`` patches."""
+    D = source.n_features
+    n, s1, s2, shift = 0, None, None, None
+    keys, sample = None, None
+    for maps in source.iter_maps(batch_maps, shuffle=False):
+        if not torch.isfinite(maps).all():
+            raise ValidationError("the activations contain NaN or infinite values; expected finite "
+                                  "activations. Check the model's numerics or drop those images.")
+        x = _patches(maps.to(device)).double()
+        if shift is None:
+            shift = x.mean(0)
+            s1 = torch.zeros(D, dtype=torch.float64, device=device)
+            s2 = torch.zeros(D, D, dtype=torch.float64, device=device)
+        xc = x - shift
+        s1 += xc.sum(0)
+        s2 += xc.T @ xc
+        n += x.shape[0]
+        # bottom-k of i.i.d. uniform keys == a uniform sample without replacement
+        k = torch.rand(x.shape[0], generator=gen).to(device)
+        keys = k if keys is None else torch.cat([keys, k])
+        sample = x if sample is None else torch.cat([sample, x])
+        if keys.numel() > max_sample:
+            top = torch.topk(keys, max_sample, largest=False).indices
+            keys, sample = keys[top], sample[top]
+    m = s1 / n
+    cov = s2 / n - torch.outer(m, m)
+    return _Stats(mean=m + shift, cov=(cov + cov.T) / 2, sample=sample, n_patches=n)
+
+
+def _soft_standard_scale(cov: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-component factors r (D,) that turn the isotropically scaled patches x̃ = (x−μ)/σ into
+    soft-standardised ones x̃ ⊙ r = (x−μ)/sqrt(var_k + ε·mean var): each component to unit variance,
+    with a floor so that (nearly) noise-free components are not blown up (method.md §6)."""
+    var = torch.diagonal(cov).clamp_min(0)
+    sigma = torch.sqrt(var.mean().clamp_min(1e-30))
+    return sigma / torch.sqrt(var + eps * var.mean().clamp_min(1e-30))
+
+

@@ -1,0 +1,73 @@
+"""The positive-only pattern estimator (method.md §3): the one place it is computed.
+
+For a detector with filter ``w`` and threshold ``t`` the signal vector is ``ŝ = cov[x, z] / var[z]``
+with ``z = wᵀx``, over the patches the detector calls positive (``z > t``). :class:`PositivePattern`
+accumulates it over mini-batches in float64 (memory does not grow with the data);
+:func:`positive_patterns` is the one-shot form for patches held in memory.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = ["PositivePattern", "positive_patterns"]
+
+
+class PositivePattern:
+    """Streamed positive-only patterns of ``I`` detectors ``W`` (I, D) with thresholds ``t`` (I,).
+
+    Call :meth:`update` with each batch of patches (n, D), then :meth:`result`. Sums are kept in
+    float64 around the first batch's mean (covariances are shift-invariant; the shift keeps the
+    sums well conditioned far from the origin).
+    """
+
+    def __init__(self, W: torch.Tensor, t: torch.Tensor):
+        self.W = W.double()
+        self.t = t.double()
+        I, D = self.W.shape
+        kw = {"dtype": torch.float64, "device": self.W.device}
+        self.n = torch.zeros(I, **kw)
+        self.sz = torch.zeros(I, **kw)
+        self.szz = torch.zeros(I, **kw)
+        self.sx = torch.zeros(I, D, **kw)
+        self.sxz = torch.zeros(I, D, **kw)
+        self.shift = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(self.W.device).double()
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
+        z = x @ self.W.T  # (n, I)
+        pos = (z > (self.t - self.W @ self.shift)).double()
+        pz = pos * z
+        self.n += pos.sum(0)
+        self.sz += pz.sum(0)
+        self.szz += (pz * z).sum(0)
+        self.sx += pos.T @ x
+        self.sxz += pz.T @ x
+
+    def sums(self) -> Tuple[torch.Tensor, ...]:
+        """The accumulated sums, for adding across processes (all in float64, shifted by :attr:`shift`)."""
+        return self.n, self.sz, self.szz, self.sx, self.sxz
+
+    def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Signal vectors (I, D) float64 and a mask (I,) of the detectors they are defined for:
+        at least 2 positives and a variance of ``z`` above 1e-12 of its mean square (else the row is NaN)."""
+        n1 = self.n.clamp_min(1)
+        mz = self.sz / n1
+        var = (self.szz / n1 - mz ** 2).clamp_min(0)
+        cov = self.sxz / n1[:, None] - mz[:, None] * (self.sx / n1[:, None])
+        ok = (self.n >= 2) & (var > 1e-12 * (self.szz / n1).clamp_min(1e-300))
+        S = cov / var.clamp_min(1e-300)[:, None]
+        S[~ok] = float("nan")
+        return S, ok
+
+
+def positive_patterns(x: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Positive-only patterns of detectors ``W`` (I, D), thresholds ``t`` (I,) over patches ``x`` (n, D):
+    ``(S, ok)`` as :meth:`PositivePattern.result`."""
+    acc = PositivePattern(W, t)
+    acc.update(x)
+    return acc.result()
