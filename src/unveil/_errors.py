@@ -26,8 +26,13 @@ class ValidationError(UnveilError, ValueError):
     """An argument or an input array is not what the function expects."""
 
 
-class NotFittedError(UnveilError, AttributeError):
-    """An estimator was used before ``fit``."""
+class NotFittedError(UnveilError, ValueError, AttributeError):
+    """An estimator was used before ``fit``.
+
+    Also a ``ValueError`` and an ``AttributeError``, like scikit-learn's ``NotFittedError``: code
+    written for scikit-learn estimators catches it, and ``hasattr(est, "pairs_")`` is ``False``
+    before ``fit``.
+    """
 
 
 class CorruptFileError(UnveilError, OSError):

@@ -101,7 +101,8 @@ def test_kmeans_detects_clusters_exactly_with_argmax_pairs():
     centers = np.array([[0, 0, 0, 0], [4, 0, 0, 0], [0, 4, 1, 0]], float) + 10
     X, lab = _blobs(rng, centers)
     p = KMeansBaseline(3).fit(_t(X)).pairs_
-    assert isinstance(p, ArgmaxPairs)
+    assert p.detection_rule == "argmax" and isinstance(p, DirectionPairs)
+    assert isinstance(p, ArgmaxPairs)  # the compatibility name still recognises them
     det = p.detect(_t(X))
     torch.testing.assert_close(det.sum(1), torch.ones(len(X)), atol=0, rtol=0)  # one-hot
     np.testing.assert_allclose(matched_iou(det.numpy() > 0.5, lab, 3)["matched"], [1, 1, 1], atol=0)
@@ -118,7 +119,9 @@ def test_argmax_pairs_save_load_roundtrip(tmp_path):
     X, _ = _blobs(rng, np.array([[0, 0, 0], [3, 0, 0], [0, 3, 0]], float))
     p = KMeansBaseline(3).fit(_t(X)).pairs_
     p.save(tmp_path / "km")
-    q = ArgmaxPairs.load(tmp_path / "km")
+    q = DirectionPairs.load(tmp_path / "km")
+    assert q == p and q.detection_rule == "argmax"
+    assert ArgmaxPairs.load(tmp_path / "km") == p  # the compatibility loader
     torch.testing.assert_close(q.detect(_t(X)), p.detect(_t(X)), atol=0, rtol=0)
     torch.testing.assert_close(q.score_weights, p.score_weights, atol=0, rtol=0)
     assert q.meta["method"] == "kmeans"
@@ -164,7 +167,7 @@ def test_sparse_autoencoder_active_rule_is_the_relu_hyperplane():
     np.testing.assert_allclose(frac, est.pairs_.meta["active_fraction"], atol=2e-3)
     with pytest.raises(ValidationError, match="detection must be one of"):
         SparseAutoencoder(2, detection="median").fit(X)
-    with pytest.raises(ValidationError, match="l1 must be >= 0"):
+    with pytest.raises(ValidationError, match="l1 must be a finite number >= 0, got -1.0"):
         SparseAutoencoder(2, l1=-1.0).fit(X)
 
 

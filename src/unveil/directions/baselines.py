@@ -1,8 +1,10 @@
 """Baselines that produce :class:`~unveil.directions.DirectionPairs`, so one scoring code applies.
 
-Every baseline follows the estimator contract: ``__init__`` stores hyperparameters,
-``fit(X)`` takes feature maps ``(N, D, H, W)`` or patch vectors ``(P, D)`` and returns ``self``;
-the result is ``pairs_`` (decoders, biases, encoders, mean). Each method has a **label-free**
+Every baseline follows the estimator contract of :class:`~unveil.directions._base.DirectionEstimator`
+(scikit-learn compatible: ``get_params``/``set_params``, ``clone``, ``check_is_fitted``):
+``__init__`` stores hyperparameters, ``fit(X)`` validates them, takes feature maps ``(N, D, H, W)``
+or patch vectors ``(P, D)`` and returns ``self``; the result is ``pairs_`` (decoders, biases,
+encoders, mean), and ``transform(X)`` gives their signal values. Each method has a **label-free**
 detection rule (except :class:`PatternCAV`, which is supervised by design), stated in its docstring
 and recorded in ``pairs_.meta["detection_rule"]``:
 
@@ -22,8 +24,10 @@ method                        encoders (generative)    decoders (read-out)      
 skewness (the concept's patches form the long upper tail; a label-free convention). The Otsu
 threshold splits a component's score histogram into two classes with maximal between-class
 variance (Otsu 1979), chosen without labels. Nearest-centroid and largest-cosine assignments are
-not a hyperplane per concept; those pairs are :class:`ArgmaxPairs`, a :class:`DirectionPairs` whose
-``detect`` is one-hot of the arg-max of affine scores.
+not a hyperplane per concept; those pairs are :class:`DirectionPairs` with ``detection_rule="argmax"``,
+whose ``detect`` is one-hot of the arg-max of affine scores (``pairs_.meta["detection_rule"]`` states
+each method's rule in words; ``pairs_.detection_rule`` is how the pairs apply it, ``"threshold"`` or
+``"argmax"``).
 
 Known limits (method.md §6): PCA's directions are orthogonal, NMF's non-negative and k-means'
 centroids sum to zero around the mean; none can express non-orthogonal mixed-sign encoding
@@ -33,15 +37,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .._errors import CorruptFileError, NotFittedError, ValidationError
-from .._validation import check_in_range, check_maps, check_positive_int, make_generator
-from .pairs import DirectionPairs
+from .._errors import ValidationError
+from .._validation import check_maps, make_generator
+from ._base import DirectionEstimator, Interval, Options
+from .pairs import ArgmaxPairs, DirectionPairs
 
 __all__ = ["otsu_threshold", "ArgmaxPairs", "PCABaseline", "ICABaseline", "NMFBaseline", "KMeansBaseline",
            "SphericalKMeansBaseline", "SparseAutoencoder", "PatternCAV"]
@@ -144,180 +150,139 @@ def _oriented_threshold_pairs(patches, decoders, encoders, mean, meta, orient: b
     return _pairs(decoders, biases, encoders, mean, meta)
 
 
-class ArgmaxPairs(DirectionPairs):
-    """Direction pairs whose detection is one-hot of the arg-max of affine scores.
-
-    ``detect(X)[n, i, h, w] = 1`` where ``i = argmax_k (A_k·x + c_k)`` and 0 elsewhere (so exactly
-    one concept is present per position). This expresses nearest-centroid assignment
-    (``A_k = 2μ_k``, ``c_k = −‖μ_k‖²``) and largest-cosine assignment (``A_k = u_k``,
-    ``c_k = −u_kᵀm``). Decoders, encoders, mean (and hence ``signal_values``) are as in
-    :class:`DirectionPairs`; ``decision_function`` returns the scores minus the best other score
-    (> 0 exactly where the concept is detected).
-
-    Parameters
-    ----------
-    score_weights : (I, D) tensor
-    score_offsets : (I,) tensor
-    other parameters : as :class:`DirectionPairs`.
-    """
-
-    def __init__(self, decoders, biases, encoders, mean=None, names=None, meta=None, *, score_weights,
-                 score_offsets):
-        super().__init__(decoders, biases, encoders, mean, names, meta)
-        A = torch.as_tensor(score_weights, dtype=torch.float32).detach()
-        c = torch.as_tensor(score_offsets, dtype=torch.float32).detach()
-        if A.shape != self.decoders.shape or c.shape != (self.n_concepts,):
-            raise ValidationError(f"score_weights must be {tuple(self.decoders.shape)} and score_offsets "
-                                  f"({self.n_concepts},); got {tuple(A.shape)} and {tuple(c.shape)}.")
-        self.score_weights, self.score_offsets = A.to(self.decoders.device), c.to(self.decoders.device)
-
-    def _scores(self, X) -> torch.Tensor:
-        X = check_maps(X, "X", n_features=self.n_features, context="these direction pairs")
-        A, c = self.score_weights.to(X.device), self.score_offsets.to(X.device)
-        if X.dim() == 2:
-            return X @ A.T + c
-        return torch.einsum("ndhw,id->nihw", X, A) + c[None, :, None, None]
-
-    def decision_function(self, X) -> torch.Tensor:
-        s = self._scores(X)
-        if self.n_concepts == 1:
-            return torch.ones_like(s)
-        top2 = s.topk(2, dim=1).values
-        best_other = torch.where(s >= top2.narrow(1, 0, 1), top2.narrow(1, 1, 1), top2.narrow(1, 0, 1))
-        return s - best_other
-
-    def detect(self, X) -> torch.Tensor:
-        s = self._scores(X)
-        return torch.nn.functional.one_hot(s.argmax(1), self.n_concepts).movedim(-1, 1).to(s.dtype)
-
-    def to(self, device) -> "ArgmaxPairs":
-        return ArgmaxPairs(self.decoders.to(device), self.biases.to(device), self.encoders.to(device),
-                           self.mean.to(device), self.names, self.meta, score_weights=self.score_weights.to(device),
-                           score_offsets=self.score_offsets.to(device))
-
-    def save(self, path):
-        """Save like :meth:`DirectionPairs.save`, plus the score weights/offsets (``ArgmaxPairs.load``)."""
-        from .._io import save_bundle
-        return save_bundle(path, "argmax_pairs",
-                           {"decoders": self.decoders, "biases": self.biases, "encoders": self.encoders,
-                            "mean": self.mean, "score_weights": self.score_weights,
-                            "score_offsets": self.score_offsets},
-                           {"n_concepts": self.n_concepts, "n_features": self.n_features, "names": self.names,
-                            "meta": self.meta})
-
-    @classmethod
-    def load(cls, path, device="cpu") -> "ArgmaxPairs":
-        from .._io import load_bundle
-        tensors, doc = load_bundle(path, "argmax_pairs")
-        try:
-            obj = cls(tensors["decoders"], tensors["biases"], tensors["encoders"], tensors["mean"],
-                      names=doc.get("names"), meta=doc.get("meta"), score_weights=tensors["score_weights"],
-                      score_offsets=tensors["score_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
-            raise CorruptFileError(f"saved pairs at {str(path)!r} are inconsistent ({exc}).") from None
-        return obj.to(device)
+_POSITIVE_INT = [Interval(numbers.Integral, 1, None, closed="left")]
+_COMMON = {"n_concepts": _POSITIVE_INT, "random_state": ["random_state", None]}
 
 
-class _Baseline:
-    """Shared estimator plumbing: validation, ``pairs_`` access, ``n_features_in_``."""
+def _seed(random_state) -> Optional[int]:
+    """The int seed handed to scikit-learn / numpy (a Generator is turned into one)."""
+    if random_state is None or isinstance(random_state, (int, np.integer)):
+        return None if random_state is None else int(random_state)
+    return int(make_generator(random_state).initial_seed() % (2**31))
 
-    method = "baseline"
 
-    def __init__(self, n_concepts: int, random_state=0):
-        self.n_concepts = n_concepts
-        self.random_state = random_state
+def _prepare(est, X) -> np.ndarray:
+    """Validate the hyperparameters of ``est`` and return ``X`` as (P, D) float64 patches."""
+    est._validate_params()
+    I = est.n_concepts
+    P = _to_patches(X)
+    if P.shape[0] < I:
+        raise ValidationError(f"{type(est).__name__} needs at least n_concepts={I} patches, got {P.shape[0]}.")
+    return P
 
-    @property
-    def pairs_(self) -> DirectionPairs:
-        p = self.__dict__.get("_pairs")
-        if p is None:
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X) before using pairs_.")
-        return p
 
-    def _seed(self) -> Optional[int]:
-        rs = self.random_state
-        if rs is None or isinstance(rs, (int, np.integer)):
-            return None if rs is None else int(rs)
-        return int(make_generator(rs).initial_seed() % (2**31))
+def _meta(est, **kw) -> dict:
+    return {"method": est.method, "random_state": _seed(est.random_state), **kw}
 
-    def _prepare(self, X) -> np.ndarray:
-        I = check_positive_int(self.n_concepts, "n_concepts")
-        P = _to_patches(X)
-        if P.shape[0] < I:
-            raise ValidationError(f"{type(self).__name__} needs at least n_concepts={I} patches, got {P.shape[0]}.")
-        self.n_features_in_ = P.shape[1]
-        return P
 
-    def _meta(self, **kw) -> dict:
-        return {"method": self.method, "random_state": self._seed(), **kw}
+def _fitted(est, P: np.ndarray, pairs: DirectionPairs):
+    """Set the learned attributes (last, so that a failed fit leaves an unfitted estimator unfitted)."""
+    est.n_features_in_ = P.shape[1]
+    est.pairs_ = pairs
+    return est
 
 
 # --------------------------------------------------------------------------- decompositions
-class PCABaseline(_Baseline):
+class PCABaseline(DirectionEstimator):
     """PCA with ``n_concepts`` components.
 
     Encoders = decoders = the principal axes (orthonormal), each sign-oriented to positive score
     skewness. Detection: score ``wᵀ(x − E[x])`` above its Otsu threshold (label-free).
 
+    Parameters
+    ----------
+    n_concepts : int
+        Number of components (at most D are fitted).
+    random_state : int, Generator or None
+        Seed of scikit-learn's PCA solver.
+
+    Attributes
+    ----------
+    pairs_ : DirectionPairs
+    n_features_in_ : int
+
     Examples
     --------
     >>> import torch
-    >>> X = torch.randn(200, 4) * torch.tensor([5., 1., .1, .1])
+    >>> X = torch.randn(200, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([5., 1., .1, .1])
     >>> PCABaseline(n_concepts=1).fit(X).pairs_.encoders.abs().argmax().item()
     0
     """
 
     method = "pca"
     detection_rule = "score w^T(x - mean) (sign oriented to positive skewness) > its Otsu threshold"
+    _parameter_constraints = dict(_COMMON)
 
-    def fit(self, X) -> "PCABaseline":
+    def __init__(self, n_concepts: int, random_state=0):
+        self.n_concepts = n_concepts
+        self.random_state = random_state
+
+    def fit(self, X, y=None) -> "PCABaseline":
+        """Fit on feature maps (N, D, H, W) or patches (P, D); ``y`` is ignored. Returns ``self``."""
         from sklearn.decomposition import PCA
-        P = self._prepare(X)
+        P = _prepare(self, X)
         I = min(self.n_concepts, P.shape[1])
-        pca = PCA(n_components=I, random_state=self._seed()).fit(P)
+        pca = PCA(n_components=I, random_state=_seed(self.random_state)).fit(P)
         V = pca.components_
-        self._pairs = _oriented_threshold_pairs(
-            P, V.copy(), V.copy(), pca.mean_, self._meta(detection_rule=self.detection_rule,
-                                                        encoders="principal axes", decoders="principal axes",
-                                                        explained_variance_ratio=pca.explained_variance_ratio_.tolist()))
-        return self
+        meta = _meta(self, detection_rule=self.detection_rule, encoders="principal axes", decoders="principal axes",
+                     explained_variance_ratio=pca.explained_variance_ratio_.tolist())
+        return _fitted(self, P, _oriented_threshold_pairs(P, V.copy(), V.copy(), pca.mean_, meta))
 
 
-class ICABaseline(_Baseline):
+class ICABaseline(DirectionEstimator):
     """FastICA with ``n_concepts`` components (scikit-learn, unit-variance whitening).
 
     Encoders = columns of the mixing matrix; decoders = rows of the unmixing matrix; both
     sign-oriented to positive score skewness. Detection: score above its Otsu threshold.
+
+    Parameters
+    ----------
+    n_concepts : int
+    random_state : int, Generator or None
+    max_iter : int
+        FastICA iterations (a warning is logged, and ``pairs_.meta["converged"]`` is False, when
+        they do not suffice).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> M = np.array([[1., 0., 0.], [.6, .8, 0.]])  # two non-orthogonal unit directions
+    >>> X = torch.tensor(np.random.default_rng(0).laplace(size=(500, 2)) @ M, dtype=torch.float32)
+    >>> enc = torch.nn.functional.normalize(ICABaseline(n_concepts=2).fit(X).pairs_.encoders.double(), dim=1)
+    >>> bool((enc @ torch.tensor(M).T).abs().max(0).values.min() > 0.99)
+    True
     """
 
     method = "ica"
     detection_rule = "score w^T(x - mean) (sign oriented to positive skewness) > its Otsu threshold"
+    _parameter_constraints = {**_COMMON, "max_iter": _POSITIVE_INT}
 
     def __init__(self, n_concepts: int, random_state=0, max_iter: int = 1000):
-        super().__init__(n_concepts, random_state)
+        self.n_concepts = n_concepts
+        self.random_state = random_state
         self.max_iter = max_iter
 
-    def fit(self, X) -> "ICABaseline":
+    def fit(self, X, y=None) -> "ICABaseline":
+        """Fit on feature maps (N, D, H, W) or patches (P, D); ``y`` is ignored. Returns ``self``."""
         from sklearn.decomposition import FastICA
         from sklearn.exceptions import ConvergenceWarning
-        P = self._prepare(X)
+        P = _prepare(self, X)
         I = min(self.n_concepts, P.shape[1])
-        ica = FastICA(n_components=I, whiten="unit-variance", max_iter=check_positive_int(self.max_iter, "max_iter"),
-                      random_state=self._seed())
+        ica = FastICA(n_components=I, whiten="unit-variance", max_iter=int(self.max_iter),
+                      random_state=_seed(self.random_state))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             ica.fit(P)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         if not converged:
             log.warning("FastICA did not converge in %d iterations; results may be poor", self.max_iter)
-        self._pairs = _oriented_threshold_pairs(
-            P, ica.components_.copy(), ica.mixing_.T.copy(), ica.mean_,
-            self._meta(detection_rule=self.detection_rule, encoders="ICA mixing columns",
-                       decoders="ICA unmixing rows", converged=converged))
-        return self
+        meta = _meta(self, detection_rule=self.detection_rule, encoders="ICA mixing columns",
+                     decoders="ICA unmixing rows", converged=converged)
+        return _fitted(self, P, _oriented_threshold_pairs(P, ica.components_.copy(), ica.mixing_.T.copy(),
+                                                          ica.mean_, meta))
 
 
-class NMFBaseline(_Baseline):
+class NMFBaseline(DirectionEstimator):
     """Non-negative matrix factorisation with ``n_concepts`` components.
 
     NMF needs non-negative input: each component d is shifted by ``max(0, −min_p x_pd)`` (nothing
@@ -326,23 +291,42 @@ class NMFBaseline(_Baseline):
     read-out of the coefficients (NMF's own non-negative least-squares transform is not linear, so it
     cannot be a direction). No sign orientation (NMF's sign is meaningful). Detection: the linear
     coefficient ``w_iᵀ(x + shift)`` above its Otsu threshold.
+
+    Parameters
+    ----------
+    n_concepts : int
+    random_state : int, Generator or None
+    max_iter : int
+        NMF iterations.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> H = np.array([[3., 3., 0., 0.], [0., 0., 3., 3.]])
+    >>> X = torch.tensor(np.random.default_rng(0).exponential(size=(300, 2)) @ H, dtype=torch.float32)
+    >>> p = NMFBaseline(n_concepts=2).fit(X).pairs_
+    >>> bool((p.encoders >= 0).all()), p.meta["shift"]
+    (True, [0.0, 0.0, 0.0, 0.0])
     """
 
     method = "nmf"
     detection_rule = "linear NMF coefficient w^T(x + shift), w = rows of pinv(H^T), > its Otsu threshold"
+    _parameter_constraints = {**_COMMON, "max_iter": _POSITIVE_INT}
 
     def __init__(self, n_concepts: int, random_state=0, max_iter: int = 1000):
-        super().__init__(n_concepts, random_state)
+        self.n_concepts = n_concepts
+        self.random_state = random_state
         self.max_iter = max_iter
 
-    def fit(self, X) -> "NMFBaseline":
+    def fit(self, X, y=None) -> "NMFBaseline":
+        """Fit on feature maps (N, D, H, W) or patches (P, D); ``y`` is ignored. Returns ``self``."""
         from sklearn.decomposition import NMF
         from sklearn.exceptions import ConvergenceWarning
-        P = self._prepare(X)
+        P = _prepare(self, X)
         shift = np.maximum(0.0, -P.min(0))
         Ps = P + shift
-        nmf = NMF(n_components=self.n_concepts, init="nndsvda", max_iter=check_positive_int(self.max_iter, "max_iter"),
-                  random_state=self._seed())
+        nmf = NMF(n_components=self.n_concepts, init="nndsvda", max_iter=int(self.max_iter),
+                  random_state=_seed(self.random_state))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             nmf.fit(Ps)
@@ -352,34 +336,51 @@ class NMFBaseline(_Baseline):
         thr = np.array([otsu_threshold(coef[:, i]) for i in range(coef.shape[1])])
         mean = P.mean(0)
         biases = thr - Wd @ shift
-        self._pairs = _pairs(Wd, biases, H, mean, self._meta(
-            detection_rule=self.detection_rule, encoders="NMF components", decoders="rows of pinv(H^T)",
-            shift=shift.tolist(), thresholds=thr.tolist(), reconstruction_err=float(nmf.reconstruction_err_)))
-        return self
+        meta = _meta(self, detection_rule=self.detection_rule, encoders="NMF components", decoders="rows of pinv(H^T)",
+                     shift=shift.tolist(), thresholds=thr.tolist(), reconstruction_err=float(nmf.reconstruction_err_))
+        return _fitted(self, P, _pairs(Wd, biases, H, mean, meta))
 
 
 # --------------------------------------------------------------------------- clustering
-class KMeansBaseline(_Baseline):
+class KMeansBaseline(DirectionEstimator):
     """k-means with ``n_concepts`` clusters (scikit-learn, ``n_init`` restarts).
 
     Encoders = centroid − data mean (the displacement a cluster adds); decoders = rows of
     ``pinv(encodersᵀ)``. The centred centroids are linearly dependent (their weighted sum is zero),
     which limits what the read-out can express. Detection: nearest centroid (one concept per
-    position; :class:`ArgmaxPairs`).
+    position; the pairs have ``detection_rule="argmax"``).
+
+    Parameters
+    ----------
+    n_concepts : int
+    random_state : int, Generator or None
+    n_init : int
+        k-means restarts.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> rng = np.random.default_rng(0)
+    >>> X = torch.tensor(np.r_[rng.normal(0, .1, (50, 2)), rng.normal(3, .1, (50, 2))], dtype=torch.float32)
+    >>> p = KMeansBaseline(n_concepts=2, n_init=2).fit(X).pairs_
+    >>> p.detection_rule, sorted(p.detect(X).sum(0).tolist())
+    ('argmax', [50.0, 50.0])
     """
 
     method = "kmeans"
     detection_rule = "nearest centroid (Euclidean); exactly one concept per position"
+    _parameter_constraints = {**_COMMON, "n_init": _POSITIVE_INT}
 
     def __init__(self, n_concepts: int, random_state=0, n_init: int = 10):
-        super().__init__(n_concepts, random_state)
+        self.n_concepts = n_concepts
+        self.random_state = random_state
         self.n_init = n_init
 
-    def fit(self, X) -> "KMeansBaseline":
+    def fit(self, X, y=None) -> "KMeansBaseline":
+        """Fit on feature maps (N, D, H, W) or patches (P, D); ``y`` is ignored. Returns ``self``."""
         from sklearn.cluster import KMeans
-        P = self._prepare(X)
-        km = KMeans(n_clusters=self.n_concepts, n_init=check_positive_int(self.n_init, "n_init"),
-                    random_state=self._seed()).fit(P)
+        P = _prepare(self, X)
+        km = KMeans(n_clusters=self.n_concepts, n_init=int(self.n_init), random_state=_seed(self.random_state)).fit(P)
         C = km.cluster_centers_
         mean = P.mean(0)
         # exact cluster means of the final assignment: their weighted sum around the mean is exactly
@@ -388,21 +389,21 @@ class KMeansBaseline(_Baseline):
         enc = np.stack([(P[lab == k] - mean).mean(0) if (lab == k).any() else C[k] - mean
                         for k in range(self.n_concepts)])
         dec = _pinv_rows(enc)
-        self._pairs = _argmax_pairs(dec, enc, mean, 2 * C, -(C ** 2).sum(1), self._meta(
-            detection_rule=self.detection_rule, encoders="centroid - data mean", decoders="rows of pinv(encoders^T)",
-            inertia=float(km.inertia_)))
-        return self
+        meta = _meta(self, detection_rule=self.detection_rule, encoders="centroid - data mean",
+                     decoders="rows of pinv(encoders^T)", inertia=float(km.inertia_))
+        return _fitted(self, P, _argmax_pairs(dec, enc, mean, 2 * C, -(C ** 2).sum(1), meta))
 
 
-def _argmax_pairs(dec, enc, mean, A, c, meta) -> ArgmaxPairs:
+def _argmax_pairs(dec, enc, mean, A, c, meta) -> DirectionPairs:
     # biases: the hyperplane half-way along each read-out coordinate (w_iᵀ(x − mean) > 0.5·w_iᵀenc_i);
-    # not used for detection (ArgmaxPairs.detect), kept so that the pairs are meaningful as plain pairs
+    # not used for detection (the argmax rule), kept so that the pairs are meaningful as plain pairs
     biases = dec @ mean + 0.5 * (dec * enc).sum(1)
     f = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)  # noqa: E731
-    return ArgmaxPairs(f(dec), f(biases), f(enc), f(mean), meta=meta, score_weights=f(A), score_offsets=f(c))
+    return DirectionPairs(f(dec), f(biases), f(enc), f(mean), meta=meta, detection_rule="argmax",
+                          score_weights=f(A), score_offsets=f(c))
 
 
-class SphericalKMeansBaseline(_Baseline):
+class SphericalKMeansBaseline(DirectionEstimator):
     """Spherical k-means (cosine similarity) of centred patches.
 
     Patches are centred on the data mean (and, with ``standardize=True``, divided by each
@@ -410,29 +411,57 @@ class SphericalKMeansBaseline(_Baseline):
     method.md §6), normalised to unit length and clustered by cosine (k-means++ seeding, ``n_init``
     restarts, Lloyd iterations). Encoders = mean of the centred patches of each cluster (in the
     original units); decoders = rows of ``pinv(encodersᵀ)``. Detection: largest cosine to a unit
-    centroid (:class:`ArgmaxPairs`).
+    centroid (the pairs have ``detection_rule="argmax"``).
+
+    Parameters
+    ----------
+    n_concepts : int
+    random_state : int, Generator or None
+    n_init : int
+        Restarts (the best objective is kept).
+    max_iter : int
+        Lloyd iterations per restart.
+    standardize : bool
+        Divide each component by its standard deviation before clustering.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> rng = np.random.default_rng(0)
+    >>> lab = np.repeat([0, 1], 40)
+    >>> X = rng.uniform(1, 5, (80, 1)) * np.array([[1., 0.], [0., 1.]])[lab] + 0.01 * rng.normal(size=(80, 2))
+    >>> p = SphericalKMeansBaseline(n_concepts=2, n_init=2).fit(torch.tensor(X, dtype=torch.float32)).pairs_
+    >>> det = p.detect(torch.tensor(X, dtype=torch.float32)).argmax(1).numpy()
+    >>> bool((det == lab).all() or (det == 1 - lab).all())
+    True
     """
 
     method = "spherical-kmeans"
     detection_rule = "largest cosine between (x - mean) and the unit centroids; exactly one concept per position"
+    _parameter_constraints = {**_COMMON, "n_init": _POSITIVE_INT, "max_iter": _POSITIVE_INT,
+                              "standardize": ["boolean"]}
 
     def __init__(self, n_concepts: int, random_state=0, n_init: int = 10, max_iter: int = 100,
                  standardize: bool = False):
-        super().__init__(n_concepts, random_state)
-        self.n_init, self.max_iter, self.standardize = n_init, max_iter, standardize
+        self.n_concepts = n_concepts
+        self.random_state = random_state
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.standardize = standardize
 
-    def fit(self, X) -> "SphericalKMeansBaseline":
-        P = self._prepare(X)
+    def fit(self, X, y=None) -> "SphericalKMeansBaseline":
+        """Fit on feature maps (N, D, H, W) or patches (P, D); ``y`` is ignored. Returns ``self``."""
+        P = _prepare(self, X)
         I = self.n_concepts
         mean = P.mean(0)
         scale = P.std(0).clip(1e-12) if self.standardize else np.ones(P.shape[1])
         Z = (P - mean) / scale
         U = Z / np.linalg.norm(Z, axis=1, keepdims=True).clip(1e-12)
-        rng = np.random.default_rng(self._seed())
+        rng = np.random.default_rng(_seed(self.random_state))
         best = (-np.inf, None, None)
-        for _ in range(check_positive_int(self.n_init, "n_init")):
+        for _ in range(int(self.n_init)):
             C = _kmeanspp_cosine(U, I, rng)
-            for _ in range(check_positive_int(self.max_iter, "max_iter")):
+            for _ in range(int(self.max_iter)):
                 lab = (U @ C.T).argmax(1)
                 newC = C.copy()
                 for k in range(I):
@@ -454,10 +483,9 @@ class SphericalKMeansBaseline(_Baseline):
                         for k in range(I)])
         dec = _pinv_rows(enc)
         A = C / scale  # cosine score in the original units: u_kᵀ((x − mean)/scale)
-        self._pairs = _argmax_pairs(dec, enc, mean, A, -(A @ mean), self._meta(
-            detection_rule=self.detection_rule, encoders="cluster mean of (x - mean)",
-            decoders="rows of pinv(encoders^T)", standardize=bool(self.standardize), objective=best[0]))
-        return self
+        meta = _meta(self, detection_rule=self.detection_rule, encoders="cluster mean of (x - mean)",
+                     decoders="rows of pinv(encoders^T)", standardize=bool(self.standardize), objective=best[0])
+        return _fitted(self, P, _argmax_pairs(dec, enc, mean, A, -(A @ mean), meta))
 
 
 def _kmeanspp_cosine(U: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -471,7 +499,7 @@ def _kmeanspp_cosine(U: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 
 # --------------------------------------------------------------------------- autoencoders
-class SparseAutoencoder(_Baseline):
+class SparseAutoencoder(DirectionEstimator):
     """A one-layer (sparse) autoencoder in torch: ``h = ReLU(W_e(z − b_d) + b_e)``, ``ẑ = W_d h + b_d``.
 
     ``z = (x − E[x]) / σ`` with one global scale σ (root mean squared norm of the centred patches),
@@ -488,25 +516,60 @@ class SparseAutoencoder(_Baseline):
       the training patches (label-free, the same rule as PCA/ICA; the sign is fixed by the ReLU);
     - ``"active"``: the ReLU unit is active, pre-activation > 0 (an autoencoder without sparsity
       keeps its units active almost everywhere, so this rule detects everything).
+
+    Parameters
+    ----------
+    n_concepts : int
+        Hidden units.
+    l1 : float
+        Weight of the L1 penalty on the hidden activations (>= 0).
+    epochs, batch_size : int
+        Passes over the patches and patches per Adam step.
+    lr : float
+        Adam learning rate.
+    detection : {"otsu", "active"}
+    random_state : int, Generator or None
+        Seed of the initial weights and of the mini-batch order (a local ``torch.Generator``).
+
+    Attributes
+    ----------
+    pairs_ : DirectionPairs
+    history_ : dict
+        ``{"loss": [mean loss per epoch]}``.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import torch
+    >>> X = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    >>> est = SparseAutoencoder(n_concepts=2, epochs=2, random_state=0).fit(X)
+    >>> est.transform(X).shape, len(est.history_["loss"])
+    (torch.Size([100, 2]), 2)
     """
 
     method = "sae"
     _rules = {"otsu": "pre-activation W_e (z - b_d) + b_e > its Otsu threshold over the training patches",
               "active": "ReLU unit active: W_e (z - b_d) + b_e > 0"}
+    _parameter_constraints = {**_COMMON, "l1": [Interval(numbers.Real, 0, None, closed="left")],
+                              "epochs": _POSITIVE_INT, "batch_size": _POSITIVE_INT,
+                              "lr": [Interval(numbers.Real, 0, None, closed="neither")],
+                              "detection": [Options(_rules)]}
+    _learned_attributes = DirectionEstimator._learned_attributes + ("history_",)
 
     def __init__(self, n_concepts: int, l1: float = 0.01, epochs: int = 200, batch_size: int = 256,
                  lr: float = 3e-3, detection: str = "otsu", random_state=0):
-        super().__init__(n_concepts, random_state)
-        self.l1, self.epochs, self.batch_size, self.lr, self.detection = l1, epochs, batch_size, lr, detection
+        self.n_concepts = n_concepts
+        self.l1 = l1
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.detection = detection
+        self.random_state = random_state
 
-    def fit(self, X) -> "SparseAutoencoder":
-        P = self._prepare(X)
-        l1 = check_in_range(self.l1, "l1", low=0.0)
-        epochs = check_positive_int(self.epochs, "epochs")
-        bs = check_positive_int(self.batch_size, "batch_size")
-        lr = check_in_range(self.lr, "lr", low=0.0, low_inclusive=False)
-        if self.detection not in self._rules:
-            raise ValidationError(f"detection must be one of {sorted(self._rules)}, got {self.detection!r}.")
+    def fit(self, X, y=None) -> "SparseAutoencoder":
+        """Fit on feature maps (N, D, H, W) or patches (P, D); ``y`` is ignored. Returns ``self``."""
+        P = _prepare(self, X)
+        l1, lr, epochs, bs = float(self.l1), float(self.lr), int(self.epochs), int(self.batch_size)
         g = make_generator(self.random_state)
         mean = P.mean(0)
         sigma = float(np.sqrt(((P - mean) ** 2).sum(1).mean())) or 1.0
@@ -538,7 +601,6 @@ class SparseAutoencoder(_Baseline):
                 losses.append(tot / n)
             with torch.no_grad():
                 pre = ((Z - bd) @ We.T + be).double().numpy()
-        self.history_ = {"loss": losses}
         We_, be_, Wd_, bd_ = (t.detach().double().numpy() for t in (We, be, Wd, bd))
         thr = (np.array([otsu_threshold(pre[:, i]) for i in range(I)]) if self.detection == "otsu"
                else np.zeros(I))
@@ -546,15 +608,16 @@ class SparseAutoencoder(_Baseline):
         dec = We_ / sigma
         biases = dec @ (mean + sigma * bd_) - be_ + thr
         enc = Wd_.T.copy()
-        self._pairs = _pairs(dec, biases, enc, mean, self._meta(
-            detection_rule=self._rules[self.detection], encoders="decoder columns (unit norm)",
-            decoders="encoder rows", l1=l1, epochs=epochs, final_loss=losses[-1],
-            active_fraction=(pre > 0).mean(0).tolist(), thresholds=thr.tolist()))
-        return self
+        meta = _meta(self, detection_rule=self._rules[self.detection], encoders="decoder columns (unit norm)",
+                     decoders="encoder rows", l1=l1, epochs=epochs, final_loss=losses[-1],
+                     active_fraction=(pre > 0).mean(0).tolist(), thresholds=thr.tolist())
+        pairs = _pairs(dec, biases, enc, mean, meta)
+        self.history_ = {"loss": losses}
+        return _fitted(self, P, pairs)
 
 
 # --------------------------------------------------------------------------- supervised
-class PatternCAV(_Baseline):
+class PatternCAV(DirectionEstimator):
     """Supervised Pattern-CAV: uses ground-truth concept labels of every patch.
 
     For concept i (one-vs-rest): encoder = mean(x | concept i) − mean(x | not i) (the pattern of a
@@ -564,28 +627,56 @@ class PatternCAV(_Baseline):
     original units. Detection: the logistic regression's ``p(concept i | x) > 0.5``, i.e. exactly the
     hyperplane of the pairs.
 
-    ``fit(X, labels)`` takes ``labels`` of shape (N, H, W) for maps or (P,) for patches, ints in
-    ``0 .. n_concepts-1``.
+    ``fit(X, y)`` takes the labels ``y`` of shape (N, H, W) for maps or (P,) for patches, ints in
+    ``0 .. n_concepts-1`` (required).
+
+    Parameters
+    ----------
+    n_concepts : int
+    C : float
+        Inverse L2 strength of the logistic regressions (> 0).
+    random_state : int, Generator or None
+        Recorded in ``pairs_.meta`` (the fit is deterministic).
+    max_iter : int
+        Logistic-regression iterations.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.repeat([0, 1], 50)
+    >>> X = torch.tensor(3.0 * np.eye(3)[y] + 0.3 * rng.normal(size=(100, 3)), dtype=torch.float32)
+    >>> p = PatternCAV(n_concepts=2).fit(X, y).pairs_
+    >>> float((p.detect(X).argmax(1).numpy() == y).mean())
+    1.0
     """
 
     method = "pattern-cav"
     detection_rule = "supervised: logistic-regression p(concept | x) > 0.5 (one-vs-rest, uses true patch labels)"
+    _parameter_constraints = {**_COMMON, "C": [Interval(numbers.Real, 0, None, closed="neither")],
+                              "max_iter": _POSITIVE_INT}
 
     def __init__(self, n_concepts: int, C: float = 1.0, random_state=0, max_iter: int = 2000):
-        super().__init__(n_concepts, random_state)
-        self.C, self.max_iter = C, max_iter
+        self.n_concepts = n_concepts
+        self.C = C
+        self.random_state = random_state
+        self.max_iter = max_iter
 
-    def fit(self, X, labels) -> "PatternCAV":
+    def fit(self, X, y=None) -> "PatternCAV":
+        """Fit on feature maps (N, D, H, W) or patches (P, D) with their concept labels ``y``. Returns ``self``."""
         from sklearn.linear_model import LogisticRegression
-        P = self._prepare(X)
-        lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        P = _prepare(self, X)
+        if y is None:
+            raise ValidationError("PatternCAV is supervised and needs concept labels: call fit(X, y) with y of shape "
+                                  "(N, H, W) for maps or (P,) for patches.")
+        lab = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
         lab = lab.reshape(-1)
         if lab.shape[0] != P.shape[0]:
             raise ValidationError(f"labels must give one concept per patch ({P.shape[0]}), got {lab.shape[0]} "
                                   f"(pass (N, H, W) for maps or (P,) for patches).")
         if not np.issubdtype(lab.dtype, np.integer):
             raise ValidationError(f"labels must be integers, got dtype {lab.dtype}.")
-        C = check_in_range(self.C, "C", low=0.0, low_inclusive=False)
+        C = float(self.C)
         I = self.n_concepts
         mean = P.mean(0)
         sigma = float(np.sqrt(((P - mean) ** 2).sum(1).mean())) or 1.0
@@ -597,11 +688,10 @@ class PatternCAV(_Baseline):
                 raise ValidationError(f"concept {i} has {int(pos.sum())} of {len(pos)} patches; Pattern-CAV needs "
                                       f"positive and negative patches for every concept.")
             enc[i] = P[pos].mean(0) - P[~pos].mean(0)
-            lr = LogisticRegression(C=C, max_iter=check_positive_int(self.max_iter, "max_iter")).fit(Z, pos)
+            lr = LogisticRegression(C=C, max_iter=int(self.max_iter)).fit(Z, pos)
             w = lr.coef_[0] / sigma
             dec[i] = w
             biases[i] = w @ mean - lr.intercept_[0]  # σ(wᵀx − b) = σ(coefᵀz + intercept)
-        self._pairs = _pairs(dec, biases, enc, mean, self._meta(
-            detection_rule=self.detection_rule, encoders="difference of class means",
-            decoders="logistic-regression filter", C=C))
-        return self
+        meta = _meta(self, detection_rule=self.detection_rule, encoders="difference of class means",
+                     decoders="logistic-regression filter", C=C)
+        return _fitted(self, P, _pairs(dec, biases, enc, mean, meta))

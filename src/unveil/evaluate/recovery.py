@@ -287,16 +287,11 @@ def unit_encoder_pairs(pairs):
 
     Signal values ``wᵀ(x − E[x]) / (wᵀŝ)`` are coordinates along ``ŝ``; the planted latent factors
     are coordinates along *unit* directions, so a fair comparison reads them along unit encoders.
-    This makes the RMSE independent of each method's scale convention. The detector (and any
-    subclass behaviour such as nearest-centroid detection) is kept: the copy is made with
-    ``copy.copy`` and only ``encoders`` is replaced.
+    This makes the RMSE independent of each method's scale convention. The detector (and its
+    detection rule, e.g. nearest-centroid detection) is kept: only ``encoders`` is replaced.
     """
-    import copy
-
-    out = copy.copy(pairs)
     norms = pairs.encoders.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    out.encoders = pairs.encoders / norms
-    return out
+    return pairs.replace(encoders=pairs.encoders / norms)
 
 
 def _patches_first(t: torch.Tensor) -> torch.Tensor:
