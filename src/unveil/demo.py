@@ -5,7 +5,8 @@ Pipeline (each stage timed and shown with a progress bar)::
     draw world train/val  ->  load the shipped WorldNet  ->  capture one layer  ->  head f⁺
     ->  EDDP  +  baselines (PCA, ICA, NMF, k-means, SAE) on the same activations
     ->  Network Dissection of every method (labels from train, scores on val)
-    ->  RCAV influence of the EDDP directions on the classes
+    ->  RCAV influence of the EDDP directions on the classes (against permuted-label noise directions)
+    ->  EDDP's detectors against supervised Pattern-CAVs, concept by concept (S³)
     ->  DIR/results.json (atomic) + DIR/report.html (self-contained) + DIR/eddp_pairs/
 
 Detection rules (all label-free, stated in the report and in ``results.json``):
@@ -67,10 +68,17 @@ class DemoConfig:
     decomposition_max_iter: int = 300
     max_baseline_patches: int = 20_000
     quantile: float = 0.995
-    rcav_permutations: int = 100
-    rcav_per_direction: bool = True
-    rcav_max_maps_full_head: int = 400  # RCAV maps when the head is not pool -> linear (other layers)
-    rcav_permutations_full_head: int = 100
+    # influence (unveil.influence): the statistic and test the calibration benchmark supports (class-specific
+    # log-odds change, per-direction t-test against the paper's permuted-label null), n_null noise classifiers
+    # per direction on balanced subsets of <= influence_max_patches patches (the paper: 100 and 5000; 1000 keeps
+    # the stage at about half a minute on one thread)
+    influence_statistic: str = "logit"
+    influence_test: str = "t"
+    influence_null: int = 100
+    influence_max_patches: int = 1000
+    rcav_max_maps_full_head: int = 400  # influence maps when the head is not pool -> linear (other layers)
+    pattern_cav: bool = True  # the S³ table: EDDP's detectors against supervised Pattern-CAVs
+    pattern_cav_cover: float = 0.5
     top_k: int = 8
     n_report_detectors: int = 24
     extra_layers: tuple = ("layer3",)  # EDDP + dissection only (no baselines, no RCAV), for a layer table
@@ -86,7 +94,7 @@ class DemoConfig:
     def fast_config(cls) -> "DemoConfig":
         return cls(n_train=56, n_val=28, n_concepts=8, eddp_steps={"b": 5, "d": 5}, eddp_n_init=1,
                    eddp_init_rounds=1, eddp_max_init_patches=2000, kmeans_n_init=1, sae_epochs=2,
-                   decomposition_max_iter=100, max_baseline_patches=2000, rcav_permutations=10, top_k=4,
+                   decomposition_max_iter=100, max_baseline_patches=2000, influence_null=10, top_k=4,
                    n_report_detectors=6, extra_layers=(), n_explanations=3,
                    shortcut_experiment={"layer": "layer2", "n_concepts": 4, "n_fit": 28, "n_val": 14, "n_test": 14,
                                         "n_random": 2, "actmax_steps": 2,
@@ -276,6 +284,65 @@ def _explanations(net, layer, pairs, val, x_val, cfg: DemoConfig, shortcut: bool
     return report_objs, doc
 
 
+def _influence(net, head, layer_name, m_val, val, pairs, names, cfg: DemoConfig, seed: int, progress: bool):
+    """RCAV of the EDDP directions and of permuted-label noise directions on the same detectors.
+
+    The control replaces each signal vector by one more noise classifier's pattern, trained with the null's:
+    it is exchangeable with the null, so its significant pairs are false positives. Both tests share the one
+    null. Returns the two :class:`~unveil.evaluate.influence.Influence` results and the ``results.json``
+    section.
+    """
+    from .directions.pairs import DirectionPairs
+    from .evaluate.influence import influence, permutation_noise_vectors
+    # above layer4 WorldNet is global average pool -> fc, so the pooled fast path applies
+    pooled = net.fc if layer_name == "layer4" else None
+    r_maps, r_labels = m_val, val.labels
+    if pooled is None:  # the whole head runs on every shifted map: a class-balanced subset
+        keep = _balanced_subset(val.labels, cfg.rcav_max_maps_full_head)
+        r_maps, r_labels = m_val[torch.as_tensor(keep)], val.labels[keep]
+    # one set of noise classifiers: n_null noise vectors per detector form the null of both tests, one more per
+    # detector (drawn with them, so exchangeable with them) is the control's encoder
+    vec, _ = permutation_noise_vectors(r_maps, pairs, cfg.influence_null + 1, random_state=seed,
+                                       max_patches=cfg.influence_max_patches)
+    noise = vec[-1].clone()
+    bad = ~torch.isfinite(noise).all(1)
+    if bad.any():  # a detector that fires on < 2 patches has no noise vector (and no null: never significant)
+        g = torch.Generator().manual_seed(seed + 1)
+        fill = torch.randn(int(bad.sum()), noise.shape[1], generator=g)
+        noise[bad] = (fill / fill.norm(dim=1, keepdim=True)).to(noise.dtype)
+    common = dict(statistic=cfg.influence_statistic, test=cfg.influence_test, null="permutation",
+                  n_null=cfg.influence_null, null_vectors=vec[:-1], pooled_head=pooled, random_state=seed,
+                  class_names=val.class_names, progress=progress)
+    infl = influence(head, r_maps, r_labels, pairs, concept_names=names, **common)
+    control_pairs = DirectionPairs(pairs.decoders, pairs.biases, noise, pairs.mean,
+                                   names=[f"noise{i}" for i in range(pairs.n_concepts)])
+    control = influence(head, r_maps, r_labels, control_pairs, **common)
+    doc = {"SDC": infl.sdc, "SCDP": infl.scdp, "null": "permutation", "statistic": cfg.influence_statistic,
+           "test": cfg.influence_test, "n_null": cfg.influence_null, "max_patches": cfg.influence_max_patches,
+           "n_maps": int(len(r_labels)), "pooled_head_fast_path": pooled is not None,
+           "alpha": infl.config.get("alpha"), "bonferroni_level": infl.config.get("bonferroni_level"),
+           "mean_abs_score": float(np.nanmean(np.abs(infl.score))),
+           "control": {"what": "the same detectors, each signal vector replaced by one more permuted-label noise "
+                               "vector (exchangeable with the null: its significant pairs are false positives)",
+                       "SDC": control.sdc, "SCDP": control.scdp,
+                       "mean_abs_score": float(np.nanmean(np.abs(control.score)))},
+           "top_concepts": infl.top_concepts(3), "result": infl.to_dict()}
+    return infl, control, doc
+
+
+def _pattern_cav(m_train, m_val, train, val, pairs, eddp_res, cfg: DemoConfig) -> Optional[Dict[str, Any]]:
+    """The S³ table (:func:`unveil.evaluate.pattern_cav.compare_with_pattern_cavs`) as a ``results.json`` section."""
+    from .evaluate.pattern_cav import compare_with_pattern_cavs
+    try:
+        cmp = compare_with_pattern_cavs(m_train, train.masks, m_val, val.masks, pairs, eddp_res.iou_train,
+                                        eddp_res.iou_val, concept_names=[c.name for c in train.concepts],
+                                        cover=cfg.pattern_cav_cover)
+    except ValidationError as exc:  # too few images for any concept (tiny configurations)
+        logger.warning("demo: no Pattern-CAV comparison: %s", exc)
+        return None
+    return cmp.to_dict()
+
+
 # --------------------------------------------------------------------------- the demo
 def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str] = None,
              n_concepts: Optional[int] = None, shortcut: bool = False, fast: bool = False,
@@ -372,7 +439,6 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
     from .capture import capture, make_head
     from .data.world import ConceptWorld
     from .evaluate.dissection import dissect, fit_thresholds_on_train
-    from .evaluate.influence import rcav
     from .models import load_model
     from .models.worldnet import SHORTCUT_WATERMARK, evaluate_accuracy, load_worldnet
 
@@ -459,35 +525,14 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
     eddp_res = results["eddp"]
     names = [f"d{i}:{lab}" if lab is not None else f"d{i}" for i, lab in enumerate(eddp_res.label_names())]
     with timer.stage("influence"):
-        # above layer4 WorldNet is global average pool -> fc, so RCAV can use the pooled fast path
-        pooled = net.fc if layer_name == "layer4" else None
-        r_maps, r_labels, n_perm, per_dir = m_val, val.labels, cfg.rcav_permutations, cfg.rcav_per_direction
-        if pooled is None:
-            # the whole head runs on every shifted map: a class-balanced subset, fewer permutations, and
-            # no per-direction null (I x n_permutations directions would cost minutes)
-            keep = _balanced_subset(val.labels, cfg.rcav_max_maps_full_head)
-            r_maps, r_labels = m_val[torch.as_tensor(keep)], val.labels[keep]
-            n_perm, per_dir = min(n_perm, cfg.rcav_permutations_full_head), False
-        common_rcav = dict(n_permutations=n_perm, pooled_head=pooled, random_state=seed,
-                           concept_names=names, class_names=train.class_names)
-        infl = rcav(r_maps, r_labels, pairs, head, null="pooled", progress=progress, **common_rcav)
-        infl_dir = None
-        if per_dir:
-            infl_dir = rcav(r_maps, r_labels, pairs, head, null="per_direction", progress=progress, **common_rcav)
-        finite = np.isfinite(infl.null_scores)
-        influence_doc = {
-            "SDC": infl.sdc, "SCDP": infl.scdp, "null": "pooled", "n_permutations": n_perm,
-            "n_maps": int(len(r_labels)), "pooled_head_fast_path": pooled is not None,
-            "alpha": infl.config["alpha"], "bonferroni_level": infl.config["bonferroni_level"],
-            "mean_abs_score": float(np.nanmean(np.abs(infl.scores))),
-            "null_mean_abs_score": float(np.abs(infl.null_scores[finite]).mean()) if finite.any() else None,
-            "null_mean_std": float(np.nanmean(infl.null_std)) if np.isfinite(infl.null_std).any() else None,
-            "top_concepts": infl.top_concepts(3),
-            "per_direction_null": None if infl_dir is None else {
-                "SDC": infl_dir.sdc, "SCDP": infl_dir.scdp,
-                "caveat": "the per-direction null was measured to flag pure-noise directions as significant "
-                          "(23-28 of 64 on ReLU'd Gaussian noise with a random linear head; 0 with the pooled null)"},
-        }
+        infl, infl_control, influence_doc = _influence(net, head, layer_name, m_val, val, pairs, names, cfg, seed,
+                                                       progress)
+
+    # 7b. S³: EDDP's detectors against supervised Pattern-CAVs ---------------------------------
+    pattern_cav_doc = None
+    if cfg.pattern_cav:
+        with timer.stage("pattern_cav"):
+            pattern_cav_doc = _pattern_cav(m_train, m_val, train, val, pairs, eddp_res, cfg)
 
     # 8. shortcut ---------------------------------------------------------------------------
     shortcut_info = None
@@ -500,7 +545,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
                          "label": eddp_res.label_names()[best],
                          "baselines_best_iou": {n: float(results[n].iou_val[:, wm].max()) for n in BASELINES},
                          "rcav_scores": {c: (None if not np.isfinite(v) else float(v))
-                                         for c, v in zip(infl.class_names, infl.scores[best])},
+                                         for c, v in zip(infl.class_names, infl.score[best])},
                          "rcav_significant": {c: bool(v) for c, v in zip(infl.class_names, infl.significant[best])}}
 
     # 9. other layers: EDDP + dissection only -------------------------------------------------
@@ -530,8 +575,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
                                                seed=seed, progress=progress)
 
     # 11. results + report ------------------------------------------------------------------
-    pairs.names = names
-    pairs.meta = {**pairs.meta, "layer": layer_name, "model": model_id}
+    pairs = pairs.with_names(names).with_meta(layer=layer_name, model=model_id)
     pairs.save(out / "eddp_pairs")
     with timer.stage("explanations"):
         applications, app_doc = _explanations(net, layer_name, pairs, val, x_val, cfg, shortcut)
@@ -549,6 +593,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
         "detection_rules": rules,
         "category_counts": {m: _category_counts(r) for m, r in results.items()},
         "influence": influence_doc,
+        "pattern_cav": pattern_cav_doc,
         "model": model_info,
         "eddp": {"n_concepts": I, "levels": est.levels_, "layer": layer_name, "map_shape": [int(D), int(H), int(W)],
                  "detectors": eddp_res.table(), "history_seconds": est.history_.get("seconds")},
@@ -577,7 +622,8 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
         wm_channel = None
         if shortcut_info is not None:
             wm_channel = [c.name for c in train.concepts].index("watermark")
-        write_report(out / "report.html", doc, results, influence=infl, train=train, val=val,
+        write_report(out / "report.html", doc, results, influence=infl, influence_control=infl_control,
+                     train=train, val=val,
                      detector_maps={"train": det_train, "val": det_val}, watermark_channel=wm_channel,
                      n_detectors=cfg.n_report_detectors, applications=applications)
     doc["timing"] = {"stages_s": dict(timer.seconds), "total_s": round(time.perf_counter() - t_start, 3),

@@ -53,13 +53,13 @@ def test_explain_writes_png_and_json(setup, capsys):
 def test_correct_with_strength_and_choose_on(setup, capsys):
     root, files = setup
     rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
-               "--concepts", "1", "2", "--strength", "3.5", "--out", str(root / "corr")])
+               "--concepts", "1", "2", "--strength", "3.5", "--direction", "signal", "--out", str(root / "corr")])
     assert rc == 0
     model, pre, _ = load_model("worldnet-shortcut")
     fixed = CorrectedModel.load(root / "corr", model)
     assert fixed.concepts == [1, 2] and fixed.strength == pytest.approx(3.5) and fixed.model_id == "worldnet-shortcut"
     x = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255 for f in files])
-    ref = CorrectedModel(model, "layer3", DirectionPairs.load(root / "pairs"), [1, 2], 3.5)
+    ref = CorrectedModel(model, "layer3", DirectionPairs.load(root / "pairs"), [1, 2], 3.5, direction="signal")
     torch.testing.assert_close(fixed(x), ref(x), atol=0, rtol=0)
 
     rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
@@ -101,7 +101,7 @@ def test_correct_with_strength_and_choose_on(setup, capsys):
 def test_cli_errors_are_one_line(setup, capsys):
     root, files = setup
     rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
-               "--concepts", "9", "--out", str(root / "bad")])
+               "--concepts", "9", "--direction", "signal", "--out", str(root / "bad")])
     err = capsys.readouterr().err
     assert rc == 1 and "unknown concept index 9" in err and len(err.strip().splitlines()) == 1
     rc = main(["explain", str(files[0]), "--model", "worldnet-shortcut", "--layer", "layer4", "--pairs",
@@ -117,3 +117,25 @@ def test_cli_errors_are_one_line(setup, capsys):
     rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
                "--concepts", "0", "1", "--select", "--strength", "2", "--out", str(root / "bad4")])
     assert rc == 1 and "--select chooses concepts on held-out images" in capsys.readouterr().err
+
+
+def test_correct_defaults_to_the_mean_difference_measured_on_reference_images(setup, capsys):
+    root, files = setup
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "0", "--strength", "2", "--reference", str(root / "held"), "--out", str(root / "ref")])
+    assert rc == 0 and "direction mean-difference" in capsys.readouterr().out
+    model, _, _ = load_model("worldnet-shortcut")
+    saved = CorrectedModel.load(root / "ref", model)
+    assert saved.direction_kind == "mean_difference" and saved.strength == pytest.approx(2.0)
+    from unveil.capture import capture
+    from unveil.edit import mean_difference_directions
+    held = sorted((root / "held").rglob("*.png"))
+    xh = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1).float() / 255 for f in held])
+    ref = mean_difference_directions(capture(model, "layer3", xh), DirectionPairs.load(root / "pairs"), [0])
+    torch.testing.assert_close(saved._directions, ref, atol=1e-5, rtol=1e-4)
+    rc = main(["correct", "--model", "worldnet-shortcut", "--layer", "layer3", "--pairs", str(root / "pairs"),
+               "--concepts", "0", "--strength", "2", "--direction", "signal", "--reference", str(root / "held"),
+               "--out", str(root / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--reference is used to measure the mean difference only" in err
+    assert len(err.strip().splitlines()) == 1

@@ -29,8 +29,17 @@ def _check_results(doc, n_concepts):
         assert 0.0 <= s["mF1"] <= 1.0
         assert m in doc["detection_rules"]
     assert set(doc["dissection_native_rules"]) == set(BASELINES)
-    assert 0 <= doc["influence"]["SCDP"] and 0 <= doc["influence"]["SDC"] <= n_concepts
-    assert doc["influence"]["null"] == "pooled"
+    inf = doc["influence"]
+    assert 0 <= inf["SCDP"] and 0 <= inf["SDC"] <= n_concepts
+    assert (inf["null"], inf["statistic"], inf["test"]) == ("permutation", "logit", "t")
+    assert 0 <= inf["control"]["SCDP"] and 0 <= inf["control"]["SDC"] <= n_concepts
+    assert inf["result"]["sdc"] == inf["SDC"] and len(inf["result"]["score"]) == n_concepts
+    assert set(inf["top_concepts"]) == set(doc["data"]["class_names"])
+    pc = doc["pattern_cav"]
+    if pc is not None:  # tiny configurations may have no concept with enough labelled cells
+        assert pc["n_compared"] == len(pc["concepts"]) == len(pc["eddp_iou"]) == len(pc["pattern_cav_iou"])
+        assert abs(pc["s3_eddp"] - sum(pc["eddp_iou"])) < 1e-9 and 0 <= pc["eddp_wins"] <= pc["n_compared"]
+        assert all(0 <= d < n_concepts for d in pc["eddp_detector"])
     assert 0.0 <= doc["model"]["test_acc"] <= 1.0
     assert doc["timing"]["total_s"] > 0 and "fit_eddp" in doc["timing"]["stages_s"]
     assert doc["versions"]["unveil"] and doc["seed"] == 0
@@ -54,6 +63,8 @@ def test_run_demo_tiny_writes_results_and_report(tmp_path):
     assert pairs.names == [f"d{i}:{lab}" if lab else f"d{i}" for i, lab in enumerate(labels)]
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "EDDP vs baselines" in page and "EDDP at other layers" in page
+    assert "Concept → class diagrams" in page and "permuted-label noise vectors" in page
+    assert ("EDDP against supervised Pattern-CAVs (S³)" in page) == (on_disk["pattern_cav"] is not None)
     assert "could not be drawn" not in page
     assert "http://" not in page and "https://" not in page
     assert len(page.encode()) < 5 * 2 ** 20

@@ -58,7 +58,7 @@ def model():
 
 def test_strength_zero_is_identity(model):
     x = torch.cat([images("A"), images("BS")])
-    fixed = CorrectedModel(model, "feat", planted_pairs(), [0, 2], strength=0.0)
+    fixed = CorrectedModel(model, "feat", planted_pairs(), [0, 2], strength=0.0, direction="signal")
     assert torch.equal(fixed(x), model(x))
     maps = torch.rand(3, 4, 2, 2)
     assert torch.equal(edit_maps(maps, planted_pairs(), [0, 1, 2], strength=0.0), maps)
@@ -115,7 +115,7 @@ def test_relu_clamp_detected_and_forced():
 
 def test_corrected_model_save_load_roundtrip(model, tmp_path):
     x = torch.cat([images("AS"), images("BS", seed=3)])
-    fixed = CorrectedModel(model, "feat", planted_pairs(), ["S", 0], strength=0.7, model_id="tiny")
+    fixed = CorrectedModel(model, "feat", planted_pairs(), ["S", 0], strength=0.7, model_id="tiny", direction="signal")
     fixed.save(tmp_path / "corr")
     again = CorrectedModel.load(tmp_path / "corr", model)
     assert again.concepts == [2, 0] and again.strength == pytest.approx(0.7) and again.model_id == "tiny"
@@ -129,15 +129,16 @@ def test_corrected_model_save_load_roundtrip(model, tmp_path):
 def test_corrected_model_removes_planted_shortcut(model):
     pois = images("BS")  # class-1 images carrying the shortcut: the model says class 0
     assert (model(pois).argmax(1) == 0).all()
-    fixed = CorrectedModel(model, "feat", planted_pairs(), [2])
-    assert (fixed(pois).argmax(1) == 1).all()
-    assert (fixed(images("A")).argmax(1) == 0).all()
+    for kw in ({"direction": "signal"}, {"reference": torch.cat([images("AS"), images("BS", seed=3)])}):
+        fixed = CorrectedModel(model, "feat", planted_pairs(), [2], **kw)
+        assert (fixed(pois).argmax(1) == 1).all()
+        assert (fixed(images("A")).argmax(1) == 0).all()
 
 
 def test_choose_strength_on_planted_shortcut(model):
     pois, clean = images("BS", n=8), torch.cat([images("A", n=4), images("B", n=4)])
     y_pois, y_clean = torch.ones(8, dtype=torch.long), torch.tensor([0] * 4 + [1] * 4)
-    choice = choose_strength(model, "feat", planted_pairs(), [2], pois, y_pois, clean, y_clean)
+    choice = choose_strength(model, "feat", planted_pairs(), [2], pois, y_pois, clean, y_clean, direction="signal")
     assert choice.accuracy_base == 0.0 and choice.accuracy == 1.0
     assert choice.clean_accuracy == choice.clean_accuracy_base == 1.0
     assert (model(pois).argmax(1) == 0).all()  # B alone gives logit 1 = 2.6 < 5 from the stamp
@@ -162,7 +163,7 @@ def test_hooks_removed_after_exception(model):
             model(x)
     assert len(model.feat._forward_hooks) == 0
     wrong = DirectionPairs(torch.eye(5), torch.zeros(5), torch.eye(5))
-    fixed = CorrectedModel(model, "feat", wrong, [0], strength=1.0)
+    fixed = CorrectedModel(model, "feat", wrong, [0], strength=1.0, direction="signal")
     with pytest.raises(ValidationError, match="has 4 channels, but these direction pairs"):
         fixed(x)
     assert len(model.feat._forward_hooks) == 0
@@ -242,15 +243,31 @@ def test_choose_concepts_keeps_the_candidates_that_help(model):
     pois, clean = images("BS", n=8), torch.cat([images("A", n=4), images("B", n=4)])
     y_pois, y_clean = torch.ones(8, dtype=torch.long), torch.tensor([0] * 4 + [1] * 4)
     args = (model, "feat", planted_pairs())
+    sig = {"direction": "signal"}  # the planted concepts are written along single channels: ŝ is exact
     # B first (always kept, does not help: the stamp still wins), then S fixes the poisoned images
-    sel = choose_concepts(*args, ["B", "S"], pois, y_pois, clean, y_clean)
+    sel = choose_concepts(*args, ["B", "S"], pois, y_pois, clean, y_clean, **sig)
     assert sel.concepts == [1, 2] and sel.choice.accuracy == 1.0 and sel.choice.clean_accuracy == 1.0
     assert [s["kept"] for s in sel.steps] == [True, True] and sel.steps[0]["accuracy"] == 0.0
     # S alone already fixes everything: B adds nothing and is dropped
-    sel = choose_concepts(*args, ["S", "B"], pois, y_pois, clean, y_clean)
+    sel = choose_concepts(*args, ["S", "B"], pois, y_pois, clean, y_clean, **sig)
     assert sel.concepts == [2] and [s["kept"] for s in sel.steps] == [True, False]
-    assert sel.strength == pytest.approx(choose_strength(*args, [2], pois, y_pois, clean, y_clean).strength)
+    assert sel.strength == pytest.approx(choose_strength(*args, [2], pois, y_pois, clean, y_clean, **sig).strength)
     # direction rows follow the candidates: S along channel 2 helps, S along channel 1 cannot
     E = torch.eye(4)
     assert choose_concepts(*args, ["B", "S"], pois, y_pois, clean, y_clean, direction=E[[1, 2]]).concepts == [1, 2]
     assert choose_concepts(*args, ["B", "S"], pois, y_pois, clean, y_clean, direction=E[[2, 1]]).concepts == [1]
+
+
+def test_mean_difference_carries_what_the_concept_excludes(model):
+    """B's positions never hold the stamp, so "B present minus B absent" has a negative shortcut component,
+    while B's signal vector (its channel) has none: removing B along the mean difference adds shortcut."""
+    from unveil.capture import capture
+    from unveil.edit import mean_difference_directions
+    held = torch.cat([images("BS", n=8), images("A", n=4), images("B", n=4)])
+    pairs = planted_pairs()
+    V = mean_difference_directions(capture(model, "feat", held), pairs, ["B"])
+    assert float(V[0, 1]) > 0.9 and float(V[0, 2]) < -0.05
+    assert float(pairs.encoders[1, 2]) == 0.0
+    pois = images("BS", n=4)
+    by_md = edit_maps(capture(model, "feat", pois), pairs, ["B"], strength=1.0, direction=V)
+    assert float(by_md[:, 2].sum()) > float(capture(model, "feat", pois)[:, 2].sum())  # shortcut channel grew

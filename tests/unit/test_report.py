@@ -14,9 +14,10 @@ from unveil import DirectionPairs, ValidationError  # noqa: E402
 from unveil.data.synthetic import PoolLinearHead  # noqa: E402
 from unveil.data.world import Concept, WorldSample  # noqa: E402
 from unveil.evaluate.dissection import dissect  # noqa: E402
-from unveil.evaluate.influence import rcav  # noqa: E402
-from unveil.report import (build_report, detector_montage, plot_detector_heatmaps, plot_influence,  # noqa: E402
-                           plot_method_comparison, write_report)
+from unveil.evaluate.influence import influence  # noqa: E402
+from unveil.evaluate.pattern_cav import PatternCAVComparison, compare_with_pattern_cavs  # noqa: E402
+from unveil.report import (build_report, detector_montage, plot_class_influence, plot_detector_heatmaps,  # noqa: E402
+                           plot_influence, plot_method_comparison, write_report)
 
 EVIL_CONCEPT = "<script>alert('concept')</script>"
 EVIL_CLASS = '<img src=x onerror="alert(1)">'
@@ -62,15 +63,21 @@ def report_inputs():
                   detector_names=["d0<b>", "d1"])
     head = PoolLinearHead(2, 2)
     labels = np.array([s.label for s in val.samples])
-    infl = rcav(val.maps(), labels, pairs, head, n_permutations=5, null="pooled",
-                class_names=val.class_names)
+    kw = dict(n_null=6, epochs=10, statistic="logit", test="t", class_names=val.class_names)
+    infl = influence(head, val.maps(), labels, pairs, **kw)
+    noise = DirectionPairs(pairs.decoders, pairs.biases, torch.eye(2).flip(0), names=["n0", "n1"])
+    control = influence(head, val.maps(), labels, noise, **kw)
+    masks = lambda ds: np.stack([x.masks for x in ds.samples])  # noqa: E731
+    cmp = compare_with_pattern_cavs(train.maps(), masks(train), val.maps(), masks(val), pairs, res.iou_train,
+                                    res.iou_val, concept_names=[c.name for c in train.concepts], min_cells=5)
     results = {"model": {"name": EVIL_MODEL, "layer": "layer<4>", "test_acc": 0.5},
                "dissection": {"eddp": {k: res.summary[k] for k in res.summary},
                               "pca": {k: 0.0 for k in res.summary}},
                "detection_rules": {"eddp": "sigmoid > 0.5", "pca": "<i>quantile</i>"},
-               "data": {"n_train": 8, "n_val": 6, "n_concepts": 2, "seed": 0}}
-    return dict(results=results, dissections={"eddp": res}, influence=infl, train=train, val=val,
-                detector_maps={"train": det_tr, "val": det_va}), res
+               "data": {"n_train": 8, "n_val": 6, "n_concepts": 2, "seed": 0},
+               "eddp": {"detectors": res.table()}, "pattern_cav": cmp.to_dict()}
+    return dict(results=results, dissections={"eddp": res}, influence=infl, influence_control=control,
+                train=train, val=val, detector_maps={"train": det_tr, "val": det_va}), res
 
 
 def test_report_escapes_every_name(report_inputs):
@@ -99,7 +106,7 @@ def test_report_is_self_contained(report_inputs, tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?(?!data:)[a-z]+:""", page, flags=re.I)
     assert "<link" not in page.lower() and "@import" not in page
     srcs = re.findall(r'src="([^"]*)"', page)
-    assert len(srcs) >= 4  # comparison bars, 2 detector cards, heatmaps, influence
+    assert len(srcs) >= 6  # comparison bars, 2 detector cards, heatmaps, influence heatmap and class diagrams
     for s in srcs:
         assert s.startswith("data:image/png;base64,")
         assert base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -231,3 +238,51 @@ def test_duplicates_note_names_the_own_rule_s1_leader():
     assert "NMF's 64 interpretable detectors cover 8 distinct concepts (8.0 per concept)" in note
     assert _duplicates_note({}) == ""
     assert _duplicates_note({"<b>x</b>": {"S1": 1.0, "n_interpretable": 2, "n_distinct": 1}}).count("<b>") == 0
+
+
+def test_report_renders_influence_against_noise_and_class_diagrams(report_inputs):
+    kwargs, _ = report_inputs
+    kwargs = dict(kwargs)
+    infl, control = kwargs["influence"], kwargs["influence_control"]
+    page = build_report(kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
+    sec = page[page.index("<h2>Concept → class influence (RCAV)</h2>"):page.index("<h2>EDDP against supervised")]
+    assert "could not be drawn" not in page
+    # EDDP's row and the noise directions' row, with their own SDC / SCDP
+    assert (f"<td class=\"l\">EDDP signal vectors</td><td class=\"\">{infl.sdc}</td>"
+            f"<td class=\"\">{infl.scdp}</td>") in sec
+    assert (f"permuted-label noise vectors)</td><td class=\"\">{control.sdc}</td>"
+            f"<td class=\"\">{control.scdp}</td>") in sec
+    assert "class-specific change of the log-odds" in sec and "prediction-interval t-test" in sec
+    assert "<h3>Concept → class diagrams</h3>" in sec
+    assert len(re.findall(r'src="data:image/png;base64,', sec)) == 2  # heatmap + per-class diagrams
+    assert html_escaped(EVIL_CLASS) in sec and EVIL_CLASS not in sec
+
+
+def test_report_renders_the_s3_table(report_inputs):
+    kwargs, res = report_inputs
+    kwargs = dict(kwargs)
+    results = kwargs.pop("results")
+    page = build_report(results, kwargs.pop("dissections"), **kwargs)
+    sec = page[page.index("<h2>EDDP against supervised Pattern-CAVs (S³)</h2>"):]
+    cmp = PatternCAVComparison.from_dict(results["pattern_cav"])
+    assert cmp.concepts == [EVIL_CONCEPT, 'sky" onmouseover="x']
+    # detector c is mask c: EDDP's detectors reach IoU 1; the two masks are correlated (one cut), so the
+    # difference of means mixes both channels and the Pattern-CAV cannot separate them as well
+    np.testing.assert_allclose(cmp.eddp_iou, [1.0, 1.0], rtol=0, atol=1e-12)
+    assert all(0.0 < v < 1.0 for v in cmp.pattern_cav_iou)
+    assert cmp.eddp_detector == [0, 1] and cmp.s3_eddp == pytest.approx(2.0, abs=1e-12) and cmp.eddp_wins == 2
+    assert (f"S³: <b>EDDP 2.00</b> vs <b>Pattern-CAV {cmp.s3_pattern_cav:.2f}</b> over 2 concepts; EDDP's detector "
+            f"has the higher IoU on 2 of them") in sec
+    assert html_escaped(EVIL_CONCEPT) in sec and EVIL_CONCEPT not in page
+    assert "d0&lt;b&gt;" in sec  # the detector's name, escaped
+    assert PatternCAVComparison.from_dict(cmp.to_dict()) == cmp
+    assert "EDDP against supervised" not in build_report({"dissection": {"eddp": {"S1": 1.0}}})
+
+
+def test_plot_class_influence_marks_significant_concepts():
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    out = plot_class_influence([0.5, -1.0, 0.2, 0.0], [True, False, False, True], ["a$b", "b", "c", "d"], n=1, ax=ax)
+    assert out is ax
+    assert [t.get_text() for t in ax.get_yticklabels()] == [r"a\$b *", "b"]  # best positive on top, then negative
+    plt.close(fig)

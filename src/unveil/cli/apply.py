@@ -20,9 +20,10 @@ def register(subparsers) -> None:
 
     c = subparsers.add_parser("correct", help="remove concepts (e.g. a shortcut) from a model at a layer",
                               description="Save a correction: the model with the given concepts removed at the "
-                                          "layer (x' = ReLU(x - m*k*s) on every forward). k is --strength, or is "
-                                          "chosen on held-out data with --choose-on, or (neither) each position's "
-                                          "own signal value. Load it with CorrectedModel.load(DIR, model).")
+                                          "layer (x' = ReLU(x - m*k*v) on every forward; v is each detector's mean "
+                                          "difference by default). k is --strength, or is chosen on held-out data "
+                                          "with --choose-on, or (neither) what the detector reads at each position. "
+                                          "Load it with CorrectedModel.load(DIR, model).")
     _model_args(c)
     c.add_argument("--concepts", type=int, nargs="+", required=True, metavar="I", help="concept indices to remove")
     c.add_argument("--out", type=Path, required=True, help="folder to save the correction in")
@@ -38,10 +39,13 @@ def register(subparsers) -> None:
     c.add_argument("--select", action="store_true",
                    help="with --choose-on: keep only those of --concepts (taken in the order given, best first) "
                         "whose removal raises the held-out accuracy; k is chosen for the kept ones")
-    c.add_argument("--direction", choices=("signal", "filter", "mean-difference"), default="signal",
-                   help="edit direction: the signal vector (default), the filter, or each detector's mean difference "
-                        "(mean of the positions it fires at minus the others'), measured on the --choose-on "
-                        "images (with --clean ones)")
+    c.add_argument("--direction", choices=("mean-difference", "signal", "filter"), default="mean-difference",
+                   help="edit direction: each detector's mean difference (default: mean of the positions it fires at "
+                        "minus the others', measured on --reference, else on the --choose-on and --clean images), "
+                        "the signal vector, or the filter")
+    c.add_argument("--reference", type=Path, default=None, metavar="DIR",
+                   help="image folder (class sub-folders not needed) where the concepts occur, to measure the mean "
+                        "difference on (default: the --choose-on and --clean images)")
     c.set_defaults(func=_correct)
 
 
@@ -163,6 +167,17 @@ def _folder(path, pre, class_names):
     return images, labels
 
 
+def _plain_folder(path, pre):
+    """The images of a folder, with or without class sub-folders."""
+    from .._errors import ValidationError
+    from ..data.images import load_batch, scan_images
+    folder = scan_images(path)
+    images, kept, _ = load_batch(folder, range(len(folder)), pre)
+    if not kept:
+        raise ValidationError(f"no readable images in {str(path)!r}.")
+    return images
+
+
 def _mean_difference(model, args, pairs, images):
     import torch
 
@@ -173,7 +188,8 @@ def _mean_difference(model, args, pairs, images):
     V = mean_difference_directions(maps, pairs, args.concepts)
     bad = [c for c, ok in zip(args.concepts, torch.isfinite(V).all(1).tolist()) if not ok]
     if bad:
-        raise ValidationError(f"concepts {bad} are detected at no position (or at every position) of the --choose-on "
+        where = "--reference" if args.reference is not None else "--choose-on"
+        raise ValidationError(f"concepts {bad} are detected at no position (or at every position) of the {where} "
                               f"images, so their mean difference is undefined; use images where they occur, or "
                               f"--direction signal.")
     return V
@@ -184,23 +200,30 @@ def _correct(args) -> int:
 
     from .._errors import ValidationError
     from ..edit import CorrectedModel, choose_concepts, choose_strength
-    if args.direction == "mean-difference" and args.choose_on is None:
-        raise ValidationError("--direction mean-difference is measured on images: pass --choose-on DIR (held-out "
-                              "images where the concepts occur).")
+    _check_args(args)  # bad numbers first, before the combination of options
     if args.select and args.choose_on is None:
         raise ValidationError("--select chooses concepts on held-out images: pass --choose-on DIR.")
+    if args.direction == "mean-difference" and args.choose_on is None and args.reference is None:
+        raise ValidationError("--direction mean-difference (the default) is measured on images where the concepts "
+                              "occur: pass --choose-on DIR (held-out images) or --reference DIR, or use --direction "
+                              "signal.")
+    if args.reference is not None and args.direction != "mean-difference":
+        raise ValidationError(f"--reference is used to measure the mean difference only; drop it or use --direction "
+                              f"mean-difference (got --direction {args.direction}).")
     model, pre, model_id, pairs = _load(args)
     strength = args.strength
     choice = steps = None
     direction = args.direction
     concepts = list(args.concepts)
+    if direction == "mean-difference" and args.reference is not None:
+        direction = _mean_difference(model, args, pairs, _plain_folder(args.reference, pre))
     if args.choose_on is not None:
         names = _class_names(args.model)
         x, y = _folder(args.choose_on, pre, names)
         xc = yc = None
         if args.clean is not None:
             xc, yc = _folder(args.clean, pre, names)
-        if direction == "mean-difference":
+        if isinstance(direction, str) and direction == "mean-difference":
             direction = _mean_difference(model, args, pairs, x if xc is None else torch.cat([x, xc]))
         if args.select:
             sel = choose_concepts(model, args.layer, pairs, concepts, x, y, xc, yc, direction=direction,
@@ -216,13 +239,14 @@ def _correct(args) -> int:
                            direction_name=args.direction.replace("-", "_"))
     fixed.save(args.out)
     if choice is not None:
-        doc = choice.to_dict()
+        doc = {**choice.to_dict(), "direction": args.direction.replace("-", "_")}
         if steps is not None:
             doc["selection"] = steps  # per candidate: held-out accuracy with it added, and whether it was kept
         print(json.dumps(doc, indent=2))
         print(f"chosen strength k = {strength:.4g}: held-out accuracy {choice.accuracy_base:.4f} -> {choice.accuracy:.4f}"
               + (f", clean {choice.clean_accuracy_base:.4f} -> {choice.clean_accuracy:.4f}"
                  if choice.clean_accuracy is not None else ""))
-    ktxt = "each position's signal value" if strength is None else f"k = {strength:.4g}"
-    print(f"saved the correction of {model_id} (layer {args.layer!r}, concepts {concepts}, {ktxt}) to {args.out}")
+    ktxt = "k = what the detector reads at each position" if strength is None else f"k = {strength:.4g}"
+    print(f"saved the correction of {model_id} (layer {args.layer!r}, concepts {concepts}, direction "
+          f"{args.direction}, {ktxt}) to {args.out}")
     return 0

@@ -10,7 +10,8 @@ def register(subparsers) -> None:
         "demo", help="run EDDP and the baselines on the concept world and write an HTML report",
         description="Draw concept-world images, explain a layer of the shipped WorldNet with EDDP and with "
                     "baselines (PCA, ICA, NMF, k-means, sparse autoencoder), dissect every method, measure "
-                    "the influence of the EDDP concepts on the classes (RCAV), and write DIR/results.json and "
+                    "the influence of the EDDP concepts on the classes (RCAV) against noise directions, EDDP against "
+                    "supervised Pattern-CAVs (S3), and write DIR/results.json and "
                     "the self-contained DIR/report.html.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("unveil-demo"), help="output folder")
@@ -44,7 +45,14 @@ def run(args) -> int:
     print(f"{'method':<8}" + "".join(f"{c:>16}" for c in cols))
     for m, s in d.items():
         print(f"{m:<8}" + "".join(f"{s[c]:>16.3f}" if isinstance(s[c], float) else f"{s[c]:>16}" for c in cols))
-    print(f"influence (RCAV, pooled null): SDC {res['influence']['SDC']}, SCDP {res['influence']['SCDP']}")
+    inf = res["influence"]
+    ctrl = inf.get("control") or {}
+    print(f"influence (RCAV, {inf.get('statistic')} + {inf.get('test')} test, permuted-label null): SDC {inf['SDC']}, "
+          f"SCDP {inf['SCDP']}; noise directions SDC {ctrl.get('SDC')}, SCDP {ctrl.get('SCDP')}")
+    pc = res.get("pattern_cav")
+    if pc:
+        print(f"S3 over {pc['n_compared']} concepts: EDDP {pc['s3_eddp']:.2f}, supervised Pattern-CAV "
+              f"{pc['s3_pattern_cav']:.2f}")
     if res.get("shortcut"):
         sc = res["shortcut"]
         print(f"watermark detector: d{sc['detector']} IoU {sc['iou_val']:.3f}")

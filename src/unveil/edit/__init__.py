@@ -4,9 +4,10 @@
   model's forward pass (see :mod:`unveil.edit.intervention` for the exact definition);
 - :func:`counterfactual`: new class probabilities after removing / inserting concepts;
 - :class:`CorrectedModel` + :func:`choose_strength` / :func:`choose_concepts`: remove concepts (a
-  shortcut) on every forward, k (and which candidates) chosen on held-out data;
-- :func:`mean_difference_directions`: each detector's label-free difference of means, an alternative
-  edit direction to the signal vector.
+  shortcut) on every forward, k (and which candidates) chosen on held-out data; by default along each
+  detector's mean difference (README, "Which direction to edit with");
+- :func:`mean_difference_directions`: each detector's label-free difference of means (the default
+  direction of a correction; the signal vector ŝ is the other choice).
 """
 from .correction import ConceptChoice, CorrectedModel, StrengthChoice, choose_concepts, choose_strength, default_grid
 from .counterfactual import Counterfactual, counterfactual

@@ -7,9 +7,12 @@ position p of the layer's feature map is edited as
 
 - ``m_p = σ(w_iᵀx_p − b_i)``: the detector's activation (a soft mask: the edit happens where the
   concept is detected). A ``region`` mask replaces it.
-- ``v_i``: the direction written along. ``"signal"`` (default) is ``ŝ_i``; ``"filter"`` is the unit
-  decoding direction ``w_i/‖w_i‖`` (the control the paper compares against); a tensor gives any
-  other unit directions (random directions, Pattern-CAV, :func:`mean_difference_directions`, ...).
+- ``v_i``: the direction written along. ``"signal"`` (default here) is ``ŝ_i``; ``"filter"`` is the unit
+  decoding direction ``w_i/‖w_i‖`` (the control the paper compares against); ``"mean-difference"`` is
+  the detector's label-free difference of means (:func:`mean_difference_directions`, measured on the
+  maps being edited unless given); a tensor gives any other unit directions (random directions,
+  Pattern-CAV, ...). :class:`~unveil.edit.CorrectedModel` edits along the mean difference by default
+  (README, "Which direction to edit with").
 - ``k_p``: the strength. A number k is used as is (in the layer's units: the directions are unit
   vectors, so ``k`` is the length of the vector removed at a fully detected position). ``None``
   ("auto") removes *exactly what the detector reads*: ``k_p = (w_iᵀx_p − w_iᵀμ) / (w_iᵀv_i)``, with
@@ -43,7 +46,7 @@ __all__ = ["edit_maps", "edit_layer", "resolve_concepts", "resolve_directions", 
 logger = logging.getLogger("unveil")
 
 MODES = ("remove", "insert")
-DIRECTIONS = ("signal", "filter")
+DIRECTIONS = ("signal", "filter", "mean-difference")
 
 
 def resolve_concepts(pairs, concepts) -> List[int]:
@@ -79,8 +82,9 @@ def resolve_concepts(pairs, concepts) -> List[int]:
     return out
 
 
-def resolve_directions(pairs, idx: Sequence[int], direction) -> torch.Tensor:
-    """The (len(idx), D) edit directions: ``"signal"`` (ŝ), ``"filter"`` (w/‖w‖) or given vectors."""
+def resolve_directions(pairs, idx: Sequence[int], direction, maps=None) -> torch.Tensor:
+    """The (len(idx), D) edit directions: ``"signal"`` (ŝ), ``"filter"`` (w/‖w‖), ``"mean-difference"``
+    (:func:`mean_difference_directions` on ``maps``, which it needs) or given vectors."""
     if isinstance(direction, str):
         if direction == "signal":
             V = pairs.encoders[list(idx)]
@@ -88,6 +92,17 @@ def resolve_directions(pairs, idx: Sequence[int], direction) -> torch.Tensor:
         if direction == "filter":
             V = pairs.decoders[list(idx)]
             return V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        if direction == "mean-difference":
+            if maps is None:
+                raise ValidationError("direction 'mean-difference' is measured on feature maps where the concepts "
+                                      "occur; pass them (maps=..., or reference images), or use direction='signal'.")
+            V = mean_difference_directions(maps, pairs, list(idx))
+            bad = [int(c) for c, ok in zip(idx, torch.isfinite(V).all(1).tolist()) if not ok]
+            if bad:
+                raise ValidationError(f"concepts {bad} are detected at no position (or at every position) of the "
+                                      f"reference maps, so their mean difference is undefined; use images where "
+                                      f"they occur, or direction='signal'.")
+            return V.to(pairs.decoders.device)
         raise ValidationError(f"direction must be one of {DIRECTIONS} or a ({len(idx)}, {pairs.n_features}) "
                               f"tensor of directions, got {direction!r}.")
     V = torch.as_tensor(direction, dtype=torch.float32)
@@ -199,7 +214,9 @@ def edit_maps(X, pairs, concepts, *, strength: Optional[float] = None, mode: str
         k (>= 0) in the layer's units, or None for the concept's own signal value ("remove what the
         detector reads").
     mode : {"remove", "insert"}
-    direction : {"signal", "filter"} or tensor (len(concepts), D)
+    direction : {"signal", "filter", "mean-difference"} or tensor (len(concepts), D)
+        ``"mean-difference"`` is measured on ``X`` itself; pass a tensor from
+        :func:`mean_difference_directions` to measure it once on other maps.
     region : mask, optional
         (H, W), (N, H, W) or (N, 1, H, W) weights replacing the detector mask m_p.
     nonneg : bool or None
@@ -224,7 +241,8 @@ def edit_maps(X, pairs, concepts, *, strength: Optional[float] = None, mode: str
                    context=f"these direction pairs (layer {pairs.meta.get('layer', '?')!r})")
     idx = resolve_concepts(pairs, concepts)
     k = check_strength(strength)
-    V = resolve_directions(pairs, idx, direction).to(device=X.device, dtype=X.dtype)
+    V = resolve_directions(pairs, idx, direction, maps=X.detach() if direction == "mean-difference" else None)
+    V = V.to(device=X.device, dtype=X.dtype)
     W = pairs.decoders[idx].to(device=X.device, dtype=X.dtype)
     b = pairs.biases[idx].to(device=X.device, dtype=X.dtype)
     z = torch.einsum("ndhw,id->nihw", X, W)

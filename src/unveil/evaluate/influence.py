@@ -680,10 +680,24 @@ def _pooled_empirical_p(scores: np.ndarray, null_s: np.ndarray) -> np.ndarray:
     return out
 
 
+def _check_null_vectors(null_vectors, null: str, n_null: int, n_det: int, d: int) -> torch.Tensor:
+    """Given noise vectors for the paper's null: shape (n_null, I, D), NaN rows allowed (no null there)."""
+    if null != "permutation":
+        raise ValidationError(f"null_vectors are the paper's permuted-label noise vectors; use them with "
+                              f"null='permutation', got null={null!r}.")
+    V = torch.as_tensor(null_vectors)
+    if V.shape != (n_null, n_det, d):
+        raise ValidationError(f"null_vectors must have shape (n_null, I, D) = ({n_null}, {n_det}, {d}) (from "
+                              f"permutation_noise_vectors on the same maps and detectors), got {tuple(V.shape)}.")
+    if torch.isinf(V).any():
+        raise ValidationError("null_vectors contain infinite values; NaN rows mark detectors without a null.")
+    return V.double()
+
+
 def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, significance, tol, pooled_head,
              random_state, batch_size, chunk_elements, concept_names, class_names, device, progress,
              shift="everywhere", max_patches=5000, epochs=100, lr=0.01, test="t",
-             statistic="sign") -> Dict[str, Any]:
+             statistic="sign", null_vectors=None) -> Dict[str, Any]:
     """Scores, null scores and p-values as plain arrays (shared by :func:`rcav` and :func:`influence`)."""
     alpha = check_in_range(alpha, "alpha")
     significance = check_in_range(significance, "significance", 0.0, 1.0, low_inclusive=False)
@@ -726,7 +740,9 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
     row_ok = torch.zeros(n_rows, dtype=torch.bool)
     if n_perm:
         per_det = math.ceil(n_perm / n_det) if null == "pooled" else n_perm
-        if null == "permutation":
+        if null_vectors is not None:
+            noise = _check_null_vectors(null_vectors, null, n_perm, n_det, pairs.n_features)
+        elif null == "permutation":
             noise, _ = permutation_noise_vectors(src, pairs, per_det, random_state=random_state,
                                                  max_patches=max_patches, epochs=epochs, lr=lr)
         else:
@@ -818,7 +834,9 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
                        if test == "empirical" else "prediction-interval t" + (", sd floored at 1/n_k"
                                                                               if statistic == "sign" else "")),
               "n_maps": int(src.n)}
-    if null == "permutation":
+    if null == "permutation" and null_vectors is not None:
+        config["null_vectors"] = "given (computed beforehand with permutation_noise_vectors)"
+    elif null == "permutation":
         config.update({"max_patches": max_patches, "epochs": epochs, "lr": lr})
     config["n_permutations"] = n_perm
     logger.info("influence: SDC=%d SCDP=%d (Bonferroni level %.3g over %d tests)", sdc, scdp, level, n_det * k_eval)
@@ -961,7 +979,7 @@ def influence(head, maps, labels, pairs, *, alpha: float = 5.0, null: str = "per
               test: str = "empirical", statistic: str = "sign", max_patches: int = 5000, epochs: int = 100, lr: float = 0.01,
               pooled_head: Optional[Callable] = None, random_state=0, batch_size: int = 256, chunk_elements: int = 2 ** 22,
               concept_names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
-              device=None, progress: bool = False) -> Influence:
+              device=None, progress: bool = False, null_vectors=None) -> Influence:
     """RCAV influence of every encoding direction on every class, tested against the paper's null.
 
     For direction i and class k (method.md §8, Pfau et al. 2020): ``α · ŝ_i/‖ŝ_i‖`` is added to the
@@ -1003,6 +1021,10 @@ def influence(head, maps, labels, pairs, *, alpha: float = 5.0, null: str = "per
     max_patches, epochs, lr : the noise classifiers' subset size and Adam schedule
     pooled_head : callable, optional — ``g`` with ``head(X) == g(X.mean((2, 3)))`` (fast path, checked)
     random_state : int, Generator or None
+    null_vectors : tensor (n_null, I, D), optional
+        Noise vectors computed beforehand with :func:`permutation_noise_vectors` on the same maps and
+        detectors (``null="permutation"``): the noise classifiers are not trained again. Lets several
+        sets of encoders with the same detectors (e.g. a control) share one null.
 
     Returns
     -------
@@ -1023,7 +1045,8 @@ def influence(head, maps, labels, pairs, *, alpha: float = 5.0, null: str = "per
                     significance=significance, tol=tol, pooled_head=pooled_head, random_state=random_state,
                     batch_size=batch_size, chunk_elements=chunk_elements, concept_names=concept_names,
                     class_names=class_names, device=device, progress=progress, shift=shift,
-                    max_patches=max_patches, epochs=epochs, lr=lr, test=test, statistic=statistic)
+                    max_patches=max_patches, epochs=epochs, lr=lr, test=test, statistic=statistic,
+                    null_vectors=null_vectors)
     return Influence(score=core["score"], p_value=core["p_value"], significant=core["significant"],
                      null_mean=core["null_mean"], null_std=core["null_std"], class_counts=core["class_counts"],
                      concept_names=core["concept_names"], class_names=core["class_names"], config=core["config"])

@@ -182,8 +182,7 @@ def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fi
     nonneg = bool((X >= 0).all())
     est = EDDP(n_concepts=n_concepts, random_state=seed, progress=progress, **(eddp_params or {}))
     est.fit(X, head=head)
-    pairs = est.pairs_
-    pairs.meta.update({"layer": layer, "model_id": model_id})
+    pairs = est.pairs_.with_meta(layer=layer, model_id=model_id)
     t_fit = time.perf_counter() - t0
 
     det_fit = pairs.detect(X)

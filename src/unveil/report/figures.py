@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["detector_montage", "upsample_maps", "new_figure", "overlay_mask", "plot_detector_montage", "plot_detector_heatmaps",
-           "plot_influence", "plot_method_comparison", "plot_contributions", "plot_probabilities", "png_bytes", "figure_png", "safe_text"]
+           "plot_influence", "plot_class_influence", "plot_method_comparison", "plot_contributions", "plot_probabilities", "png_bytes", "figure_png", "safe_text"]
 
 _MASK_RGB = np.array([255, 0, 255], np.float32)
 
@@ -187,16 +187,20 @@ def plot_detector_heatmaps(image: np.ndarray, maps: Sequence[np.ndarray], titles
 
 
 def plot_influence(scores: np.ndarray, significant: np.ndarray, row_names: Sequence[str],
-                   col_names: Sequence[str], ax=None):
+                   col_names: Sequence[str], ax=None, label: str = "RCAV score", vmax: Optional[float] = None):
     """Heatmap of RCAV scores (rows = directions, columns = classes); ``*`` marks significant pairs.
 
-    Returns the Axes.
+    ``vmax`` sets the colour range ±vmax (default 1, the range of the sign score, or the largest
+    |score| when a score exceeds it). Returns the Axes.
     """
     plt = _plt()
     scores = np.asarray(scores, dtype=float)
     if ax is None:
         _, ax = plt.subplots(figsize=(1.2 + 0.75 * scores.shape[1], 0.9 + 0.22 * scores.shape[0]))
-    im = ax.imshow(np.nan_to_num(scores, nan=0.0), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    if vmax is None:
+        top = float(np.nanmax(np.abs(scores))) if np.isfinite(scores).any() else 1.0
+        vmax = 1.0 if top <= 1.0 else top
+    im = ax.imshow(np.nan_to_num(scores, nan=0.0), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
     from matplotlib import patheffects
     for (i, k), sig in np.ndenumerate(np.asarray(significant, bool)):
         if sig:  # a white star with a black outline reads on every cell colour
@@ -207,8 +211,40 @@ def plot_influence(scores: np.ndarray, significant: np.ndarray, row_names: Seque
     ax.set_yticks(range(len(row_names)))
     ax.set_yticklabels([safe_text(r) for r in row_names], fontsize=7)
     cb = ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    cb.set_label("RCAV score", fontsize=7)
+    cb.set_label(safe_text(label), fontsize=7)
     cb.ax.tick_params(labelsize=6)
+    return ax
+
+
+def plot_class_influence(scores: Sequence[float], significant: Sequence[bool], names: Sequence[str], n: int = 3,
+                         ax=None, title: Optional[str] = None, xmax: Optional[float] = None):
+    """One class's concept → class diagram: its ``n`` most positive and ``n`` most negative concepts.
+
+    ``scores`` / ``significant`` hold one value per concept (direction) for this class. Bars to the
+    right (red) raise the class, to the left (blue) lower it; significant concepts are drawn solid and
+    marked ``*``, the others pale and hatched. Returns the Axes.
+    """
+    if ax is None:
+        _, ax = _plt().subplots(figsize=(3.0, 0.5 + 0.28 * 2 * n))
+    s = np.nan_to_num(np.asarray(scores, dtype=float), nan=0.0)
+    sig = np.asarray(significant, bool)
+    order = np.argsort(s, kind="stable")
+    pos = [int(i) for i in order[::-1][:n] if s[i] > 0]
+    neg = [int(i) for i in order[:n] if s[i] < 0][::-1]
+    picks = pos + neg
+    top = xmax if xmax is not None else (float(np.abs(s).max()) if s.size and np.abs(s).max() > 0 else 1.0)
+    y = np.arange(len(picks))[::-1]
+    for yy, i in zip(y, picks):
+        ax.barh(yy, s[i], height=0.7, color="#c0392b" if s[i] > 0 else "#2e6fb0", alpha=1.0 if sig[i] else 0.35,
+                hatch=None if sig[i] else "//", edgecolor="black", linewidth=0.3)
+    ax.set_yticks(y)
+    ax.set_yticklabels([safe_text(names[i]) + (" *" if sig[i] else "") for i in picks], fontsize=6)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlim(-1.05 * top, 1.05 * top)
+    ax.tick_params(axis="x", labelsize=6)
+    ax.spines[["top", "right"]].set_visible(False)
+    if title:
+        ax.set_title(safe_text(title), fontsize=7)
     return ax
 
 

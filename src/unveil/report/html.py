@@ -281,35 +281,56 @@ def _heatmaps_section(res, ds, maps, n_images: int, per_image: int = 4) -> str:
             f'<div class="fig">{_img(fg.figure_png(fig), "detector heatmaps on sample images")}</div>')
 
 
-def _influence_section(infl, results: Mapping[str, Any], max_rows: int = 40) -> str:
+def _influence_section(infl, results: Mapping[str, Any], control=None, max_rows: int = 40) -> str:
+    """Concept → class influence (:class:`~unveil.evaluate.influence.Influence`), against ``control``: the same
+    test on noise directions (the demo: permuted-label noise vectors on the same detectors)."""
     if infl is None:
         return ""
-    scores, sig = np.asarray(infl.scores, float), np.asarray(infl.significant, bool)
-    rows = np.flatnonzero(sig.any(axis=1))
-    what = "directions with at least one significant class"
-    if len(rows) == 0:
-        rows = np.argsort(-np.nan_to_num(np.abs(scores), nan=0.0).max(axis=1), kind="stable")[:max_rows]
-        what = "no direction is significant; the directions with the largest |score| are shown"
-    elif len(rows) > max_rows:
-        strength = np.nan_to_num(np.abs(scores[rows]), nan=0.0).max(axis=1)
-        rows = rows[np.argsort(-strength, kind="stable")[:max_rows]]
-        what += f" (the {max_rows} strongest)"
-    rows = np.sort(rows)
-    names = [infl.concept_names[i] for i in rows]
-    fig = fg.new_figure(figsize=(1.2 + 0.75 * scores.shape[1], 0.9 + 0.22 * len(rows)))
-    ax = fg.plot_influence(scores[rows], sig[rows], names, infl.class_names, ax=fig.add_subplot(1, 1, 1))
-    ax.set_title("RCAV: sign of Δp(class) when the concept is added", fontsize=8)
-    cfg = infl.config or {}
+    scores, sig = np.asarray(infl.score, float), np.asarray(infl.significant, bool)
+    cfg = dict(infl.config or {})
+    logit = cfg.get("statistic", "sign") == "logit"
+    what_score = ("the class-specific change of the log-odds, Δℓ<sub>k</sub> − mean<sub>j≠k</sub> Δℓ<sub>j</sub>, "
+                  "averaged over the class-k images" if logit else
+                  "the sign of the change of p(k), averaged over the class-k images (score ∈ [−1, 1])")
+    test = ("a two-sided prediction-interval t-test against the direction's own noise scores"
+            if str(cfg.get("test", "")).startswith(("t", "prediction-interval"))
+            else "the two-sided rank among the class's noise scores pooled over the directions")
     out = ["<h2>Concept → class influence (RCAV)</h2>",
-           f"<p>For class k and direction i, α·ŝ<sub>i</sub>/‖ŝ<sub>i</sub>‖ (α = {_fmt(cfg.get('alpha'), 1)}) is added "
-           "at every position of the validation maps of class-k images and the sign of the change of p(k) is "
-           "averaged (score ∈ [−1, 1]). <b>*</b> = significant against a null of noise signal vectors from "
-           f"label-permuted detector rules ({_e(cfg.get('n_permutations', '?'))} permutations), two-sided, "
-           f"Bonferroni over {_e(cfg.get('n_tests', '?'))} tests (level {_fmt(cfg.get('bonferroni_level'), 6)}). "
-           f"SDC = <b>{_e(infl.sdc)}</b> directions, SCDP = <b>{_e(infl.scdp)}</b> (class, direction) pairs. "
-           f"Shown: {_e(what)}.{_per_class_counts(infl)}</p>",
-           _influence_note(results.get("influence") or {}, infl),
-           f'<div class="grid2"><div class="fig">{_img(fg.figure_png(ax.figure), "heatmap of RCAV scores")}</div>']
+           f"<p>For class k and direction i, α·ŝ<sub>i</sub>/‖ŝ<sub>i</sub>‖ (α = {_fmt(cfg.get('alpha'), 1)}) is "
+           f"added {'where the concept is detected' if cfg.get('shift') == 'detected' else 'at every position'} of the "
+           f"maps of class-k images and the score is {what_score}. The null is the paper's: per direction "
+           f"{_e(cfg.get('n_null', '?'))} linear noise classifiers trained on permutations of its detector's labels, "
+           f"and their positive-only signal vectors, scored the same way; {_e(test)}; <b>*</b> = significant, "
+           f"Bonferroni over {_e(cfg.get('n_tests', '?'))} tests (level {_fmt(cfg.get('bonferroni_level'), 6)}).</p>"]
+    rows = [[_txt("EDDP signal vectors"), infl.sdc, infl.scdp, float(np.nanmean(np.abs(scores)))]]
+    if control is not None:
+        rows.append([_txt("noise directions (the same detectors, permuted-label noise vectors)"), control.sdc,
+                     control.scdp, float(np.nanmean(np.abs(np.asarray(control.score, float))))])
+    out.append(_table(("directions", "SDC (directions)", "SCDP (class, direction pairs)", "mean |score|"), rows))
+    if control is not None:
+        out.append('<p class="muted">The noise directions are exchangeable with the null by construction, so their '
+                   "significant pairs are false positives: they show what the test flags when there is no concept.</p>")
+    strength = np.nan_to_num(np.abs(scores), nan=0.0).max(axis=1)
+    pick = np.flatnonzero(sig.any(axis=1))
+    what = "directions with at least one significant class"
+    if len(pick) == 0:
+        pick = np.argsort(-strength, kind="stable")[:max_rows]
+        what = "no direction is significant; the directions with the largest |score|"
+    elif len(pick) > max_rows:
+        pick = pick[np.argsort(-strength[pick], kind="stable")[:max_rows]]
+        what += f" (the {max_rows} strongest)"
+    pick = np.sort(pick)
+    label = "Δ log-odds of the class" if logit else "RCAV score"
+    try:
+        fig = fg.new_figure(figsize=(1.2 + 0.75 * scores.shape[1], 0.9 + 0.22 * len(pick)))
+        ax = fg.plot_influence(scores[pick], sig[pick], [infl.concept_names[i] for i in pick], infl.class_names,
+                               ax=fig.add_subplot(1, 1, 1), label=label)
+        ax.set_title("score per (direction, class); * significant", fontsize=8)
+        out.append(f'<div class="grid2"><div class="fig">{_img(fg.figure_png(fig), "heatmap of influence scores")}'
+                   f'<p class="muted">Shown: {_e(what)}.</p></div>')
+    except Exception as exc:  # noqa: BLE001 - a figure failure must not lose the section
+        logger.warning("report: influence heatmap failed: %s", exc)
+        out.append('<div class="grid2">')
     top = infl.top_concepts(3)
     trs = []
     for cname, d in top.items():
@@ -317,38 +338,71 @@ def _influence_section(infl, results: Mapping[str, Any], max_rows: int = 40) -> 
         neg = ", ".join(f"{_e(x['concept'])} ({x['score']:+.2f})" for x in d["negative"]) or "–"
         trs.append([_txt(cname), _Raw(pos), _Raw(neg)])
     out.append("<div><h3>Most influential significant concepts per class</h3>"
-               + _table(("class", "raise p(class)", "lower p(class)"), trs, left=3) + "</div></div>")
+               + _table(("class", "raise the class", "lower the class"), trs, left=3)
+               + f'<p class="muted">{_per_class_counts(infl)}</p></div></div>')
+    out.append(_class_diagrams(infl, scores, sig, label))
     return "\n".join(out)
+
+
+def _class_diagrams(infl, scores: np.ndarray, sig: np.ndarray, label: str, n: int = 3) -> str:
+    """One small diagram per class: its n most positive and n most negative concepts."""
+    K = scores.shape[1]
+    if K == 0:
+        return ""
+    cols = min(4, K)
+    nrows = -(-K // cols)
+    fig = fg.new_figure(figsize=(3.3 * cols, (0.6 + 0.3 * 2 * n) * nrows))
+    xmax = float(np.nanmax(np.abs(scores))) if np.isfinite(scores).any() else 1.0
+    for k in range(K):
+        ax = fig.add_subplot(nrows, cols, k + 1)
+        fg.plot_class_influence(scores[:, k], sig[:, k], infl.concept_names, n=n, ax=ax, title=infl.class_names[k],
+                                xmax=xmax if xmax > 0 else 1.0)
+    fig.tight_layout()
+    return ("<h3>Concept → class diagrams</h3><p>Per class, the concepts whose addition raises it most (red, right) "
+            f"and lowers it most (blue, left); x = {_e(label)}; solid bars and <b>*</b> are significant, pale hatched "
+            "bars are not.</p>"
+            f'<div class="fig">{_img(fg.figure_png(fig), "concept to class influence diagrams per class")}</div>')
 
 
 def _per_class_counts(infl) -> str:
     counts = np.asarray(infl.significant, bool).sum(axis=0)
     if counts.sum() == 0:
-        return ""
+        return "No (class, direction) pair is significant."
     parts = ", ".join(f"{_e(c)} {int(n)}" for c, n in zip(infl.class_names, counts) if n)
-    return f" Significant pairs per class: {parts}."
+    return f"Significant pairs per class: {parts}."
 
 
-def _influence_note(doc: Mapping[str, Any], infl) -> str:
-    parts = ["The null is <b>pooled</b> (one null per class, shared by all directions). The per-direction "
-             "null of docs/method.md §8 was measured to flag pure-noise directions as significant (23–28 of 64 on "
-             "ReLU'd Gaussian noise with a random linear head; 0 with the pooled null), so it does not decide here."]
-    pd = doc.get("per_direction_null")
-    if pd:
-        parts.append(f"For reference, the per-direction null gives SDC = {_e(pd.get('SDC'))}, "
-                     f"SCDP = {_e(pd.get('SCDP'))}.")
-    real, null = doc.get("mean_abs_score"), doc.get("null_mean_abs_score")
-    if real is not None and null is not None:
-        parts.append(f"Mean |score|: {_fmt(real, 2)} for the EDDP directions, {_fmt(null, 2)} for the noise "
-                     f"directions (mean null spread {_fmt(doc.get('null_mean_std'), 2)}): a large |score| alone is "
-                     "not evidence of influence.")
-        if doc.get("pooled_head_fast_path", True):
-            parts.append("Above this layer the network is a global average pool followed by a linear layer, so "
-                         "adding a constant vector changes the logits of every image by the same amount and the "
-                         "sign of Δp(k) varies little across images, for noise directions as well.")
-    if doc.get("n_maps") is not None:
-        parts.append(f"Scored on {_e(doc['n_maps'])} validation maps.")
-    return '<div class="note">' + " ".join(parts) + "</div>"
+def _pattern_cav_section(results: Mapping[str, Any]) -> str:
+    doc = results.get("pattern_cav")
+    if not doc:
+        return ""
+    concepts = doc.get("concepts") or []
+    cfg = doc.get("config") or {}
+    dets = doc.get("eddp_detector") or []
+    detector_names = [d.get("name", f"d{i}") for i, d in enumerate((results.get("eddp") or {}).get("detectors") or [])]
+
+    def dname(i):
+        return detector_names[i] if 0 <= i < len(detector_names) else f"d{i}"
+    rows = []
+    for j, c in enumerate(concepts):
+        rows.append([_txt(c), doc["n_cells"][j], doc["pattern_cav_iou"][j], _txt(dname(int(dets[j]))),
+                     doc["eddp_iou"][j], doc["cos_signal"][j], doc["cos_mean_difference"][j], doc["cos_filter"][j]])
+    rows.append([_Raw("<b>S³ (sum)</b>"), None, doc.get("s3_pattern_cav"), _txt(""), doc.get("s3_eddp"), None, None,
+                 None])
+    out = ["<h2>EDDP against supervised Pattern-CAVs (S³)</h2>",
+           "<p>Per annotated concept: the supervised Pattern-CAV (difference of the mean activation of the cells the "
+           f"concept covers, ≥ {_fmt(cfg.get('cover'), 2)} of the cell, and of the others, on the train split) used "
+           "as a detector with the threshold of highest train IoU, against the EDDP detector of highest train IoU "
+           "(learned without labels, its own rule σ(wᵀx − b) &gt; 0.5). IoU on the validation split. "
+           "S³ = Σ over these concepts of the one detector's IoU: it rewards covering every concept. The cosines "
+           "compare the EDDP detector's signal vector ŝ, its label-free mean difference and its filter w with the "
+           "Pattern-CAV.</p>",
+           f"<p>S³: <b>EDDP {_fmt(doc.get('s3_eddp'), 2)}</b> vs <b>Pattern-CAV {_fmt(doc.get('s3_pattern_cav'), 2)}"
+           f"</b> over {_e(doc.get('n_compared'))} concepts; EDDP's detector has the higher IoU on "
+           f"{_e(doc.get('eddp_wins'))} of them.</p>",
+           _table(("concept", "labelled train cells", "Pattern-CAV IoU", "EDDP detector", "EDDP IoU", "cos(ŝ, CAV)",
+                   "cos(mean diff., CAV)", "cos(w, CAV)"), rows, left={0, 3})]
+    return "\n".join(out)
 
 
 def _shortcut_section(results, res, split_ds, detector_maps, infl, channel: Optional[int]) -> str:
@@ -675,7 +729,8 @@ def _applications_section(results, applications) -> str:
 
 # --------------------------------------------------------------------------- public
 def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, Any]] = None, *,
-                 influence=None, train=None, val=None, detector_maps: Optional[Mapping[str, Any]] = None,
+                 influence=None, influence_control=None, train=None, val=None,
+                 detector_maps: Optional[Mapping[str, Any]] = None,
                  watermark_channel: Optional[int] = None, n_detectors: int = 24, n_heatmap_images: int = 4,
                  applications: Optional[Mapping[str, Any]] = None,
                  title: str = "unveil — concepts of a vision network") -> str:
@@ -687,7 +742,10 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
         The demo's ``results.json`` content (summaries, rules, model, timing, ...); missing parts are skipped.
     dissections : dict, optional
         ``{"eddp": DissectionResult, ...}``; the ``"eddp"`` entry drives the detector montages and heatmaps.
-    influence : InfluenceResult, optional
+    influence : Influence, optional
+        :func:`unveil.influence`'s result for the EDDP directions.
+    influence_control : Influence, optional
+        The same test on noise directions, shown next to it.
     train, val : concept data sets (``ds[i].image``) that the dissection's top activations refer to.
     detector_maps : ``{"train": (N_train, I, h, w), "val": (N_val, I, h, w)}`` EDDP detector values in [0, 1].
     watermark_channel : int, optional
@@ -724,7 +782,8 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
                          ("shortcut", lambda: _shortcut_section(results, res, split_ds, maps, influence,
                                                                 watermark_channel))):
             body.append(_guard(name, fn))
-    body.append(_guard("influence", lambda: _influence_section(influence, results)))
+    body.append(_guard("influence", lambda: _influence_section(influence, results, influence_control)))
+    body.append(_guard("pattern_cav", lambda: _pattern_cav_section(results)))
     body.append(_guard("applications", lambda: _applications_section(results, applications)))
     body.append(_layers_section(results))
     body.append(_efficientnet_section(results))
