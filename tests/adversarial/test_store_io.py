@@ -233,8 +233,7 @@ def _pairs(seed=0):
 def test_failed_save_leaves_the_old_bundle_loadable(tmp_path, monkeypatch):
     old = _pairs(0)
     old.save(tmp_path / "p")
-    bad = _pairs(1)
-    bad.meta["obj"] = object()  # not JSON
+    bad = _pairs(1).with_meta(obj=object())  # not JSON
     with pytest.raises(CorruptFileError, match="not JSON-serialisable"):
         bad.save(tmp_path / "p")
     assert torch.equal(DirectionPairs.load(tmp_path / "p").decoders, old.decoders)
@@ -346,7 +345,7 @@ def test_pairs_and_correction_with_fields_of_the_wrong_type(tmp_path):
 
     from unveil.edit import CorrectedModel
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1))
-    fixed = CorrectedModel(net, "0", _pairs(), [0], 1.0)
+    fixed = CorrectedModel(net, "0", _pairs(), [0], 1.0, direction="signal")
     fixed.save(tmp_path / "c")
     for key, value in (("strength", "inf"), ("layer", ["0"]), ("concepts", [True]), ("tokens", "evil")):
         doc = json.loads((tmp_path / "c" / "correction.json").read_text())

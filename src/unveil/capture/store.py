@@ -12,9 +12,16 @@ An interrupted :func:`extract` is resumed by calling it again with the same argu
 completion record exists are kept, the others are computed. Shard ``s`` always covers the same
 candidate images (``s·shard_size`` to ``(s+1)·shard_size``), and its random patch subsample is
 drawn from a generator seeded by ``(seed, s)``, so a resumed store equals an uninterrupted one.
+
+Several processes (``torchrun ... -m unveil extract``, or an initialised ``torch.distributed``
+process group) split the unfinished shards into contiguous blocks, one per rank; each rank writes its
+own shards and records, and rank 0 writes the manifest once every rank is done. The store is the
+same as one process's (only the manifest's ``world_size`` differs), and either kind of run resumes
+the other's.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _distributed
 from .._errors import CorruptFileError, HeadError, OutputExistsError, ValidationError
 from .._io import LOCK_NAME, atomic_write_json, atomic_writer, folder_lock, safe_relpath, sha256_file, versions
 from .._progress import progress as _progress
@@ -448,6 +456,14 @@ def extract(model: nn.Module, layer: str, images, out, batch_size: int = 64, dty
     -------
     ActivationStore
 
+    Notes
+    -----
+    Under ``torchrun`` (or with an initialised process group of several processes) every process
+    calls ``extract`` with the same arguments; each extracts a contiguous block of the unfinished
+    shards. Only rank 0 locks the folder and writes the manifest; an error on any rank (or a rank that
+    dies, noticed within the process-group timeout) makes every rank raise before the manifest is
+    written, so the run is resumed by calling it again (with any number of processes).
+
     Examples
     --------
     >>> from unveil.models import load_model
@@ -474,6 +490,9 @@ def extract(model: nn.Module, layer: str, images, out, batch_size: int = 64, dty
             "preprocessing": src.preprocessing.to_dict() if src.preprocessing is not None else None}
     plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     plan["plan_id"] = plan_id
+    if _distributed.ensure_initialised(_model_device(model)):
+        return _extract_distributed(capturer, src, out, plan, model_source, overwrite, shard_size, batch_size, dtype,
+                                    subsample, seed, progress)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {str(out)!r} exists and is not a folder; pass a folder path for the store.")
     out.mkdir(parents=True, exist_ok=True)
@@ -500,41 +519,128 @@ def extract(model: nn.Module, layer: str, images, out, batch_size: int = 64, dty
                                                 out, plan_id, pool, bar)
             finally:
                 bar.close()
-
-        layouts = {json.dumps(r["layout"], sort_keys=True) for r in records if r["n"]}
-        shapes = {tuple(r["shape"]) for r in records if r["n"]}
-        n_maps = sum(r["n"] for r in records)
-        skipped = src.skipped + [sk for r in records for sk in r["skipped"]]
-        if n_maps == 0:
-            raise ValidationError(f"none of the {len(src)} image files could be decoded ({len(skipped)} skipped, e.g. "
-                                  f"{skipped[0]['path']!r}: {skipped[0]['reason']}); no activations were stored. "
-                                  f"Check the image folder.")
-        if len(layouts) != 1 or len(shapes) != 1:
-            raise CorruptFileError(f"the shards in {str(out)!r} disagree on the map shape/layout ({sorted(shapes)}); "
-                                   f"they come from different runs. Extract again with overwrite=True.")
-        shape = shapes.pop()
-        kept = [i for r in records for i in r["kept"]]
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "plan_id": plan_id,
-            "model_id": model_id, "model": model_source, "layer": layer,
-            "tokens": json.loads(layouts.pop()), "preprocessing": plan["preprocessing"],
-            "data": {"kind": "tensor" if src.tensor is not None else "folder", "root": src.root,
-                     "fingerprint": src.fingerprint, "n_candidates": len(src), "input_shape": src.input_shape},
-            "n_maps": n_maps, "n_features": shape[0], "map_shape": list(shape[1:]), "dtype": dtype,
-            "subsample": subsample, "subsampled": subsample is not None, "seed": seed,
-            "shards": [{"file": r["file"], "n": r["n"], "sha256": r["sha256"], "positions": r.get("positions")}
-                       for r in records],
-            "image_ids": [src.ids[i] for i in kept],
-            "labels": None if src.labels is None else [int(src.labels[i]) for i in kept],
-            "class_names": src.class_names,
-            "skipped": skipped, "n_skipped": len(skipped),
-            "versions": versions(),
-        }
-        atomic_write_json(out / "manifest.json", manifest)
-        if skipped:
-            logger.warning("%d file(s) skipped (not images or unreadable); they are listed in %s",
-                           len(skipped), out / "manifest.json")
+        _write_manifest(out, src, plan, model_source, records, world=1)
         return ActivationStore.open(out)
+
+
+def _model_device(model: nn.Module) -> Optional[torch.device]:
+    p = next(iter(model.parameters()), None)
+    return None if p is None else p.device
+
+
+def _write_manifest(out: Path, src: "_Source", plan: dict, model_source: Optional[dict], records: List[dict],
+                    world: int) -> None:
+    """Check the finished shards agree and write ``manifest.json`` (atomically, last)."""
+    layouts = {json.dumps(r["layout"], sort_keys=True) for r in records if r["n"]}
+    shapes = {tuple(r["shape"]) for r in records if r["n"]}
+    n_maps = sum(r["n"] for r in records)
+    skipped = src.skipped + [sk for r in records for sk in r["skipped"]]
+    if n_maps == 0:
+        raise ValidationError(f"none of the {len(src)} image files could be decoded ({len(skipped)} skipped, e.g. "
+                              f"{skipped[0]['path']!r}: {skipped[0]['reason']}); no activations were stored. "
+                              f"Check the image folder.")
+    if len(layouts) != 1 or len(shapes) != 1:
+        raise CorruptFileError(f"the shards in {str(out)!r} disagree on the map shape/layout ({sorted(shapes)}); "
+                               f"they come from different runs. Extract again with overwrite=True.")
+    shape = shapes.pop()
+    kept = [i for r in records for i in r["kept"]]
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "plan_id": plan["plan_id"],
+        "model_id": plan["model_id"], "model": model_source, "layer": plan["layer"],
+        "tokens": json.loads(layouts.pop()), "preprocessing": plan["preprocessing"],
+        "data": {"kind": "tensor" if src.tensor is not None else "folder", "root": src.root,
+                 "fingerprint": src.fingerprint, "n_candidates": len(src), "input_shape": src.input_shape},
+        "n_maps": n_maps, "n_features": shape[0], "map_shape": list(shape[1:]), "dtype": plan["dtype"],
+        "subsample": plan["subsample"], "subsampled": plan["subsample"] is not None, "seed": plan["seed"],
+        "shards": [{"file": r["file"], "n": r["n"], "sha256": r["sha256"], "positions": r.get("positions")}
+                   for r in records],
+        "image_ids": [src.ids[i] for i in kept],
+        "labels": None if src.labels is None else [int(src.labels[i]) for i in kept],
+        "class_names": src.class_names,
+        "skipped": skipped, "n_skipped": len(skipped),
+        "world_size": int(world),
+        "versions": versions(),
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    if skipped:
+        logger.warning("%d file(s) skipped (not images or unreadable); they are listed in %s",
+                       len(skipped), out / "manifest.json")
+
+
+def _extract_distributed(capturer: Capturer, src: "_Source", out: Path, plan: dict, model_source: Optional[dict],
+                         overwrite: bool, shard_size: int, batch_size: int, dtype: str, subsample: Optional[int],
+                         seed: int, progress: bool) -> ActivationStore:
+    """:func:`extract` with several processes (an initialised process group).
+
+    The shards are the same as with one process (shard ``s`` always holds the same images, its
+    subsample drawn from ``(seed, s)``); the unfinished ones are split into contiguous blocks, one per
+    rank, and each rank writes its own shard files and records. Only rank 0 takes the folder lock,
+    prepares the folder and, once every rank has finished (the records are gathered to it), writes
+    the manifest; a failure on any rank makes every rank raise before a manifest is written, so an
+    interrupted run is resumed like any other.
+    """
+    D = _distributed
+    plan_id = plan["plan_id"]
+    fix = ("the store stays incomplete (no manifest.json) and its finished shards are kept; run the same extraction "
+           "again to resume it.")
+    ids = D.all_gather_object(plan_id, "comparing what each process extracts", fix)
+    if len(set(ids)) != 1:
+        exc = ValidationError(f"the {len(ids)} processes of this run do not see the same extraction (image folder, "
+                              f"model, layer or settings differ between them: {len(set(ids))} different plans); "
+                              f"give every process the same arguments and the same image folder.")
+        exc.mirrored = D.rank() != 0
+        raise exc
+    with contextlib.ExitStack() as stack:
+        def prepare():
+            if out.exists() and not out.is_dir():
+                raise OutputExistsError(f"output {str(out)!r} exists and is not a folder; pass a folder path for the "
+                                        f"store.")
+            out.mkdir(parents=True, exist_ok=True)
+            # only rank 0 holds the lock, for the whole run: the other ranks write shards under it, and a
+            # second run into this folder is refused by its own rank 0 (which tells its other ranks)
+            stack.enter_context(folder_lock(out, "activation store"))
+            _prepare_folder(out, plan_id, overwrite)
+            if (out / "manifest.json").is_file():
+                logger.info("%s already holds this extraction; nothing to do", out)
+                return "done"
+            if not (out / "plan.json").is_file():
+                atomic_write_json(out / "plan.json", plan)
+            return "todo"
+
+        if D.on_rank0(prepare, "preparing the store folder", fix) == "done":
+            return ActivationStore.open(out)
+        n_shards = -(-len(src) // shard_size)
+        mine = D.block(n_shards)
+        checked = D.on_every_rank(lambda: [(s, _read_record(out, s, plan_id)) for s in mine],
+                                  "checking the finished shards", fix)
+        records: List[Optional[dict]] = [rec for part in checked for _, rec in part]
+        todo = [s for s in range(n_shards) if records[s] is None]
+        if len(todo) < n_shards:
+            logger.info("resuming %s: %d of %d shards already done", out, n_shards - len(todo), n_shards)
+        my_shards = [todo[i] for i in D.block(len(todo))]
+        logger.info("process %d of %d: extracting %d of the %d unfinished shard(s)", D.rank(), D.world_size(),
+                    len(my_shards), len(todo))
+
+        def work():
+            total = sum(min(shard_size, len(src) - s * shard_size) for s in my_shards)
+            bar = _progress(total=total, enabled=progress and D.rank() == 0,
+                            desc=f"extract {capturer.layer} (rank 0 of {D.world_size()})", unit="img")
+            done = []
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                try:
+                    for s in my_shards:
+                        done.append((s, _extract_shard(capturer, src, s, shard_size, batch_size, dtype, subsample,
+                                                       seed, out, plan_id, pool, bar)))
+                finally:
+                    bar.close()
+            return done
+
+        for part in D.on_every_rank(work, "waiting for the other processes' shards", fix):
+            for s, rec in part:
+                records[s] = rec
+        D.on_rank0(lambda: _write_manifest(out, src, plan, model_source, records, world=D.world_size()),
+                   "writing the manifest", fix)
+    return ActivationStore.open(out)
 
 
 def _read_own(path: Path) -> Optional[dict]:

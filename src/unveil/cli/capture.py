@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     e.add_argument("--device", default=None, help="torch device to run the model on (default: cpu)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace a different extraction found in --out (only the store's own files are deleted)")
+    _dist_args(e)
     e.set_defaults(func=_extract)
 
     f = subparsers.add_parser("fit", help="learn direction pairs (EDDP) from an activation store",
@@ -55,7 +56,39 @@ def register(subparsers) -> None:
     f.add_argument("--weights", type=Path, default=None,
                    help="the weights file the store was extracted with (checked against its recorded sha256)")
     f.add_argument("--overwrite", action="store_true", help="replace direction pairs already saved in --out")
+    _dist_args(f)
     f.set_defaults(func=_fit)
+
+
+def _dist_args(p) -> None:
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others before it gives up with an error "
+                        "(default: $UNVEIL_DIST_TIMEOUT or 300)")
+
+
+def _distributed(func):
+    """Run a command in every process of a torchrun launch: join the process group first (``--device
+    cuda`` becomes ``cuda:LOCAL_RANK``), leave it after. An error that another process reported (and
+    prints itself) ends this one quietly with exit code 1, so a failure is printed once."""
+    import functools
+
+    @functools.wraps(func)
+    def run(args) -> int:
+        from .. import _distributed as D
+        from .._device import check_device
+        from .._errors import UnveilError
+        args.device = check_device(D.rank_device(args.device), "--device")  # before choosing NCCL for it
+        owned = D.init_from_env(args.device, args.dist_timeout)
+        try:
+            return func(args)
+        except UnveilError as exc:
+            if getattr(exc, "mirrored", False):
+                return 1
+            raise
+        finally:
+            if owned:
+                D.shutdown()
+    return run
 
 
 def _model_args(p) -> None:
@@ -94,13 +127,17 @@ def _layers(args) -> int:
     return 0
 
 
+@_distributed
 def _extract(args) -> int:
+    from .. import _distributed as D
     from ..capture import extract
     model, pre, model_id, source = _load(args)
     store = extract(model, args.layer, args.images, args.out, batch_size=args.batch_size, dtype=args.dtype,
                     shard_size=args.shard_size, subsample=args.subsample, seed=args.seed, progress=True,
                     model_id=model_id, model_source=source, preprocessing=pre, tokens=args.tokens,
                     overwrite=args.overwrite)
+    if D.rank() != 0:
+        return 0
     m = store.manifest
     shape = "x".join(str(v) for v in (store.n_features, *store.map_shape))
     print(f"stored {len(store)} maps ({shape}, {m['dtype']}) of {model_id} layer {args.layer!r} in {args.out}"
@@ -123,10 +160,12 @@ def parse_levels(text):
                               f"got {text!r}.") from None
 
 
+@_distributed
 def _fit(args) -> int:
     import math
 
     from .. import EDDP
+    from .. import _distributed as D
     from .._device import check_device
     from .._errors import OutputExistsError, ValidationError
     from .._io import _is_ours
@@ -134,20 +173,26 @@ def _fit(args) -> int:
     if not (math.isfinite(args.epochs_scale) and 0 < args.epochs_scale <= 1000):
         raise ValidationError(f"--epochs-scale must be a finite number in (0, 1000], got {args.epochs_scale}.")
     device = check_device(args.device, "--device")
-    if (args.out / "pairs.json").exists() and _is_ours(args.out / "pairs.json", "pairs") and not args.overwrite:
-        # checked before the fit, so a long fit never ends in a refusal to save
-        raise OutputExistsError(f"{str(args.out)!r} already holds saved direction pairs; pass --overwrite to replace "
-                                f"them, or choose another --out.")
+    lead = D.rank() == 0  # under torchrun every process fits; only rank 0 prints and writes
+
+    def check_out():
+        if (args.out / "pairs.json").exists() and _is_ours(args.out / "pairs.json", "pairs") and not args.overwrite:
+            # checked before the fit, so a long fit never ends in a refusal to save
+            raise OutputExistsError(f"{str(args.out)!r} already holds saved direction pairs; pass --overwrite to "
+                                    f"replace them, or choose another --out.")
+    D.on_rank0(check_out, "checking --out")
     store = ActivationStore.open(args.store)
     head = None
     if args.no_head:
-        print("fitting without a head (--no-head): no URA terms")
+        if lead:
+            print("fitting without a head (--no-head): no URA terms")
     elif store.subsampled:
-        print(f"the store is subsampled ({store.manifest.get('subsample')} positions per image): fitting without "
-              f"a head (no URA terms)")
+        if lead:
+            print(f"the store is subsampled ({store.manifest.get('subsample')} positions per image): fitting "
+                  f"without a head (no URA terms)")
     else:
         head = head_for_store(store, model_name=args.model, weights=args.weights)
-    est = EDDP(n_concepts=args.concepts, random_state=args.seed, progress=True,
+    est = EDDP(n_concepts=args.concepts, random_state=args.seed, progress=lead,
                device=None if device is None else str(device),
                levels=parse_levels(args.levels))
     est.resolved_levels()  # a bad --levels fails here, before any work
@@ -155,9 +200,12 @@ def _fit(args) -> int:
         defaults = est.resolved_steps()
         est.steps = {k: int(round(v * args.epochs_scale)) for k, v in defaults.items()}
     est.fit(store, head=head)
-    pairs = est.pairs_
-    pairs.meta.update({"model_id": store.model_id, "layer": store.layer, "store": str(Path(args.store).resolve()),
-                       "store_plan_id": store.manifest.get("plan_id"), "seed": args.seed, "head": head is not None})
-    pairs.save(args.out, overwrite=args.overwrite)
+    pairs = est.pairs_.with_meta({"model_id": store.model_id, "layer": store.layer,
+                                  "store": str(Path(args.store).resolve()),
+                                  "store_plan_id": store.manifest.get("plan_id"), "seed": args.seed,
+                                  "head": head is not None})
+    D.on_rank0(lambda: pairs.save(args.out, overwrite=args.overwrite), "saving the direction pairs")
+    if not lead:
+        return 0
     print(f"saved {pairs.n_concepts} direction pairs (D = {pairs.n_features}, layer {store.layer!r}) to {args.out}")
     return 0

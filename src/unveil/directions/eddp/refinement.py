@@ -9,8 +9,9 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from ... import _distributed as Dist
 from .. import losses as L
-from ._source import _patches
+from ._source import _patches, _RankSource
 
 logger = logging.getLogger("unveil")
 
@@ -38,10 +39,15 @@ def _filters(params, orthogonal: bool = False) -> Tuple[torch.Tensor, torch.Tens
     return wbar, params["log_g"].exp()
 
 
-def _detector_terms(x, wbar, g, b, S, w, tau, rho, gamma) -> Dict[str, torch.Tensor]:
+def _detector_terms(x, wbar, g, b, S, w, tau, rho, gamma, gather=None) -> Dict[str, torch.Tensor]:
     """The detector losses of one mini-batch of patches ``x`` (P, D): L_s, L_ma, L_mm, L_ic, and
-    L_sb / L_eac / L_fso when the phase's weights ``w`` name them (L_fso needs signal vectors ``S``)."""
-    terms = _activation_terms(torch.sigmoid(x @ (wbar * g[:, None]).T - b), g, w, tau, rho, gamma)
+    L_sb / L_eac / L_fso when the phase's weights ``w`` name them (L_fso needs signal vectors ``S``).
+
+    ``gather`` (several processes): turns this rank's activations into the whole batch's."""
+    y = torch.sigmoid(x @ (wbar * g[:, None]).T - b)
+    if gather is not None:
+        y = gather(y)
+    terms = _activation_terms(y, g, w, tau, rho, gamma)
     if "fso" in w and S is not None:
         terms["fso"] = L.fso_loss(wbar, S)
     return terms
@@ -150,15 +156,23 @@ def run_phase(spec: PhaseSpec, data: DataSpec, params: Dict[str, torch.Tensor], 
     penalty = 10.0
     best, best_step, best_state = math.inf, 0, None
     batches = _batches(data, gen)
+    ranks = isinstance(data.source, _RankSource)  # several processes: see _rank_gather, _ura_ranks
     stopped = False
     for step in range(spec.n_steps):
         xs = _scaled(next(batches), data, spec.feat_scale)
         wbar, g = _filters(params, orthogonal)
         terms = _detector_terms(_patches(xs), wbar, g, params["b"], params.get("S"), w, spec.tau, spec.rho,
-                                spec.gamma)
+                                spec.gamma, _rank_gather(data, xs) if ranks else None)
         if use_head and w.get(ura_key, 0) > 0:
             S = params["S"] if spec.phase == "d" else None
-            terms[ura_key] = L.ura_loss(xs, head, wbar * g[:, None], params["b"], S, spec.kappa, gen, model_map)
+            if ranks:
+                terms[ura_key] = _ura_ranks(xs, head, wbar * g[:, None], params["b"], S, spec.kappa, gen, model_map,
+                                            data.source.sizes)
+            else:
+                terms[ura_key] = L.ura_loss(xs, head, wbar * g[:, None], params["b"], S, spec.kappa, gen,
+                                            model_map)
+        if ranks:
+            _share_direct_terms(terms)
         if not constrained:
             total = sum(w.get(k, 0.0) * t for k, t in terms.items())
             criterion = float(total.detach())
@@ -193,6 +207,8 @@ def run_phase(spec: PhaseSpec, data: DataSpec, params: Dict[str, torch.Tensor], 
         grads = torch.autograd.grad(total, trainable, allow_unused=True)
         for p, gr in zip(trainable, grads):
             p.grad = gr
+        if ranks:  # every rank's share of the whole batch's gradient, added: the same step on every rank
+            Dist.all_reduce_grads(trainable, op="sum", what="adding the gradients")
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step(criterion)
@@ -218,6 +234,7 @@ def run_phase(spec: PhaseSpec, data: DataSpec, params: Dict[str, torch.Tensor], 
 def final_terms(spec: PhaseSpec, data: DataSpec, params, gen, n_batches: int = 8) -> Dict[str, float]:
     """The detector losses of the phase's final parameters, averaged over a few mini-batches."""
     orthogonal = spec.phase == "a" and params["v"].shape[0] <= data.source.n_features
+    ranks = isinstance(data.source, _RankSource)
     sums: Dict[str, float] = {}
     n = 0
     with torch.no_grad():
@@ -225,10 +242,47 @@ def final_terms(spec: PhaseSpec, data: DataSpec, params, gen, n_batches: int = 8
         for maps in data.source.iter_maps(data.batch_maps, shuffle=True, generator=gen):
             xs = _scaled(maps, data, spec.feat_scale)
             terms = _detector_terms(_patches(xs), wbar, g, params["b"], params.get("S"), spec.weights, spec.tau,
-                                    spec.rho, spec.gamma)
+                                    spec.rho, spec.gamma, _rank_gather(data, xs) if ranks else None)
             for k, t in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(t)
             n += 1
             if n >= n_batches:
                 break
     return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+# ------------------------------------------------------------------------ several processes
+# Each rank holds a contiguous slice of the batch one process would draw (_RankSource). The losses
+# of the detector activations are not sums over patches (L_ic and L_eac use the batch mean of every
+# detector, L_sb a smooth maximum over patches), so the activations are gathered: every rank computes
+# the losses of the whole batch, with the gradient flowing into its own rows only. Added over the
+# ranks, these gradients are the whole batch's gradient; the terms that do not read the data
+# (L_mm, L_fso) count 1/world on each rank, and the URA term (a mean over maps) is each rank's
+# share. The values are the same on every rank, so early stopping and the learning-rate schedule
+# take the same decisions everywhere.
+def _rank_gather(data: DataSpec, xs: torch.Tensor):
+    hw = xs.shape[2] * xs.shape[3]
+    sizes = [n * hw for n in data.source.sizes]
+    return lambda y: Dist.all_gather_rows_grad(y, sizes, "gathering the detector activations")
+
+
+def _share_direct_terms(terms: Dict[str, torch.Tensor]) -> None:
+    world = Dist.world_size()
+    for k in ("mm", "fso"):
+        if k in terms:
+            t = terms[k]
+            terms[k] = t.detach() + (t - t.detach()) / world  # same value, 1/world of the gradient
+
+
+def _ura_ranks(xs, head, W, b, S, kappa, gen, model_map, sizes) -> torch.Tensor:
+    """The URA term of a batch split over the ranks: the whole batch's value, this rank's share of the
+    gradient (its maps' mean entropy weighted by its share of the maps)."""
+    mine, n = xs.shape[0], sum(sizes)
+    if mine:
+        local = L.ura_loss(xs, head, W, b, S, kappa, gen, model_map) * (mine / n)
+    else:  # no map here in this batch: draw κ as ura_loss does, so the generators stay in step
+        torch.rand((), generator=gen, device="cpu")
+        local = xs.new_zeros(())
+    value = Dist.all_reduce_sum_(local.detach().clone(), "adding the URA term")
+    return value + (local - local.detach())
+

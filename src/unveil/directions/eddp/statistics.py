@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._errors import ValidationError
-from ._source import _patches
+from ._source import _patches, _RankSource
 
 
 
@@ -22,6 +22,8 @@ class _Stats:
 def _stream_stats(source, batch_maps: int, max_sample: int, gen: torch.Generator, device) -> _Stats:
     """One pass: mean and covariance (float64, shifted by the first batch for stability) and a
     reservoir-style uniform sample of at most ``max_sample`` patches."""
+    if isinstance(source, _RankSource):
+        return _stream_stats_ranks(source, batch_maps, max_sample, gen, device)
     D = source.n_features
     n, s1, s2, shift = 0, None, None, None
     keys, sample = None, None
@@ -45,6 +47,61 @@ def _stream_stats(source, batch_maps: int, max_sample: int, gen: torch.Generator
         if keys.numel() > max_sample:
             top = torch.topk(keys, max_sample, largest=False).indices
             keys, sample = keys[top], sample[top]
+    m = s1 / n
+    cov = s2 / n - torch.outer(m, m)
+    return _Stats(mean=m + shift, cov=(cov + cov.T) / 2, sample=sample, n_patches=n)
+
+
+def _stream_stats_ranks(source: _RankSource, batch_maps: int, max_sample: int, gen: torch.Generator,
+                        device) -> _Stats:
+    """:func:`_stream_stats` over several processes, with one process's result.
+
+    Every rank sums its block of the batches around the same shift (the first batch's mean) and the
+    float64 sums are added over the ranks (equal to one process's up to the order of the additions).
+    The patch sample is exactly one process's: its keys come from ``gen`` in batch order, so every
+    rank replays the reservoir on the keys alone (the generators end where one process's does) and
+    the sampled patches are filled in by the rank that reads them.
+    """
+    from ... import _distributed as Dist
+    D = source.n_features
+    H, W = source.map_shape
+    hw, n_maps = H * W, len(source)
+    keys, ids = None, None
+    for t in range(-(-n_maps // batch_maps)):
+        start = t * batch_maps * hw
+        count = (min(n_maps, (t + 1) * batch_maps) - t * batch_maps) * hw
+        k = torch.rand(count, generator=gen).to(device)
+        i = torch.arange(start, start + count, device=device)
+        keys = k if keys is None else torch.cat([keys, k])
+        ids = i if ids is None else torch.cat([ids, i])
+        if keys.numel() > max_sample:
+            top = torch.topk(keys, max_sample, largest=False).indices
+            keys, ids = keys[top], ids[top]
+    kw = {"dtype": torch.float64, "device": device}
+    s1, s2 = torch.zeros(D, **kw), torch.zeros(D, D, **kw)
+    sample, n = torch.zeros(ids.numel(), D, **kw), torch.zeros((), **kw)
+
+    shift = _patches(source.batch(0, batch_maps).to(device)).double().mean(0)
+
+    def local() -> None:
+        for t in source.my_batches(batch_maps):
+            maps = source.batch(t, batch_maps)
+            if not torch.isfinite(maps).all():
+                raise ValidationError("the activations contain NaN or infinite values; expected finite "
+                                      "activations. Check the model's numerics or drop those images.")
+            x = _patches(maps.to(device)).double()
+            xc = x - shift
+            s1.add_(xc.sum(0))
+            s2.add_(xc.T @ xc)
+            n.add_(x.shape[0])
+            start = t * batch_maps * hw
+            inside = (ids >= start) & (ids < start + x.shape[0])
+            sample[inside] = x[ids[inside] - start]
+
+    Dist.on_every_rank(local, "the statistics pass")
+    for t in (s1, s2, sample, n):
+        Dist.all_reduce_sum_(t, "adding the statistics")
+    n = int(n)
     m = s1 / n
     cov = s2 / n - torch.outer(m, m)
     return _Stats(mean=m + shift, cov=(cov + cov.T) / 2, sample=sample, n_patches=n)
