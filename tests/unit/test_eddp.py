@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from unveil import EDDP, CorruptFileError, DirectionPairs, HeadError, NotFittedError, UnveilError, ValidationError
-from unveil.data.synthetic import PoolLinearHead, make_synthetic, train_head
+from unveil.data.synthetic import PoolLinearHead, make_hard_synthetic, make_synthetic, train_head
 from unveil.evaluate.recovery import score_pairs
 
 FAST = dict(steps={"b": 30, "d": 40})
@@ -439,3 +439,50 @@ def test_same_pairs_whatever_the_thread_count():
     assert torch.allclose(a.decoders, b.decoders, rtol=1e-5, atol=1e-5 * float(a.decoders.abs().max()))
     assert torch.allclose(a.encoders, b.encoders, rtol=1e-5, atol=1e-5)
     assert torch.allclose(a.detect(data.X[:50]), b.detect(data.X[:50]), rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ wide, noisy layers (noise bulk)
+def test_noise_bulk_is_found_in_isotropic_noise_and_not_in_a_decaying_spectrum():
+    from unveil.directions.eddp.initialisation import noise_bulk
+
+    flat = torch.cat([torch.linspace(50, 100, 20), 1.0 + 0.05 * torch.rand(236)]).double()
+    assert noise_bulk(flat) is not None
+    assert float(noise_bulk(flat)) == pytest.approx(1.0, abs=0.06)
+    decaying = torch.logspace(3, -3, 512).double()  # a layer's own spectrum: six orders of magnitude
+    assert noise_bulk(decaying) is None
+
+
+@pytest.mark.slow
+def test_noise_floor_keeps_the_noise_bulk_from_swamping_the_clusters():
+    # D = 256 with noise in every component and 12 signal directions: 244 noise components. Whitened to
+    # unit variance they swamp k-means; shrunk by the noise floor, the initialisation finds the concepts.
+    data = make_hard_synthetic(dim=256, n_concepts=8, n_distractors=4, n_classes=8, patches=4, n_per_class=300,
+                               random_state=0)
+    iou = {}
+    for nf in (30.0, None):
+        est = EDDP(n_concepts=8, random_state=0, steps={"b": 0, "d": 0}, n_init=2, noise_floor=nf).fit(data.X)
+        iou[nf] = score_pairs(est.init_pairs_, data).mean_iou
+    assert iou[30.0] >= 0.95, iou
+    assert iou[30.0] >= iou[None] + 0.05, iou
+
+
+def test_positive_pattern_recovers_the_signal_and_streams_exactly():
+    from unveil.directions.pattern import PositivePattern, positive_patterns
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.nn.functional.normalize(torch.randn(6, generator=g), dim=0).double()
+    d = torch.nn.functional.normalize(torch.randn(6, generator=g), dim=0).double()
+    a = (torch.rand(4000, generator=g) < 0.3).double() * torch.rand(4000, generator=g).double() * 3
+    x = a[:, None] * s + torch.randn(4000, 1, generator=g).double() * d + 0.01 * torch.randn(4000, 6, generator=g)
+    w = torch.linalg.pinv(torch.stack([s, d], 1))[:1]  # the filter that reads a
+    S, ok = positive_patterns(x + 5.0, w, w @ torch.full((6,), 5.0).double() + 0.1)
+    assert bool(ok.all())
+    assert float(torch.nn.functional.cosine_similarity(S[0], s, dim=0)) > 0.99
+    acc = PositivePattern(w, w @ torch.full((6,), 5.0).double() + 0.1)
+    for chunk in (x + 5.0).split(700):
+        acc.update(chunk)
+    S2, _ = acc.result()
+    torch.testing.assert_close(S2, S, rtol=1e-9, atol=1e-12)
+    # a detector that fires on nothing has no pattern
+    _, ok = positive_patterns(x, w, torch.tensor([1e9]).double())
+    assert not bool(ok.any())

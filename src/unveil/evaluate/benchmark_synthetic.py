@@ -43,6 +43,9 @@ def _make(name: str, n_concepts: int, seed: int, fast: bool):
     if name == "eddp":
         from ..directions.eddp import EDDP  # raises ImportError until it exists
         return EDDP(n_concepts=n_concepts, random_state=seed), "X+head"
+    if name == "eddp-init":
+        from ..directions.eddp import EDDP
+        return EDDP(n_concepts=n_concepts, random_state=seed, steps={"b": 0, "d": 0}), "X"
     if name == "pca":
         return b.PCABaseline(n_concepts, random_state=seed), "X"
     if name == "ica":
@@ -66,6 +69,7 @@ def _make(name: str, n_concepts: int, seed: int, fast: bool):
 
 METHODS: Dict[str, str] = {
     "eddp": "encoding-decoding direction pairs (unveil.EDDP, with the head's URA term)",
+    "eddp-init": "EDDP's initialisation alone (no refinement with the paper's losses, no head)",
     "pca": "PCA (scikit-learn)",
     "ica": "FastICA (scikit-learn)",
     "nmf": "NMF (scikit-learn)",
@@ -91,12 +95,12 @@ _SUMMARY = {
 }
 
 
-def _make_data(setting: str, seed: int, fast: bool, n_concepts: int = 32):
+def _make_data(setting: str, seed: int, fast: bool, n_concepts: int = 32, patches: int = SCALE_PATCHES):
     from ..data.synthetic import make_hard_synthetic, make_synthetic
     if setting == "paper":
         return make_synthetic(random_state=seed, **({"n_per_class": 150} if fast else {}))
     if setting == "scale":
-        per_class = 8 if fast else math.ceil(SCALE_PATCHES / (4 * n_concepts))
+        per_class = 8 if fast else math.ceil(patches / (4 * n_concepts))
         return make_hard_synthetic(dim=64 if fast else SCALE_DIM, n_concepts=n_concepts,
                                    n_distractors=max(1, n_concepts // 2), n_classes=n_concepts, patches=4,
                                    n_per_class=per_class, random_state=seed)
@@ -173,7 +177,7 @@ def summarize(per_seed: List[dict]) -> dict:
 def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str = "paper",
                             methods: Optional[Sequence[str]] = None, fast: bool = False,
                             head_epochs: Optional[int] = None, show_progress: bool = False,
-                            n_concepts: int = 32,
+                            n_concepts: int = 32, scale_patches: int = SCALE_PATCHES,
                             on_result: Optional[Callable[[str, int, dict], None]] = None) -> dict:
     """Fit EDDP and the baselines on synthetic data for each seed and score them against the truth.
 
@@ -194,6 +198,8 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
         epochs and 3 k-means restarts: a smoke test, not a measurement.
     n_concepts : int
         Concepts planted in the ``"scale"`` setting (32 or 64 in our runs); ignored otherwise.
+    scale_patches : int
+        Patches of the ``"scale"`` setting (default 500k); ignored otherwise.
     head_epochs : int, optional
         Epochs of the head's training (default 2000, the paper's; 200 with ``fast``).
     show_progress : bool
@@ -247,7 +253,8 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
     bar = progress(total=len(seeds) * len(methods), enabled=show_progress, desc=f"synthetic ({setting})")
     try:
         for seed in seeds:
-            data = _make_data(setting, seed, fast, n_concepts=check_positive_int(n_concepts, "n_concepts"))
+            data = _make_data(setting, seed, fast, n_concepts=check_positive_int(n_concepts, "n_concepts"),
+                              patches=check_positive_int(scale_patches, "scale_patches"))
             t0 = time.perf_counter()
             head, acc = train_head(data, epochs=head_epochs, random_state=seed)
             heads.append({"seed": seed, "accuracy": acc, "epochs": head_epochs,
@@ -312,6 +319,17 @@ def _fmt(v, nd=3) -> str:
     return f"{v:.{nd}f}"
 
 
+def ceiling_fractions(method: dict, ceiling: Dict[int, float]) -> List[float]:
+    """Per seed, a method's mean matched IoU as a fraction of the supervised ceiling's on the same data."""
+    return [r["mean_iou"] / ceiling[r["seed"]] for r in method.get("per_seed", [])
+            if r.get("mean_iou") is not None and r["seed"] in ceiling]
+
+
+def _ceiling_fraction(method: dict, ceiling: Dict[int, float]) -> str:
+    f = ceiling_fractions(method, ceiling)
+    return f"{_fmt(float(np.mean(f)))} ({_fmt(min(f))})" if f else "-"
+
+
 def format_table(result: dict) -> str:
     """A plain-text table of a :func:`run_synthetic_benchmark` result (mean over seeds, worst in brackets).
 
@@ -327,6 +345,10 @@ def format_table(result: dict) -> str:
     per_concept = n_conc is not None and n_conc <= 4
     head = ["method"]
     head += [f"IoU c{i}" for i in range(n_conc)] if per_concept else ["IoU"]
+    ceiling = {r["seed"]: r["mean_iou"] for r in methods.get("supervised", {}).get("per_seed", [])
+               if r.get("mean_iou")}
+    if ceiling:
+        head.append("IoU/ceiling")
     head += ["off-diag", "RMSE", "enc cos", "dec cos", "fit s"]
     rows = []
     for name, m in methods.items():
@@ -342,6 +364,8 @@ def format_table(result: dict) -> str:
             row += [f"{_fmt(a)} ({_fmt(w)})" for a, w in zip(ipc["mean"], ipc["worst"])]
         else:
             row.append(mw("mean_iou"))
+        if ceiling:
+            row.append(_ceiling_fraction(m, ceiling))
         row += [mw("off_diagonal_iou"), mw("rmse"), mw("encoder_cosine"), mw("decoder_cosine"),
                 _fmt(s["fit_seconds"]["mean"], 2)]
         if s.get("n_failed"):

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..._errors import HeadError, NotFittedError, ValidationError
+from ... import _distributed as Dist
+from ..._errors import HeadError, ValidationError
 from ..._progress import progress
 from ..._validation import check_in_range, check_positive_int, make_generator
+from .._base import DirectionEstimator, Interval, Options
 from ..pairs import DirectionPairs
 from ..pattern import PositivePattern
-from ._source import _as_source, _patches
+from ._source import _as_source, _patches, _RankSource
 from .initialisation import _calibrate_gains, _ward_partitions, cluster_init
 from .refinement import PAPER_CONSTRAINTS, PAPER_WEIGHTS, DataSpec, PhaseSpec, final_terms, run_phase
 from .statistics import _soft_standard_scale, _stream_stats
@@ -43,7 +46,7 @@ def _head_on_device(head, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------- the estimator
-class EDDP:
+class EDDP(DirectionEstimator):
     """Learn concept detectors (decoding directions) and signal vectors (encoding directions).
 
     Parameters
@@ -83,6 +86,15 @@ class EDDP:
         Range of the URA step κ ~ U[κ₀, κ₁].
     whiten_eps : float
         The ε floor of the soft whitening, relative to the mean eigenvalue.
+    noise_floor : float or None
+        When the activations' spectrum has a flat noise bulk (many equal eigenvalues: isotropic
+        noise spread over many components, as in wide synthetic data; a layer's own spectrum, which
+        decays over orders of magnitude, has none), the whitening floor is raised to this multiple
+        of the bulk's eigenvalue and k-means runs on the components above the bulk. Whitening the
+        bulk to unit variance would let hundreds of noise components swamp every distance: at
+        D = 512 (the ``scale`` setting, 32 concepts, 100k patches, seed 0) the initialisation
+        reached matched IoU 0.728 without this, 0.748 with 10 and 0.783 with 30 (the supervised
+        ceiling: 0.786). ``None``: never.
     n_init : int
         k-means restarts.
     init_rounds : int
@@ -144,11 +156,27 @@ class EDDP:
     torch.Size([600, 3, 1, 2])
     """
 
+    _POS_INT = [Interval(numbers.Integral, 1, None, closed="left")]
+    _POS_REAL = [Interval(numbers.Real, 0, None, closed="neither")]
+    _parameter_constraints = {
+        "n_concepts": _POS_INT, "init": [Options({"cluster", "random"})], "steps": [None, "dict"],
+        "weights": [None, "dict"], "mode": [Options({"weighted", "constrained"})], "lr": [None, "dict"],
+        "lr_scale": _POS_REAL, "gamma": _POS_REAL, "tau": [None, "dict"], "rho": [None, "dict"],
+        "kappa": ["sequence"], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
+        "init_rounds": _POS_INT,
+        "batch_patches": _POS_INT, "max_init_patches": _POS_INT, "patience": _POS_INT,
+        "init_gain": [None, Options({"auto"}), Interval(numbers.Real, 0, None, closed="neither")],
+        "levels": [None, Options({"auto"}), "sequence"], "device": [None, "device"],
+        "random_state": [None, "random_state"], "progress": ["boolean"],
+    }
+    _learned_attributes = ("pairs_", "init_pairs_", "history_", "n_features_in_", "levels_", "scale_")
+
     def __init__(self, n_concepts: int = 32, *, init: str = "cluster", steps: Optional[dict] = None,
                  weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
                  lr_scale: float = 1.0, gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
-                 whiten_eps: float = 1e-2, n_init: int = 8, init_rounds: int = 5, batch_patches: int = 2048,
+                 whiten_eps: float = 1e-2, noise_floor: Optional[float] = 30.0, n_init: int = 8,
+                 init_rounds: int = 5, batch_patches: int = 2048,
                  max_init_patches: int = 20_000, patience: int = 60, init_gain=None, levels=None,
                  device=None, random_state=None, progress: bool = False):
         self.n_concepts = n_concepts
@@ -163,6 +191,7 @@ class EDDP:
         self.rho = rho
         self.kappa = kappa
         self.whiten_eps = whiten_eps
+        self.noise_floor = noise_floor
         self.n_init = n_init
         self.init_rounds = init_rounds
         self.batch_patches = batch_patches
@@ -246,12 +275,8 @@ class EDDP:
         """The optimisation steps per schedule step that ``fit`` will run (defaults merged with ``steps``)."""
         return dict(self._resolved()[1])
 
-    def _check_fitted(self):
-        if not hasattr(self, "pairs_"):
-            raise NotFittedError("this EDDP instance is not fitted yet; call fit(X, head=...) first.")
-
     # --------------------------------------------------------------------- fit
-    def fit(self, X, head: Optional[nn.Module] = None, y=None) -> "EDDP":
+    def fit(self, X, y=None, *, head: Optional[nn.Module] = None) -> "EDDP":
         """Learn the direction pairs.
 
         Parameters
@@ -259,16 +284,26 @@ class EDDP:
         X : tensor (N, D, H, W) or an ActivationStore
             Feature maps of the studied layer (a store is streamed; memory does not grow with it).
             (P, D) patch vectors are accepted too (treated as 1×1 maps).
-        head : nn.Module, optional
+        y : ignored
+            Present for scikit-learn compatibility (EDDP learns without labels).
+        head : nn.Module, optional, keyword only
             The frozen rest of the network f⁺: maps (N, D, H, W) -> logits (N, K). Enables the URA
             terms. Never trained, moved or switched to eval mode here; its gradients are not touched.
-        y : ignored
-            Present for scikit-learn compatibility.
 
         Returns
         -------
         self
+
+        Notes
+        -----
+        Several processes (an initialised ``torch.distributed`` process group, or ``torchrun``'s
+        environment): every process calls ``fit`` with the same data, head and parameters; each
+        reads a block of every streamed pass and a slice of every mini-batch, and the sums and
+        gradients are added over the processes, so all end with the same pairs
+        (``pairs_.meta["world_size"]``). They equal one process's fit up to the order of float
+        additions; ``docs/scaling.md`` says what is equal and how closely.
         """
+        self._validate_params()
         I, steps, weights, lr, tau, rho = self._resolved()
         levels = self.resolved_levels()
         if len(levels) > 1:
@@ -276,7 +311,8 @@ class EDDP:
         self.levels_ = levels
         t_start = time.perf_counter()
         source, data_device = _as_source(X)
-        device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
+        device = torch.device(Dist.rank_device(self.device)) if self.device is not None else \
+            (data_device or torch.device("cpu"))
         gen = make_generator(self.random_state)
         D = source.n_features
         batch_maps = self._batch_maps(source)
@@ -287,12 +323,17 @@ class EDDP:
         if head is not None:
             head = _head_on_device(head, device)
             self._check_head(head, source, device)
+        if Dist.ensure_initialised(device):  # several processes: each reads its part of every pass
+            Dist.same_generator(gen, self.random_state is not None)
+            source = _RankSource(source)
 
+        clock = {}
         stats = _stream_stats(source, batch_maps, check_positive_int(self.max_init_patches, "max_init_patches"),
                               gen, device)
         if stats.n_patches < 2 * I:
             raise ValidationError(f"only {stats.n_patches} patches for {I} concepts; expected at least "
                                   f"{2 * I}. Pass more images or ask for fewer concepts.")
+        clock["statistics"] = time.perf_counter() - t_start
         mu = stats.mean
         sigma = math.sqrt(max(float(torch.trace(stats.cov)) / D, 1e-30))
         self.n_features_in_ = D
@@ -303,7 +344,7 @@ class EDDP:
         r_std = _soft_standard_scale(stats.cov, eps).to(device)  # x̃ -> soft-standardised, for step (a)
         if self.init == "cluster":
             Wt, bt = cluster_init(stats, I, whiten_eps=eps, n_init=check_positive_int(self.n_init, "n_init"),
-                                  init_rounds=self.init_rounds, gen=gen,
+                                  init_rounds=self.init_rounds, gen=gen, noise_floor=self.noise_floor,
                                   labeler=getattr(self, "_init_labeler", None))  # scaled-space decoders, thresholds
         else:  # random unit filters in the soft-standardised space of step (a)
             v = torch.randn(I, D, generator=gen).double().to(device)
@@ -317,6 +358,7 @@ class EDDP:
         gains["start"] = Wt.norm(dim=1).tolist()
         dec0, bias0 = self._to_original(Wt, bt, mu, sigma)
         S0 = self._pattern(source, dec0, bias0, batch_maps, device)
+        clock["initialisation"] = time.perf_counter() - t_start - clock["statistics"]
         self.init_pairs_ = self._make_pairs(dec0, bias0, S0, mu, stage="init")
 
         # ---- refinement with the paper's losses
@@ -369,16 +411,19 @@ class EDDP:
         finally:
             bar.close()
 
+        clock["refinement"] = time.perf_counter() - t_start - clock["statistics"] - clock["initialisation"]
         dec, bias = self._to_original(self._decoders_t(params).double(), params["b"].double(), mu, sigma)
         S = self._pattern(source, dec, bias, batch_maps, device)
         self.pairs_ = self._make_pairs(dec, bias, S, mu, stage="final")
         if self.mode == "constrained":
             history["constraints"] = constraints
             self.constraints_hold_ = all(c["all_hold"] for c in constraints.values()) if constraints else None
-            self.pairs_.meta["constraints_hold"] = self.constraints_hold_
-            self.pairs_.meta["constraints"] = {p: {k: c["holds"] for k, c in v["terms"].items()}
-                                               for p, v in constraints.items()}
+            self.pairs_ = self.pairs_.with_meta(
+                constraints_hold=self.constraints_hold_,
+                constraints={p: {k: c["holds"] for k, c in v["terms"].items()} for p, v in constraints.items()})
         history["seconds"] = time.perf_counter() - t_start
+        clock["signal_vectors"] = history["seconds"] - sum(clock.values())
+        history["stage_seconds"] = clock
         self.history_ = history
         logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, stats.n_patches, D,
                     history["seconds"])
@@ -393,14 +438,19 @@ class EDDP:
         """The finest level, then the coarser ones from its Ward tree (see the module docstring)."""
         t_start = time.perf_counter()
         gen = make_generator(self.random_state)
+        if Dist.ensure_initialised(None if self.device is None else Dist.rank_device(self.device)):
+            Dist.same_generator(gen, self.random_state is not None)
         seeds = [int(v) for v in torch.randint(0, 2**31 - 1, (len(levels),), generator=gen)]
         params = {k: v for k, v in self.get_params().items() if k not in ("n_concepts", "levels", "random_state")}
         logger.info("EDDP finest level: %d concepts", levels[-1])
         fine = EDDP(n_concepts=levels[-1], levels=None, random_state=seeds[-1], **params).fit(X, head=head)
         Pf = fine.pairs_
         source, data_device = _as_source(X)
-        device = torch.device(self.device) if self.device is not None else (data_device or torch.device("cpu"))
+        device = torch.device(Dist.rank_device(self.device)) if self.device is not None else \
+            (data_device or torch.device("cpu"))
         batch_maps = self._batch_maps(source)
+        if Dist.is_distributed():  # this rank's block of the batches; the sums are added below
+            source = _RankSource(source)
         Wf = Pf.decoders.double().to(device)
         bf = Pf.biases.double().to(device)
         norms = Wf.norm(dim=1).clamp_min(1e-12)
@@ -416,6 +466,9 @@ class EDDP:
             a = assign(P)
             sums.index_add_(0, a, P)
             counts += torch.bincount(a, minlength=n_f).double()
+        if Dist.is_distributed():
+            Dist.all_reduce_sum_(sums, "adding the concept centroids")
+            Dist.all_reduce_sum_(counts, "adding the concept centroids")
         partitions = _ward_partitions(sums / counts.clamp_min(1)[:, None], counts, sorted(set(levels[:-1])))
 
         parts = {}
@@ -487,8 +540,13 @@ class EDDP:
     def _pattern(source, W, b, batch_maps, device) -> torch.Tensor:
         """Positive-only pattern estimator ŝ_i = cov[x, z_i] / var[z_i] over {x: z_i > b_i} (streamed)."""
         acc = PositivePattern(W.to(device), b.to(device))
+        if isinstance(source, _RankSource):  # this rank's batches, about one process's shift; sums added below
+            acc.shift = _patches(source.batch(0, batch_maps).to(device)).double().mean(0)
         for maps in source.iter_maps(batch_maps):
             acc.update(_patches(maps.to(device)))
+        if isinstance(source, _RankSource):
+            for t in acc.sums():
+                Dist.all_reduce_sum_(t, "adding the signal-vector sums")
         S, ok = acc.result()
         if not ok.all():
             bad = (~ok).nonzero().flatten().tolist()
@@ -503,36 +561,11 @@ class EDDP:
         meta = {"method": "EDDP", "stage": stage, "n_concepts": W.shape[0],
                 "params": {k: (v if isinstance(v, (int, float, str, bool, type(None), dict, list, tuple)) else repr(v))
                            for k, v in self.get_params().items()},
-                "random_state": self.random_state if isinstance(self.random_state, int) else None}
+                "random_state": self.random_state if isinstance(self.random_state, int) else None,
+                "world_size": Dist.world_size()}
         return DirectionPairs(W.float(), b.float(), Su.float(), mu.float(), meta=meta)
 
     # ------------------------------------------------------------- sklearn API
-    def get_params(self, deep: bool = True) -> dict:
-        import inspect
-        names = [p for p in inspect.signature(self.__init__).parameters]
-        return {n: getattr(self, n) for n in names}
-
-    def set_params(self, **params) -> "EDDP":
-        valid = self.get_params()
-        for k, v in params.items():
-            if k not in valid:
-                raise ValidationError(f"unknown parameter {k!r} for EDDP; valid: {sorted(valid)}.")
-            setattr(self, k, v)
-        return self
-
-    def detect(self, X) -> torch.Tensor:
-        """Detector activations of the fitted pairs (see :meth:`DirectionPairs.detect`)."""
-        self._check_fitted()
-        return self.pairs_.detect(X)
-
-    def transform(self, X) -> torch.Tensor:
-        """Signal values (mean-centred latent factors) of the fitted pairs, (N, I, H, W)."""
-        self._check_fitted()
-        return self.pairs_.signal_values(X)
-
-    def fit_transform(self, X, head=None, y=None) -> torch.Tensor:
+    def fit_transform(self, X, y=None, *, head=None) -> torch.Tensor:
+        """Fit, then return the signal values of ``X`` (N, I, H, W)."""
         return self.fit(X, head=head).transform(X)
-
-    def __repr__(self) -> str:
-        return f"EDDP(n_concepts={self.n_concepts!r}, init={self.init!r}, mode={self.mode!r})"
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -148,9 +148,28 @@ def _calibrate_gains(Wt: torch.Tensor, bt: torch.Tensor, x: torch.Tensor, how, w
 
 
 
+def noise_bulk(ev: torch.Tensor, width: float = 1.5, share: float = 0.4):
+    """The level of a flat noise bulk in a covariance spectrum ``ev``, or None when there is none.
+
+    Isotropic noise in many components shows up as a block of nearly equal eigenvalues around the
+    median (the Marchenko–Pastur bulk); a layer's own spectrum decays over orders of magnitude and
+    has none. A bulk is declared when at least ``share`` of the eigenvalues lie within a factor
+    ``width`` of the median; its level is the median.
+    """
+    ev = ev.clamp_min(0)
+    med = ev.median()
+    if ev.numel() < 8 or float(med) <= 0:
+        return None
+    inside = ((ev <= width * med) & (ev >= med / width)).double().mean()
+    return med if float(inside) >= share else None
+
+
 def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_rounds: int, gen,
-                 labeler=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 labeler=None, noise_floor: Optional[float] = 30.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """k-means on soft-whitened patches, then one-vs-rest max-margin detectors.
+
+    ``noise_floor``: when the spectrum has a flat noise bulk (:func:`noise_bulk`), the whitening
+    floor is raised to this multiple of the bulk's level (None: never).
 
     ``labeler``, optional: a function patches -> group labels that replaces k-means (the coarse
     levels of a hierarchy start from the finest level's Ward groups). Returns decoders with
@@ -160,7 +179,18 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
     sigma = math.sqrt(max(float(torch.trace(cov)) / cov.shape[0], 1e-30))
     ev, U = torch.linalg.eigh(cov)
     ev = ev.clamp_min(0)
-    white = U / torch.sqrt(ev + whiten_eps * ev.mean().clamp_min(1e-30))[None, :]  # (D, D): z = (x−μ) @ white
+    floor = whiten_eps * ev.mean().clamp_min(1e-30)
+    n_keep = ev.numel()
+    bulk = noise_bulk(ev)
+    if bulk is not None and noise_floor is not None:
+        # a flat noise bulk: shrink it (whitened variance ≈ 1/noise_floor per component) instead of
+        # blowing it up to unit variance, where its many components would swamp every distance;
+        # k-means sees only the components above the bulk (its cost then scales with the signal's rank)
+        floor = torch.maximum(floor, noise_floor * bulk)
+        n_keep = max(int((ev > 2 * bulk).sum()), min(I, ev.numel()))
+        logger.info("EDDP init: a noise bulk at eigenvalue %.3g (%d of %d components above it)",
+                    float(bulk), n_keep, ev.numel())
+    white = U / torch.sqrt(ev + floor)[None, :]  # (D, D): z = (x−μ) @ white
     Z = (stats.sample - mu) @ white
     if labeler is not None:
         labels = labeler(stats.sample).to(Z.device).long()
@@ -168,7 +198,7 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
             logger.warning("a merged group holds fewer than 2 sampled patches; this level starts from k-means")
             labeler = None
     if labeler is None:
-        labels = _kmeans(Z.float(), I, n_init, gen)
+        labels = _kmeans(Z[:, -n_keep:].float(), I, n_init, gen)  # eigh sorts ascending
     counts = torch.bincount(labels, minlength=I)
     if (counts == 0).any():
         raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "
