@@ -4,12 +4,13 @@ Heavy modules (models, reports) are imported lazily; ``import unveil`` stays fas
 """
 __version__ = "0.1.0"
 
-from ._errors import (BusyError, CorruptFileError, HeadError, LayerError, NotFittedError,  # noqa: E402
-                      OutputExistsError, UnveilError, ValidationError)
+from ._errors import (BusyError, CorruptFileError, DistributedError, HeadError, LayerError,  # noqa: E402
+                      NotFittedError, OutputExistsError, UnveilError, ValidationError)
 from .directions import EDDP, DirectionPairs  # noqa: E402
 
 __all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "influence", "UnveilError", "ValidationError", "NotFittedError",
-           "CorruptFileError", "LayerError", "HeadError", "OutputExistsError", "BusyError"]
+           "CorruptFileError", "LayerError", "HeadError", "OutputExistsError", "BusyError",
+           "DistributedError"]
 
 
 def __getattr__(name):

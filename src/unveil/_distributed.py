@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence
 import torch
 
 from . import _errors
-from ._errors import UnveilError, ValidationError
+from ._errors import DistributedError, UnveilError, ValidationError
 
 __all__ = ["DistributedError", "is_distributed", "rank", "world_size", "block", "init_from_env", "rank_device"]
 logger = logging.getLogger("unveil")
@@ -42,10 +42,6 @@ DEFAULT_TIMEOUT_S = 300.0
 
 _FIX = "nothing was saved; run the same command again."
 _state = {"owned": False, "cpu_group": None, "timeout_s": None}
-
-
-class DistributedError(UnveilError, RuntimeError):
-    """Another process of a distributed run failed, died or did not answer within the timeout."""
 
 
 # ----------------------------------------------------------------------------------- who am I

@@ -15,6 +15,7 @@ __all__ = [
     "HeadError",
     "OutputExistsError",
     "BusyError",
+    "DistributedError",
 ]
 
 
@@ -54,3 +55,7 @@ class OutputExistsError(UnveilError, FileExistsError):
 
 class BusyError(UnveilError, OSError):
     """Another process is writing the same folder (its lock is held)."""
+
+
+class DistributedError(UnveilError, RuntimeError):
+    """Another process of a distributed run failed, died or did not answer within the timeout."""
