@@ -136,7 +136,7 @@ class SupervisedCeiling:
                                          l2=1e-6)
         W = Wz.double() / sigma
         b = bz.double() + W @ mu
-        S = EDDP(n_concepts=self.n_concepts)._pattern(_TensorSource(X), W, b, 256, X.device)
+        S = EDDP._pattern(_TensorSource(X), W, b, 256, X.device)
         S = S / S.norm(dim=1, keepdim=True).clamp_min(1e-30)
         self.pairs_ = DirectionPairs(W.float(), b.float(), S.float(), X.mean(dim=(0, 2, 3)).float(),
                                      meta={"method": "supervised-ceiling",

@@ -327,13 +327,16 @@ class EDDP(DirectionEstimator):
             Dist.same_generator(gen, self.random_state is not None)
             source = _RankSource(source)
 
-        clock = {}
+        clock: Dict[str, float] = {}
+
+        def lap(stage: str) -> None:  # seconds since the previous stage ended
+            clock[stage] = time.perf_counter() - t_start - sum(clock.values())
         stats = _stream_stats(source, batch_maps, check_positive_int(self.max_init_patches, "max_init_patches"),
                               gen, device)
         if stats.n_patches < 2 * I:
             raise ValidationError(f"only {stats.n_patches} patches for {I} concepts; expected at least "
                                   f"{2 * I}. Pass more images or ask for fewer concepts.")
-        clock["statistics"] = time.perf_counter() - t_start
+        lap("statistics")
         mu = stats.mean
         sigma = math.sqrt(max(float(torch.trace(stats.cov)) / D, 1e-30))
         self.n_features_in_ = D
@@ -358,11 +361,41 @@ class EDDP(DirectionEstimator):
         gains["start"] = Wt.norm(dim=1).tolist()
         dec0, bias0 = self._to_original(Wt, bt, mu, sigma)
         S0 = self._pattern(source, dec0, bias0, batch_maps, device)
-        clock["initialisation"] = time.perf_counter() - t_start - clock["statistics"]
+        lap("initialisation")
         self.init_pairs_ = self._make_pairs(dec0, bias0, S0, mu, stage="init")
 
         # ---- refinement with the paper's losses
-        history: Dict[str, Dict[str, list]] = {"gains": gains}
+        data = DataSpec(source=source, batch_maps=batch_maps, mu=mu.float(), sigma=float(sigma), device=device)
+        params, history, constraints = self._refine(Wt, bt, S0, data, mu, head, (steps, weights, lr, tau, rho),
+                                                    r_std, gen)
+        history = {"gains": gains, **history}
+
+        lap("refinement")
+        dec, bias = self._to_original(self._decoders_t(params).double(), params["b"].double(), mu, sigma)
+        S = self._pattern(source, dec, bias, batch_maps, device)
+        self.pairs_ = self._make_pairs(dec, bias, S, mu, stage="final")
+        if self.mode == "constrained":
+            history["constraints"] = constraints
+            self.constraints_hold_ = all(c["all_hold"] for c in constraints.values()) if constraints else None
+            self.pairs_ = self.pairs_.with_meta(
+                constraints_hold=self.constraints_hold_,
+                constraints={p: {k: c["holds"] for k, c in v["terms"].items()} for p, v in constraints.items()})
+        lap("signal_vectors")
+        history["seconds"] = sum(clock.values())
+        history["stage_seconds"] = clock
+        self.history_ = history
+        logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, stats.n_patches, D,
+                    history["seconds"])
+        return self
+
+    def _refine(self, Wt, bt, S0, data: DataSpec, mu, head, schedule, r_std, gen):
+        """The paper's schedule steps (a), (b), (d) from scaled-space detectors ``Wt``, ``bt`` and signal
+        vectors ``S0``; ``schedule`` is ``(steps, weights, lr, tau, rho)`` as :meth:`_resolved` gives them.
+        Returns the final parameters, the per-step histories and the constraint checks."""
+        steps, weights, lr, tau, rho = schedule
+        I, D = Wt.shape
+        source, batch_maps, device = data.source, data.batch_maps, data.device
+        history: Dict[str, Dict[str, list]] = {}
         total = sum(steps.values())
         bar = progress(total=total, enabled=self.progress, desc="EDDP")
         params = {
@@ -370,9 +403,8 @@ class EDDP(DirectionEstimator):
             "log_g": Wt.norm(dim=1).clamp_min(1e-3).log().float().clone(),
             "b": bt.float().clone(),
         }
-        mu32, s32 = mu.float(), float(sigma)
-        data = DataSpec(source=source, batch_maps=batch_maps, mu=mu32, sigma=s32, device=device)
-        to_model = (lambda m: m * s32 + mu32[None, :, None, None]) if head is not None else None
+        mu32, sigma = data.mu, data.sigma
+        to_model = (lambda m: m * sigma + mu32[None, :, None, None]) if head is not None else None
         S_scaled = S0.float().clone()  # signal directions (isotropic scaling keeps directions)
         constraints: Dict[str, dict] = {}
         try:
@@ -411,23 +443,7 @@ class EDDP(DirectionEstimator):
         finally:
             bar.close()
 
-        clock["refinement"] = time.perf_counter() - t_start - clock["statistics"] - clock["initialisation"]
-        dec, bias = self._to_original(self._decoders_t(params).double(), params["b"].double(), mu, sigma)
-        S = self._pattern(source, dec, bias, batch_maps, device)
-        self.pairs_ = self._make_pairs(dec, bias, S, mu, stage="final")
-        if self.mode == "constrained":
-            history["constraints"] = constraints
-            self.constraints_hold_ = all(c["all_hold"] for c in constraints.values()) if constraints else None
-            self.pairs_ = self.pairs_.with_meta(
-                constraints_hold=self.constraints_hold_,
-                constraints={p: {k: c["holds"] for k, c in v["terms"].items()} for p, v in constraints.items()})
-        history["seconds"] = time.perf_counter() - t_start
-        clock["signal_vectors"] = history["seconds"] - sum(clock.values())
-        history["stage_seconds"] = clock
-        self.history_ = history
-        logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, stats.n_patches, D,
-                    history["seconds"])
-        return self
+        return params, history, constraints
 
     def _batch_maps(self, source) -> int:
         """Whole maps per mini-batch: enough for at least ``batch_patches`` patches."""
