@@ -182,10 +182,18 @@ def ensure_initialised(device=None) -> bool:
     return is_distributed()
 
 
-def shutdown() -> None:
-    """Destroy the process group if :func:`init_from_env` created it."""
+def shutdown(sync: bool = False) -> None:
+    """Destroy the process group if :func:`init_from_env` created it.
+
+    ``sync=True`` (a run that ended well on every rank) first waits at a barrier, so no process closes
+    its connections while another is still finishing its last collective: gloo's background threads
+    can abort a process whose peer vanishes mid-operation.
+    """
     dist = _dist()
     if _state["owned"] and dist.is_available() and dist.is_initialized():
+        if sync:
+            with contextlib.suppress(Exception):
+                dist.barrier()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     _state.update(owned=False, cpu_group=None, timeout_s=None)

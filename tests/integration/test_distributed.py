@@ -61,6 +61,12 @@ def _torchrun(args, tmp_path, timeout=120):
     return subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _failure(run) -> str:
+    """What a failed launch printed: the processes' own lines first (torchrun's summary ends it)."""
+    err = run.stderr
+    return err if len(err) <= 6000 else err[:4000] + "\n[...]\n" + err[-2000:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -308,7 +314,7 @@ def test_torchrun_extract_and_fit_equal_one_process(tmp_path, capsys):
               "--batch-size", "2", "--shard-size", "2"]
     assert main(["extract", *common, "--out", str(tmp_path / "one")]) == 0
     run = _torchrun(["-v", "extract", *common, "--out", str(tmp_path / "two")], tmp_path)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _failure(run)
     # 5 shards of 2 images: rank 0 extracts the first 3, rank 1 the last 2
     for r, n in ((0, 3), (1, 2)):
         assert f"process {r} of 2: extracting {n} of the 5 unfinished shard(s)" in run.stderr, run.stderr[-2000:]
@@ -323,7 +329,7 @@ def test_torchrun_extract_and_fit_equal_one_process(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "one"), *fit, "--out", str(tmp_path / "p1")]) == 0
     capsys.readouterr()
     run = _torchrun(["fit", str(tmp_path / "two"), *fit, "--out", str(tmp_path / "p2")], tmp_path)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _failure(run)
     assert run.stdout.count("saved 3 direction pairs") == 1
     assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == ["pairs.json", "pairs.safetensors"]
     p1, p2 = DirectionPairs.load(tmp_path / "p1"), DirectionPairs.load(tmp_path / "p2")

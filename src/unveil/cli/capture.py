@@ -79,15 +79,18 @@ def _distributed(func):
         from .._errors import UnveilError
         args.device = check_device(D.rank_device(args.device), "--device")  # before choosing NCCL for it
         owned = D.init_from_env(args.device, args.dist_timeout)
+        ok = False
         try:
-            return func(args)
+            code = func(args)
+            ok = True
+            return code
         except UnveilError as exc:
             if getattr(exc, "mirrored", False):
                 return 1
             raise
         finally:
             if owned:
-                D.shutdown()
+                D.shutdown(sync=ok)
     return run
 
 
