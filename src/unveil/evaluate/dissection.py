@@ -350,8 +350,7 @@ def _accumulate(acc: _Acc, maps: torch.Tensor, masks: torch.Tensor, ann: torch.T
     for i0 in range(0, n_det, chunk):
         i1 = min(n_det, i0 + chunk)
         up = _upsample(maps[:, i0:i1], (hm, wm), mode).reshape(b, i1 - i0, P)
-        fire = up > thr[i0:i1, None]
-        M = fire.to(mdt)
+        M = (up > thr[i0:i1, None]).to(mdt)  # (b, i, P) where each detector fires
         acc.sum_m[i0:i1] += (M.sum(-1).double().T @ ann_f).cpu()
         if cols.numel():
             inter = M.permute(1, 0, 2).reshape(i1 - i0, b * P) @ Lmat
@@ -371,12 +370,19 @@ def _accumulate(acc: _Acc, maps: torch.Tensor, masks: torch.Tensor, ann: torch.T
             valid = a & has.to(dev)[None, :, None]
             lo, hi = hist["lo"][i0:i1].to(dev), hist["hi"][i0:i1].to(dev)
             width = (hi - lo).clamp_min(1e-300)
-            binf = ((up.double() - lo[None, :, None]) / width[None, :, None] * n_bins).floor()
-            bins = binf.clamp(0, n_bins - 1).long()
-            bins = bins + (torch.arange(i0, i1, device=dev) * n_bins)[None, :, None]
+            # bin = floor((value - lo) / width * n_bins), in place; one bincount over (detector, bin,
+            # positive or not), the pixels that are not scored in a bin of their own
+            t = up.double()
+            t.sub_(lo[None, :, None]).div_(width[None, :, None]).mul_(n_bins).floor_().clamp_(0, n_bins - 1)
+            bins = t.long()
+            del t
             tot = n_det * n_bins
-            hist["pos"] += torch.bincount(bins[valid & pos], minlength=tot).double().cpu().reshape(n_det, n_bins)
-            hist["neg"] += torch.bincount(bins[valid & ~pos], minlength=tot).double().cpu().reshape(n_det, n_bins)
+            bins.add_((torch.arange(i0, i1, device=dev) * n_bins)[None, :, None])
+            bins.add_(tot * (~pos).long())
+            bins.masked_fill_(~valid, 2 * tot)
+            counts = torch.bincount(bins.reshape(-1), minlength=2 * tot + 1).double().cpu()
+            hist["pos"] += counts[:tot].reshape(n_det, n_bins)
+            hist["neg"] += counts[tot:2 * tot].reshape(n_det, n_bins)
 
 
 # --------------------------------------------------------------------------- result
