@@ -1,6 +1,7 @@
 """Input checks shared by estimators and metrics (each raises a clear :class:`ValidationError`)."""
 from __future__ import annotations
 
+import difflib
 import numbers
 from typing import Optional, Union
 
@@ -145,3 +146,11 @@ def make_generator(random_state, device="cpu") -> torch.Generator:
         raise ValidationError(f"random_state must be None, an int, a torch.Generator or a numpy Generator; "
                               f"got {type(random_state).__name__}.")
     return g
+
+
+def suggest(name: str, candidates, n: int = 3) -> list:
+    """The ``n`` candidates closest to ``name`` (difflib), best first: the "did you mean" of error messages."""
+    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.0)
+    return close

@@ -17,8 +17,7 @@ from PIL import Image
 
 import unveil._io as io_mod
 import unveil.capture.store as store_mod
-from unveil import (BusyError, CorruptFileError, DirectionPairs, HeadError, OutputExistsError,
-                    ValidationError)
+from unveil import BusyError, CorruptFileError, DirectionPairs, HeadError, OutputExistsError
 from unveil._io import folder_lock, save_bundle
 from unveil.capture import ActivationStore, extract, head_for_store
 from unveil.cli import main

@@ -151,7 +151,7 @@ def test_bad_inputs_raise_clear_errors(resnet, folder, tmp_path):
 
 
 def test_damaged_store_is_detected(resnet, folder, tmp_path):
-    store = _run(resnet, folder, tmp_path / "s")
+    _run(resnet, folder, tmp_path / "s")
     with pytest.raises(CorruptFileError, match="no activation store"):
         ActivationStore.open(tmp_path / "missing")
     (tmp_path / "s" / "shards" / "maps_00001.npy").write_bytes(b"\x93NUMPY broken")

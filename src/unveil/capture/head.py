@@ -24,8 +24,8 @@ import torch
 from torch import fx, nn
 
 from .._errors import HeadError, LayerError
-from .hooks import TokenLayout, hooks, model_device_dtype
-from .layers import _probe_forward, get_layer, suggest
+from .hooks import TokenLayout, hooks
+from .layers import _probe_forward, get_layer, model_device_dtype, suggest
 
 __all__ = ["make_head", "valid_cuts", "FrozenHead"]
 logger = logging.getLogger("unveil")

@@ -1,29 +1,24 @@
-"""Layers by name: the dotted names of ``model.named_modules()``, with "did you mean" errors."""
+"""Layers by name: the dotted names of ``model.named_modules()``, with "did you mean" errors.
+
+The bottom of :mod:`unveil.capture`: it imports nothing from the rest of the package but the core
+modules. (:func:`~unveil.capture.list_layers`, which needs hooks and heads, is in :mod:`.listing`.)
+"""
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
-from .._errors import LayerError, ValidationError
+from .._errors import LayerError
+from .._validation import suggest
 
-__all__ = ["layer_names", "get_layer", "list_layers", "LayerInfo", "suggest"]
+__all__ = ["layer_names", "get_layer", "suggest", "model_device_dtype"]
 
 
 def layer_names(model: nn.Module) -> List[str]:
     """Dotted names of every sub-module of ``model`` (the root itself excluded), in definition order."""
     return [name for name, _ in model.named_modules() if name]
-
-
-def suggest(name: str, candidates: Sequence[str], n: int = 3) -> List[str]:
-    """The ``n`` candidates closest to ``name`` (difflib), best first."""
-    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
-    if not close:
-        close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.0)
-    return close
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
@@ -48,79 +43,12 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
                      f"List the layers with unveil.capture.list_layers(model) or `unveil layers --model M`.")
 
 
-@dataclass
-class LayerInfo:
-    """One sub-module: its name, class, output shape for one image, calls per forward, and whether a
-    head (the network above it) can be cut there automatically (None when the model is not traceable)."""
-
-    name: str
-    type: str
-    shape: Optional[Tuple[int, ...]]
-    calls: int
-    cut: Optional[bool] = None
-
-
-def _shape_of(out):
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return tuple(out[0].shape)
-    return None
-
-
-def list_layers(model: nn.Module, input_size: int = 224, with_cuts: bool = True) -> List[LayerInfo]:
-    """Every layer with its output shape (one forward of a random ``(1, 3, S, S)`` image with hooks).
-
-    The forward runs on copies of the model's buffers, so batch-norm statistics of a model in train
-    mode are not changed; the model is neither moved nor switched to eval mode.
-
-    Parameters
-    ----------
-    model : nn.Module
-    input_size : int
-        Side ``S`` of the square probe image.
-    with_cuts : bool
-        Also say, per layer, whether :func:`unveil.capture.make_head` can cut the model there.
-
-    Returns
-    -------
-    list of LayerInfo
-        In ``named_modules()`` order; ``shape`` is None for a layer the forward did not reach.
-
-    Examples
-    --------
-    >>> from unveil.models import load_model
-    >>> model, _, _ = load_model("resnet18")
-    >>> [(l.name, l.shape) for l in list_layers(model, 64) if l.name == "layer4"]
-    [('layer4', (1, 512, 2, 2))]
-    """
-    from .hooks import hooks, model_device_dtype
-
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
-        raise ValidationError(f"input_size must be a positive integer, got {input_size!r}.")
-    names = layer_names(model)
-    device, dtype = model_device_dtype(model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 3, input_size, input_size, generator=g).to(device=device, dtype=dtype)
-    with hooks(model, names, clone=False) as rec:
-        try:
-            _probe_forward(model, x)
-        except Exception as exc:  # noqa: BLE001 - a wrong input size is the usual cause
-            raise ValidationError(f"a forward pass of a (1, 3, {input_size}, {input_size}) image through "
-                                  f"{type(model).__name__} failed ({type(exc).__name__}: {exc}); pass the "
-                                  f"input size the model expects (--input-size).") from None
-        infos = [LayerInfo(n, type(m).__name__, _shape_of(rec.outputs[n][0]) if rec.outputs.get(n) else None,
-                           len(rec.outputs.get(n, [])))
-                 for n, m in model.named_modules() if n]
-    if with_cuts:
-        from .head import valid_cuts
-        try:
-            ok = set(valid_cuts(model))
-        except Exception:  # noqa: BLE001 - untraceable model: cut unknown
-            ok = None
-        for info in infos:
-            info.cut = None if ok is None else info.name in ok
-    return infos
+def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first parameter (or buffer); CPU/float32 if it has none."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
 
 
 def _probe_forward(model: nn.Module, x: torch.Tensor):

@@ -40,6 +40,9 @@ from .._errors import CorruptFileError, HeadError, OutputExistsError, Validation
 from .._io import LOCK_NAME, atomic_write_json, atomic_writer, folder_lock, safe_relpath, sha256_file, versions
 from .._progress import progress as _progress
 from .._validation import check_positive_int, make_generator
+from ..data.images import ImageFolder, Preprocessing, load_batch, scan_images
+from ..models import available_models, load_model
+from .head import make_head
 from .hooks import Capturer, TokenLayout
 
 __all__ = ["ActivationStore", "extract", "head_for_store"]
@@ -372,7 +375,6 @@ class _Source:
     """The images to extract from: a folder (decoded lazily) or a tensor."""
 
     def __init__(self, images, preprocessing, labels):
-        from ..data.images import ImageFolder, Preprocessing, scan_images
         self.folder = None
         self.tensor = None
         if isinstance(images, torch.Tensor):
@@ -410,7 +412,6 @@ class _Source:
     def load(self, indices: Sequence[int]):
         if self.tensor is not None:
             return self.tensor[list(indices)], list(indices), []
-        from ..data.images import load_batch
         return load_batch(self.folder, indices, self.preprocessing)
 
 
@@ -808,7 +809,6 @@ def head_for_store(store: Union[ActivationStore, str, os.PathLike], model: Optio
         If the store is subsampled (the maps lost their spatial layout), or the model cannot be
         rebuilt or cut at the layer.
     """
-    from .head import make_head
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store)
     m = store.manifest
@@ -836,7 +836,6 @@ _OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 def _rebuild_model(store: ActivationStore, model_name: Optional[str], weights) -> nn.Module:
     """Rebuild the store's model from a registered name (or the caller's), never from the file alone."""
-    from ..models import available_models, load_model
     src = store.manifest.get("model")
     where = f"the store at {str(store.path)!r}"
     if not src:

@@ -27,6 +27,10 @@ from torch import nn
 from .._errors import CorruptFileError, HeadError, LayerError, ValidationError
 from .._io import load_bundle, save_bundle
 from .._validation import check_in_range, check_positive_int
+from ..capture.head import make_head
+from ..capture.hooks import capture
+from ..capture.layers import get_layer, model_device_dtype
+from ..directions.pairs import DirectionPairs
 from .counterfactual import check_images
 from .intervention import check_strength, edit_layer, edit_maps, resolve_concepts, resolve_directions
 
@@ -35,7 +39,6 @@ logger = logging.getLogger("unveil")
 
 
 def _subset_pairs(pairs, idx: Sequence[int]):
-    from ..directions.pairs import DirectionPairs
     idx = list(idx)
     return DirectionPairs(pairs.decoders[idx], pairs.biases[idx], pairs.encoders[idx], pairs.mean,
                           names=[pairs.names[i] for i in idx], meta=pairs.meta)
@@ -85,7 +88,6 @@ class CorrectedModel(nn.Module):
                  nonneg: Optional[bool] = None, tokens: str = "patches", model_id: Optional[str] = None,
                  direction_name: Optional[str] = None):
         super().__init__()
-        from ..capture.layers import get_layer
         if not isinstance(model, nn.Module):
             raise ValidationError(f"model must be a torch nn.Module, got {type(model).__name__}.")
         get_layer(model, layer)
@@ -99,7 +101,6 @@ class CorrectedModel(nn.Module):
                 raise ValidationError("the default edit direction 'mean-difference' is measured on images: pass "
                                       "reference=images (N, C, H, W) where the concepts occur, e.g. the held-out "
                                       "images, or direction='signal' to edit along the signal vectors.")
-            from ..capture import capture
             maps = capture(model, layer, check_images(reference), tokens=tokens)
         V = resolve_directions(pairs, self.concepts, direction, maps=maps)
         self.direction_kind = (direction.replace("-", "_") if isinstance(direction, str)
@@ -144,7 +145,6 @@ class CorrectedModel(nn.Module):
     @classmethod
     def load(cls, path, model: nn.Module) -> "CorrectedModel":
         """Rebuild a saved correction around ``model`` (the same model it was made for)."""
-        from ..directions.pairs import DirectionPairs
         tensors, doc = load_bundle(path, "correction")
         checks = {"layer": lambda v: isinstance(v, str) and bool(v),
                   "concepts": lambda v: isinstance(v, list) and all(isinstance(c, int) and not isinstance(c, bool)
@@ -234,14 +234,12 @@ class _Evaluator:
         self.head = head
         if head is None:
             try:
-                from ..capture import make_head
                 self.head = make_head(model, layer, tokens=tokens, input_size=int(images.shape[-1]))
             except (HeadError, LayerError) as exc:
                 logger.info("no head for layer %r (%s); evaluating with full forward passes", layer, exc)
                 self.head = None
         self.maps = None
         if self.head is not None:
-            from ..capture import capture
             self.maps = capture(model, layer, self.images, batch_size=batch_size, tokens=tokens)
 
     @torch.no_grad()
@@ -253,7 +251,6 @@ class _Evaluator:
                 logits = self.head(fn(m) if fn is not None else m)
                 correct += int((logits.argmax(1).cpu() == self.labels[s:s + self.batch_size]).sum())
         else:
-            from ..capture.hooks import model_device_dtype
             device, dtype = model_device_dtype(self.model)
             for s in range(0, self.images.shape[0], self.batch_size):
                 xb = self.images[s:s + self.batch_size].to(device=device, dtype=dtype)
@@ -372,7 +369,6 @@ def _reference_maps(direction, ev, ev_clean, model, layer, batch_size, tokens):
         if e is None:
             continue
         if e.maps is None:
-            from ..capture import capture
             parts.append(capture(model, layer, e.images, batch_size=batch_size, tokens=tokens))
         else:
             parts.append(e.maps)
@@ -383,7 +379,6 @@ def _grid_from(ev, model, layer, pairs, idx, batch_size, tokens) -> List[float]:
     """:func:`default_grid` on the evaluator's held-out maps (the first 256 images when there are none)."""
     maps = ev.maps
     if maps is None:
-        from ..capture import capture
         maps = capture(model, layer, ev.images[:256], batch_size=batch_size, tokens=tokens)
     return default_grid(pairs, idx, maps)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from .._errors import ValidationError
 from .._validation import check_positive_int
+from ..capture.layers import model_device_dtype
 from .intervention import check_strength, edit_layer, edit_maps, resolve_concepts
 
 __all__ = ["Counterfactual", "counterfactual", "check_images"]
@@ -104,7 +105,6 @@ def counterfactual(model: nn.Module, layer: str, pairs, images, concept, *, stre
     >>> cf = counterfactual(model, "layer4", pairs, images, concept=3)  # doctest: +SKIP
     >>> cf.probs_after.shape, cf.flipped.float().mean()                # doctest: +SKIP
     """
-    from ..capture.hooks import model_device_dtype
     images = check_images(images)
     batch_size = check_positive_int(batch_size, "batch_size")
     idx = resolve_concepts(pairs, concept)

@@ -25,8 +25,10 @@ position p of the layer's feature map is edited as
   edited map stays a possible output of the layer. ``nonneg=None`` detects this per batch (all
   activations ≥ 0); ``True``/``False`` force it.
 
-:func:`edit_layer` applies such an edit inside a model's forward pass with a forward hook that
-replaces the layer's output; the hook is removed when the ``with`` block exits, also on errors.
+:func:`edit_layer` applies such an edit inside a model's forward pass: it is
+:func:`unveil.capture.on_layer` with ``replace=``, so the edit sees the layer's maps exactly as
+:func:`unveil.capture.capture` returns them; the hook is removed when the ``with`` block exits,
+also on errors.
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .._errors import LayerError, ValidationError
+from .._errors import ValidationError
 from .._validation import check_maps, check_positive_int
+from ..capture.hooks import on_layer
 
 __all__ = ["edit_maps", "edit_layer", "resolve_concepts", "resolve_directions", "check_strength",
            "mean_difference_directions", "MODES", "DIRECTIONS"]
@@ -272,24 +275,6 @@ def edit_maps(X, pairs, concepts, *, strength: Optional[float] = None, mode: str
 
 
 # ------------------------------------------------------------------------------------- hooks
-def _edit_output(out, fn: Callable[[torch.Tensor], torch.Tensor], layer: str, tokens: str, prefix_tokens):
-    """Apply ``fn`` (maps -> maps) to a layer output (maps, vectors or tokens) and return the new output."""
-    from ..capture.hooks import TokenLayout
-    if not isinstance(out, torch.Tensor):
-        raise LayerError(f"layer {layer!r} returns a {type(out).__name__}, not a tensor; it cannot be edited. "
-                         f"Pick a layer whose output is one tensor.")
-    if out.dim() == 4:
-        return fn(out)
-    if out.dim() == 2:
-        return fn(out[:, :, None, None])[:, :, 0, 0]
-    layout = TokenLayout.infer(out, None, tokens, prefix_tokens, layer)
-    P = layout.n_dropped
-    patches = out[:, P:, :]
-    maps = patches.transpose(1, 2).reshape(out.shape[0], out.shape[2], *layout.grid)
-    new = fn(maps).flatten(2).transpose(1, 2)
-    return torch.cat([out[:, :P, :], new], dim=1) if P else new
-
-
 @contextmanager
 def edit_layer(model: nn.Module, layer: str, fn: Callable[[torch.Tensor], torch.Tensor], *,
                tokens: str = "patches", prefix_tokens: Optional[int] = None) -> Iterator[None]:
@@ -297,7 +282,9 @@ def edit_layer(model: nn.Module, layer: str, fn: Callable[[torch.Tensor], torch.
 
     ``fn`` receives the output as ``(N, D, H, W)`` maps (vectors as ``(N, D, 1, 1)``, ViT tokens
     on their patch grid; prefix tokens are passed through unchanged) and returns maps of the same
-    shape. The hook is removed when the block exits, also when it raises.
+    shape. The hook is removed when the block exits, also when it raises. This is
+    :func:`unveil.capture.on_layer` with ``replace=fn``; the maps are laid out exactly as
+    :func:`unveil.capture.capture` returns them.
 
     Examples
     --------
@@ -308,14 +295,5 @@ def edit_layer(model: nn.Module, layer: str, fn: Callable[[torch.Tensor], torch.
     ...     net(torch.ones(1, 1, 2, 2)).abs().sum().item()
     0.0
     """
-    from ..capture.layers import get_layer
-    module = get_layer(model, layer)
-
-    def hook(_m, _inp, out):
-        return _edit_output(out, fn, layer, tokens, prefix_tokens)
-
-    handle = module.register_forward_hook(hook)
-    try:
+    with on_layer(model, layer, replace=fn, tokens=tokens, prefix_tokens=prefix_tokens):
         yield
-    finally:
-        handle.remove()

@@ -13,8 +13,9 @@ For an image with predicted class c, the explanation holds
   is removed alone; contributions are not additive in general. A positive contribution means the
   concept supported the predicted class.
 
-The removal runs inside the model's forward pass (a forward hook on the layer, removed afterwards),
-so it works for any model, also where no head can be cut.
+The maps are recorded, and the removal runs, inside the model's forward pass
+(:func:`unveil.capture.on_layer`, a forward hook on the layer removed afterwards), so it works for
+any model, also where no head can be cut.
 """
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from torch import nn
 
 from .._errors import ValidationError
 from .._validation import check_positive_int
+from ..capture.hooks import on_layer
+from ..capture.layers import model_device_dtype
 from ..edit.counterfactual import check_images
-from ..edit.intervention import check_strength, edit_layer, edit_maps
+from ..edit.intervention import check_strength, edit_maps
 
 __all__ = ["Explanation", "explain", "plot_explanation"]
 
@@ -118,24 +121,17 @@ def explain(model: nn.Module, layer: str, pairs, images, *, top_k: int = 5, remo
     top_k = check_positive_int(top_k, "top_k")
     batch_size = check_positive_int(batch_size, "batch_size")
     k = check_strength(remove_strength)
-    from ..capture.hooks import model_device_dtype
     device, dtype = model_device_dtype(model)
     I = pairs.n_concepts
     out: List[Explanation] = []
     for s in range(0, images.shape[0], batch_size):
         xb = images[s:s + batch_size].to(device=device, dtype=dtype)
-        seen = {}
-
-        def record(m):
-            seen["maps"] = m.detach()
-            return m
-
-        with edit_layer(model, layer, record, tokens=tokens):
+        with on_layer(model, layer, record=True, tokens=tokens) as seen:
             logits = model(xb).float()
-        if "maps" not in seen:
+        if not seen.maps:
             raise ValidationError(f"layer {layer!r} was not called during the forward pass; pick the layer the "
                                   f"pairs were fitted on.")
-        X = seen["maps"]
+        X = seen.last
         det = pairs.detect(X.float()).cpu()  # also checks the width against the pairs
         use_nonneg = bool((X >= 0).all()) if nonneg is None else bool(nonneg)
         pred = logits.argmax(1)
@@ -145,7 +141,7 @@ def explain(model: nn.Module, layer: str, pairs, images, *, top_k: int = 5, remo
         for i in range(I):
             def remove(m, _i=i):
                 return edit_maps(m, pairs, [_i], strength=k, mode="remove", nonneg=use_nonneg)
-            with edit_layer(model, layer, remove, tokens=tokens):
+            with on_layer(model, layer, replace=remove, tokens=tokens):
                 li = model(xb).float()
             contrib[:, i] = (base - li[rows, pred]).cpu()
         probs = logits.softmax(1).cpu()

@@ -30,6 +30,7 @@ from torch import nn
 
 from .._errors import ValidationError
 from .._io import sha256_file
+from .._validation import suggest
 from ..data.images import Preprocessing
 
 __all__ = ["load_model", "load_weights", "available_models", "model_source",
@@ -232,7 +233,6 @@ def load_model(name: str, weights=None, **options) -> Tuple[nn.Module, Preproces
             raise ValidationError(f"{name!r} returned a {type(model).__name__}, not a torch nn.Module.")
         pre, random_init = Preprocessing.imagenet(size), True
     else:
-        from ..capture.layers import suggest
         close = suggest(name, available_models(), n=1)
         raise ValidationError(f"unknown model {name!r}; expected one of {', '.join(available_models())} or "
                               f"package.module:factory." + (f" Did you mean {close[0]!r}?" if close else ""))
