@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from unveil._io import atomic_write_bytes, atomic_write_json
-from unveil.demo import run_demo
+from unveil import run_demo
 
 
 def _table(doc: dict) -> str:

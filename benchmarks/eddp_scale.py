@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from unveil._io import atomic_write_json
-from unveil.evaluate.benchmark_synthetic import (ceiling_fractions, format_table, run_synthetic_benchmark)
+from unveil.experiments.synthetic import (ceiling_fractions, format_table, run_synthetic_benchmark)
 
 METHODS = ["supervised", "eddp", "eddp-init", "nmf"]
 

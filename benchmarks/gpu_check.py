@@ -53,7 +53,7 @@ def _paper(device: str) -> dict:
 
 def _scale(device: str, sizes, n_concepts: int, budget: float, t0: float) -> list:
     from unveil import EDDP
-    from unveil.evaluate.benchmark_synthetic import SupervisedCeiling, _make_data
+    from unveil.experiments.synthetic import SupervisedCeiling, _make_data
     from unveil.evaluate.recovery import score_pairs
 
     rows = []

@@ -38,7 +38,7 @@ def main() -> int:
                    help="a WorldNet checkpoint trained with a watermark (default: the shipped worldnet-shortcut)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from unveil.evaluate.shortcut import run_shortcut_experiment
+    from unveil.experiments.shortcut import run_shortcut_experiment
     t0 = time.perf_counter()
     res = run_shortcut_experiment(layer=args.layer, n_concepts=args.concepts, n_fit=args.n_fit, n_val=args.n_val,
                                   n_test=args.n_test, seed=args.seed, actmax=not args.no_actmax,

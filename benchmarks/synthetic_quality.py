@@ -16,7 +16,7 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     from unveil._io import atomic_write_bytes, atomic_write_json
-    from unveil.evaluate.benchmark_synthetic import METHODS, format_table, run_synthetic_benchmark
+    from unveil.experiments.synthetic import METHODS, format_table, run_synthetic_benchmark
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=["paper", "hard"], default="paper")

@@ -2,15 +2,27 @@
 
 Heavy modules (models, reports) are imported lazily; ``import unveil`` stays fast.
 """
-__version__ = "0.1.0"
-
+from ._version import __version__
 from ._errors import (BusyError, CorruptFileError, DistributedError, HeadError, LayerError,  # noqa: E402
                       NotFittedError, OutputExistsError, UnveilError, ValidationError)
 from .directions import EDDP, DirectionPairs  # noqa: E402
 
-__all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "influence", "UnveilError", "ValidationError", "NotFittedError",
-           "CorruptFileError", "LayerError", "HeadError", "OutputExistsError", "BusyError",
-           "DistributedError"]
+__all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "influence", "run_demo", "UnveilError",
+           "ValidationError", "NotFittedError", "CorruptFileError", "LayerError", "HeadError", "OutputExistsError",
+           "BusyError", "DistributedError"]
+
+
+def run_demo(out="unveil-demo", **kwargs):
+    """``unveil demo`` from Python: :func:`unveil.experiments.demo.run_demo` (same keyword arguments), which
+    writes ``results.json`` and ``eddp_pairs/``, with :func:`unveil.report.write_report` writing ``report.html``.
+    Returns the content of ``results.json``.
+
+    >>> res = unveil.run_demo("demo-out", fast=True, progress=False)  # doctest: +SKIP
+    """
+    from .experiments.demo import run_demo as run_experiment
+    from .report import write_report
+    kwargs.setdefault("write_report", write_report)
+    return run_experiment(out, **kwargs)
 
 
 def __getattr__(name):

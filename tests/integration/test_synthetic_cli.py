@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from unveil.cli import main
-from unveil.evaluate.benchmark_synthetic import format_table, run_synthetic_benchmark, summarize
+from unveil.experiments.synthetic import format_table, run_synthetic_benchmark, summarize
 
 METHODS = ["pca", "sae-0.1", "pattern-cav"]
 

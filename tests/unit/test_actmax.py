@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from unveil import DirectionPairs, ValidationError
-from unveil.evaluate.actmax import maximize_detectors, pattern_cav_directions
+from unveil.explain.actmax import maximize_detectors, pattern_cav_directions
 
 torch.set_num_threads(1)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from unveil.evaluate.shortcut import watermark_iou
+from unveil.experiments.shortcut import watermark_iou
 
 
 def test_watermark_iou_known_overlap():
@@ -22,7 +22,7 @@ def test_watermark_iou_known_overlap():
 
 def test_experiment_rejects_a_checkpoint_without_watermark():
     from unveil import ValidationError
-    from unveil.evaluate.shortcut import run_shortcut_experiment
+    from unveil.experiments.shortcut import run_shortcut_experiment
     from unveil.models.worldnet import checkpoint_path
     with pytest.raises(ValidationError, match="was not trained with a watermark"):
         run_shortcut_experiment(checkpoint=checkpoint_path(shortcut=False), n_fit=7, n_val=7, n_test=7,
@@ -31,7 +31,7 @@ def test_experiment_rejects_a_checkpoint_without_watermark():
 
 def test_grid_reaches_well_past_the_default():
     from unveil.edit.correction import default_grid
-    from unveil.evaluate.shortcut import GRID_MULTIPLIERS
+    from unveil.experiments.shortcut import GRID_MULTIPLIERS
     import inspect
     default_top = max(inspect.signature(default_grid).parameters["multipliers"].default)
     assert GRID_MULTIPLIERS[0] == 0 and max(GRID_MULTIPLIERS) >= 4 * default_top
@@ -39,7 +39,7 @@ def test_grid_reaches_well_past_the_default():
 
 
 def test_concept_iou_matches_watermark_iou_per_concept():
-    from unveil.evaluate.shortcut import concept_iou
+    from unveil.experiments.shortcut import concept_iou
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(5, 4, 3, 3, generator=g)
     masks = torch.rand(5, 3, 12, 12, generator=g) > 0.6
@@ -54,6 +54,6 @@ def test_concept_iou_matches_watermark_iou_per_concept():
 
 def test_experiment_rejects_an_unknown_detector_rule():
     from unveil import ValidationError
-    from unveil.evaluate.shortcut import run_shortcut_experiment
+    from unveil.experiments.shortcut import run_shortcut_experiment
     with pytest.raises(ValidationError, match="detectors must be 'select', 'label' or 'best'"):
         run_shortcut_experiment(detectors="all", n_fit=7, n_val=7, n_test=7, actmax=False)

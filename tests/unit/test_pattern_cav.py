@@ -33,7 +33,7 @@ def test_pattern_cavs_and_eddp_detectors_on_planted_concepts():
     # detector 0 reads concept 1, detector 1 concept 0, detector 2 the distractor
     pairs = DirectionPairs(torch.tensor([[0.0, 10, 0], [10, 0, 0], [0, 0, 10]]), torch.tensor([15.0, 15, 5]),
                            torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]]))
-    from unveil.evaluate.shortcut import concept_iou
+    from unveil.experiments.shortcut import concept_iou
     it, iv = concept_iou(pairs.detect(mt), kt).numpy(), concept_iou(pairs.detect(mv), kv).numpy()
     cmp = compare_with_pattern_cavs(mt, kt, mv, kv, pairs, it, iv, concept_names=["a", "b"], min_cells=10)
     assert cmp.concepts == ["a", "b"] and cmp.eddp_detector == [1, 0]

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from .. import __version__
+from .._version import __version__
 from .._errors import UnveilError
 
 # modules in this package that define sub-commands, in the order `unveil --help` lists them

@@ -167,7 +167,7 @@ def parse_levels(text):
 def _fit(args) -> int:
     import math
 
-    from .. import EDDP
+    from ..directions import EDDP
     from .. import _distributed as D
     from .._device import check_device
     from .._errors import OutputExistsError, ValidationError

@@ -33,12 +33,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from ..experiments.demo import run_demo
+    from ..report import write_report
     from .capture import parse_levels
 
     res = run_demo(args.out, layer=args.layer, n_concepts=args.n_concepts, shortcut=args.shortcut,
                    fast=args.fast, progress=not args.no_progress, seed=args.seed, efficientnet=args.efficientnet,
-                   levels=parse_levels(args.levels))
+                   levels=parse_levels(args.levels), write_report=write_report)
     d = res["dissection"]
     cols = ("S1", "S2", "n_interpretable", "n_distinct", "mF1")
     print(f"model {res['model']['name']} layer {res['model']['layer']}: accuracy {res['model']['test_acc']:.3f}")

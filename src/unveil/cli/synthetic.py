@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from ..evaluate.benchmark_synthetic import DEFAULT_METHODS, METHODS
+    from ..experiments.synthetic import DEFAULT_METHODS, METHODS
 
     p = subparsers.add_parser(
         "synthetic", help="score EDDP and baselines against planted concepts (synthetic benchmark)",
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from .._io import atomic_write_json, check_outputs_replaceable
     from .._validation import check_positive_int
-    from ..evaluate.benchmark_synthetic import format_table, run_synthetic_benchmark
+    from ..experiments.synthetic import format_table, run_synthetic_benchmark
 
     if args.head_epochs is not None:
         check_positive_int(args.head_epochs, "--head-epochs")

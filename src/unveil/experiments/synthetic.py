@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .._errors import ValidationError
 from .._progress import progress
 from .._validation import check_positive_int
-from .recovery import score_pairs
+from ..evaluate.recovery import score_pairs
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "run_synthetic_benchmark", "format_table", "summarize"]
 
@@ -225,6 +225,48 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
     from .._io import versions
     from ..data.synthetic import train_head
 
+    seeds, methods, skipped = _checked_arguments(seeds, setting, methods)
+    if head_epochs is None:
+        head_epochs = 200 if fast else 2000
+    results = {m: {"description": METHODS[m], "per_seed": []} for m in methods}
+    heads = []
+    bar = progress(total=len(seeds) * len(methods), enabled=show_progress, desc=f"synthetic ({setting})")
+    try:
+        for seed in seeds:
+            data = _make_data(setting, seed, fast, n_concepts=check_positive_int(n_concepts, "n_concepts"),
+                              patches=check_positive_int(scale_patches, "scale_patches"))
+            t0 = time.perf_counter()
+            head, acc = train_head(data, epochs=head_epochs, random_state=seed)
+            heads.append(_head_record(data, seed, acc, head_epochs, time.perf_counter() - t0))
+            log.info("seed %d: %d images, %d concepts, head accuracy %.4f", seed, data.X.shape[0],
+                     data.n_concepts, acc)
+            for name in methods:
+                bar.set_postfix_str(f"seed {seed} {name}")
+                rec = _fit_and_score(name, data, head, seed, fast, results[name])
+                results[name]["per_seed"].append(rec)
+                if on_result is not None:
+                    on_result(name, seed, rec)
+                bar.update(1)
+    finally:
+        bar.close()
+    for name in methods:
+        results[name]["summary"] = summarize(results[name]["per_seed"])
+    return _finite({"benchmark": "synthetic", "setting": setting, "seeds": seeds, "fast": bool(fast),
+                    "versions": versions(), "heads": heads, "methods": results, "skipped": skipped,
+                    "scoring": dict(_SCORING)})
+
+
+_SCORING = {
+    "iou": "detector positives (detect > 0.5) vs concept patches, Hungarian matching maximising IoU",
+    "encoder_cosine": "|cos| of matched encoder with the true S row (absolute for every method)",
+    "decoder_cosine": "|cos| of matched decoder with the ideal filter row of pinv([S | Dist])",
+    "rmse": "RMSE of mean-centred signal values read along unit-norm encoders vs true centred alpha",
+    "rmse_raw_overall": "same, with the encoders exactly as the method gives them",
+    "worst": "min over seeds for IoU/cosines, max for RMSE/off-diagonal/seconds"}
+
+
+def _checked_arguments(seeds, setting, methods) -> Tuple[List[int], List[str], Dict[str, str]]:
+    """Seeds as ints, the methods to run (eddp left out when unavailable) and the skipped ones with why."""
     if setting not in SETTINGS:
         raise ValidationError(f"setting must be one of {SETTINGS}, got {setting!r}.")
     seeds = [int(s) for s in seeds]
@@ -246,60 +288,39 @@ def run_synthetic_benchmark(seeds: Sequence[int] = (0, 1, 2, 3, 4), setting: str
             log.warning("skipping eddp: unveil.EDDP is not available (%s)", exc)
             skipped["eddp"] = f"not available: {exc}"
             methods.remove("eddp")
-    if head_epochs is None:
-        head_epochs = 200 if fast else 2000
-    results = {m: {"description": METHODS[m], "per_seed": []} for m in methods}
-    heads = []
-    bar = progress(total=len(seeds) * len(methods), enabled=show_progress, desc=f"synthetic ({setting})")
+    return seeds, methods, skipped
+
+
+def _head_record(data, seed: int, acc: float, epochs: int, seconds: float) -> dict:
+    """One seed's entry of ``heads``: the head's accuracy and the data's size and generation parameters."""
+    return {"seed": seed, "accuracy": acc, "epochs": epochs, "seconds": seconds,
+            "data": {"n_images": int(data.X.shape[0]), "n_features": int(data.X.shape[1]),
+                     "patches": int(data.X.shape[2] * data.X.shape[3]),
+                     "n_concepts": data.n_concepts, "n_distractors": int(data.Dist.shape[0]),
+                     "n_classes": data.n_classes, "noise": float(data.noise),
+                     **{k: v for k, v in data.info.items() if k != "random_state"}}}
+
+
+def _fit_and_score(name: str, data, head, seed: int, fast: bool, method_doc: dict) -> dict:
+    """Fit one method on one seed's data and score it; a failure is recorded, not raised.
+
+    Sets the method's ``detection_rule`` in ``method_doc`` on its first success.
+    """
+    rec = {"seed": seed}
     try:
-        for seed in seeds:
-            data = _make_data(setting, seed, fast, n_concepts=check_positive_int(n_concepts, "n_concepts"),
-                              patches=check_positive_int(scale_patches, "scale_patches"))
-            t0 = time.perf_counter()
-            head, acc = train_head(data, epochs=head_epochs, random_state=seed)
-            heads.append({"seed": seed, "accuracy": acc, "epochs": head_epochs,
-                          "seconds": time.perf_counter() - t0,
-                          "data": {"n_images": int(data.X.shape[0]), "n_features": int(data.X.shape[1]),
-                                   "patches": int(data.X.shape[2] * data.X.shape[3]),
-                                   "n_concepts": data.n_concepts, "n_distractors": int(data.Dist.shape[0]),
-                                   "n_classes": data.n_classes, "noise": float(data.noise),
-                                   **{k: v for k, v in data.info.items() if k != "random_state"}}})
-            log.info("seed %d: %d images, %d concepts, head accuracy %.4f", seed, data.X.shape[0],
-                     data.n_concepts, acc)
-            for name in methods:
-                bar.set_postfix_str(f"seed {seed} {name}")
-                rec = {"seed": seed}
-                try:
-                    est, how = _make(name, data.n_concepts, seed, fast)
-                    t = time.perf_counter()
-                    _fit(est, how, data, head)
-                    rec["fit_seconds"] = time.perf_counter() - t
-                    pairs = est.pairs_
-                    rec.update(score_pairs(pairs, data).to_dict())
-                    meta = pairs.meta or {}
-                    results[name].setdefault("detection_rule", meta.get("detection_rule",
-                                                                        "sigmoid(w^T x - b) > 0.5"))
-                    rec["meta"] = {k: v for k, v in meta.items() if k != "detection_rule"}
-                except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' numbers
-                    log.warning("%s failed on seed %d: %s: %s", name, seed, type(exc).__name__, exc)
-                    rec["error"] = f"{type(exc).__name__}: {exc}"
-                results[name]["per_seed"].append(rec)
-                if on_result is not None:
-                    on_result(name, seed, rec)
-                bar.update(1)
-    finally:
-        bar.close()
-    for name in methods:
-        results[name]["summary"] = summarize(results[name]["per_seed"])
-    return _finite({"benchmark": "synthetic", "setting": setting, "seeds": seeds, "fast": bool(fast),
-            "versions": versions(), "heads": heads, "methods": results, "skipped": skipped,
-            "scoring": {
-                "iou": "detector positives (detect > 0.5) vs concept patches, Hungarian matching maximising IoU",
-                "encoder_cosine": "|cos| of matched encoder with the true S row (absolute for every method)",
-                "decoder_cosine": "|cos| of matched decoder with the ideal filter row of pinv([S | Dist])",
-                "rmse": "RMSE of mean-centred signal values read along unit-norm encoders vs true centred alpha",
-                "rmse_raw_overall": "same, with the encoders exactly as the method gives them",
-                "worst": "min over seeds for IoU/cosines, max for RMSE/off-diagonal/seconds"}})
+        est, how = _make(name, data.n_concepts, seed, fast)
+        t = time.perf_counter()
+        _fit(est, how, data, head)
+        rec["fit_seconds"] = time.perf_counter() - t
+        pairs = est.pairs_
+        rec.update(score_pairs(pairs, data).to_dict())
+        meta = pairs.meta or {}
+        method_doc.setdefault("detection_rule", meta.get("detection_rule", "sigmoid(w^T x - b) > 0.5"))
+        rec["meta"] = {k: v for k, v in meta.items() if k != "detection_rule"}
+    except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others' numbers
+        log.warning("%s failed on seed %d: %s: %s", name, seed, type(exc).__name__, exc)
+        rec["error"] = f"{type(exc).__name__}: {exc}"
+    return rec
 
 
 def _finite(obj):

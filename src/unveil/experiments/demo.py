@@ -1,4 +1,5 @@
-"""``unveil demo``: the whole method end to end on the concept world, with an HTML report.
+"""``unveil demo``: the whole method end to end on the concept world (the HTML report is written by the caller's
+``write_report``: :func:`unveil.run_demo` and the command line pass :func:`unveil.report.write_report`).
 
 Pipeline (each stage timed and shown with a progress bar)::
 
@@ -7,7 +8,7 @@ Pipeline (each stage timed and shown with a progress bar)::
     ->  Network Dissection of every method (labels from train, scores on val)
     ->  RCAV influence of the EDDP directions on the classes (against permuted-label noise directions)
     ->  EDDP's detectors against supervised Pattern-CAVs, concept by concept (S³)
-    ->  DIR/results.json (atomic) + DIR/report.html (self-contained) + DIR/eddp_pairs/
+    ->  DIR/results.json (atomic) + DIR/eddp_pairs/ (+ DIR/report.html, self-contained, by write_report)
 
 Detection rules (all label-free, stated in the report and in ``results.json``):
 
@@ -32,14 +33,14 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from ._errors import ValidationError
-from ._progress import progress as _progress
-from ._validation import check_positive_int
+from .._errors import ValidationError
+from .._progress import progress as _progress
+from .._validation import check_positive_int
 
 __all__ = ["DemoConfig", "run_demo", "compare_pretrained_random", "BASELINES"]
 
@@ -84,7 +85,7 @@ class DemoConfig:
     extra_layers: tuple = ("layer3",)  # EDDP + dissection only (no baselines, no RCAV), for a layer table
     n_explanations: int = 4  # explanation gallery (validation images)
     n_counterfactuals: int = 2  # of the gallery images: the top concept removed
-    # --shortcut only: keyword arguments of unveil.evaluate.shortcut.run_shortcut_experiment (the layer and
+    # --shortcut only: keyword arguments of unveil.experiments.shortcut.run_shortcut_experiment (the layer and
     # number of concepts of benchmarks/results/shortcut.md, fewer fit/held-out/test images)
     shortcut_experiment: Dict[str, Any] = field(default_factory=lambda: {
         "layer": "layer2", "n_concepts": 64, "n_fit": 1000, "n_val": 500, "n_test": 800, "n_random": 10,
@@ -112,7 +113,7 @@ class _Materialized:
     """
 
     def __init__(self, ds, progress: bool = False, desc: str = "drawing"):
-        from .data.world import WorldSample
+        from ..data.world import WorldSample
         self._sample_cls = WorldSample
         n = len(ds)
         first = ds[0]
@@ -172,7 +173,7 @@ def _default_n_concepts(n_world_concepts: int) -> int:
 def _fit_baselines(train_maps: torch.Tensor, n_concepts: int, cfg: DemoConfig, seed: int, progress: bool,
                    timer: _Timer) -> Dict[str, Any]:
     """Fit every baseline on (a seeded random subsample of) the train patches; returns name -> pairs."""
-    from .directions.baselines import (ICABaseline, KMeansBaseline, NMFBaseline, PCABaseline,
+    from ..directions.baselines import (ICABaseline, KMeansBaseline, NMFBaseline, PCABaseline,
                                        SparseAutoencoder)
     P = train_maps.permute(0, 2, 3, 1).reshape(-1, train_maps.shape[1])
     if P.shape[0] > cfg.max_baseline_patches:
@@ -252,8 +253,8 @@ def _gallery_indices(val: "_Materialized", n: int, shortcut: bool) -> List[int]:
 
 def _explanations(net, layer, pairs, val, x_val, cfg: DemoConfig, shortcut: bool):
     """Explanation gallery and counterfactuals on validation images; returns (report objects, json doc)."""
-    from .edit import counterfactual
-    from .explain import explain
+    from ..edit import counterfactual
+    from ..explain import explain
     idx = _gallery_indices(val, cfg.n_explanations, shortcut) if cfg.n_explanations > 0 else []
     if not idx:
         return {}, None
@@ -292,8 +293,8 @@ def _influence(net, head, layer_name, m_val, val, pairs, names, cfg: DemoConfig,
     null. Returns the two :class:`~unveil.evaluate.influence.Influence` results and the ``results.json``
     section.
     """
-    from .directions.pairs import DirectionPairs
-    from .evaluate.influence import influence, permutation_noise_vectors
+    from ..directions.pairs import DirectionPairs
+    from ..evaluate.influence import influence, permutation_noise_vectors
     # above layer4 WorldNet is global average pool -> fc, so the pooled fast path applies
     pooled = net.fc if layer_name == "layer4" else None
     r_maps, r_labels = m_val, val.labels
@@ -332,7 +333,7 @@ def _influence(net, head, layer_name, m_val, val, pairs, names, cfg: DemoConfig,
 
 def _pattern_cav(m_train, m_val, train, val, pairs, eddp_res, cfg: DemoConfig) -> Optional[Dict[str, Any]]:
     """The S³ table (:func:`unveil.evaluate.pattern_cav.compare_with_pattern_cavs`) as a ``results.json`` section."""
-    from .evaluate.pattern_cav import compare_with_pattern_cavs
+    from ..evaluate.pattern_cav import compare_with_pattern_cavs
     try:
         cmp = compare_with_pattern_cavs(m_train, train.masks, m_val, val.masks, pairs, eddp_res.iou_train,
                                         eddp_res.iou_val, concept_names=[c.name for c in train.concepts],
@@ -348,8 +349,11 @@ def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str]
              n_concepts: Optional[int] = None, shortcut: bool = False, fast: bool = False,
              progress: bool = True, seed: int = 0, efficientnet: bool = False,
              config: Optional[DemoConfig] = None, threads: Optional[int] = 1,
-             levels: Any = "default") -> Dict[str, Any]:
-    """Run the full method on the concept world and write ``results.json`` and ``report.html``.
+             levels: Any = "default", write_report: Optional[Callable[..., Any]] = None) -> Dict[str, Any]:
+    """Run the full method on the concept world and write ``results.json`` (and, given a writer, ``report.html``).
+
+    :func:`unveil.run_demo` and ``unveil demo`` call this with ``write_report=unveil.report.write_report``
+    (the report layer sits above the experiments, so this module does not import it).
 
     Parameters
     ----------
@@ -384,6 +388,8 @@ def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str]
         current settings. The default 1 is deliberate: on a shared 2-core CPU the EDDP
         initialisation's L-BFGS ran ~10x faster and scikit-learn's FastICA/NMF ~10-15x faster on one
         thread than on two (oversubscribed BLAS threads spin and wait).
+    write_report : callable, optional
+        Writes ``DIR/report.html``, called as :func:`unveil.report.write_report` is; ``None`` writes no report.
 
     Returns
     -------
@@ -401,10 +407,11 @@ def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str]
     if not (isinstance(levels, str) and levels == "default"):
         config = replace(config if config is not None else (DemoConfig.fast_config() if fast else DemoConfig()),
                          eddp_levels=levels)
+    args = (out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config, write_report)
     if threads is None:
-        return _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config)
+        return _run_demo(*args)
     with _limit_threads(check_positive_int(threads, "threads")):
-        return _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config)
+        return _run_demo(*args)
 
 
 @contextlib.contextmanager
@@ -433,206 +440,338 @@ def _is_demo_results(doc: dict) -> bool:
 RESULTS_FORMAT = "unveil.demo_results"
 
 
-def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config):
-    from . import EDDP
-    from ._io import atomic_write_json, check_outputs_replaceable, versions
-    from .capture import capture, make_head
-    from .data.world import ConceptWorld
-    from .evaluate.dissection import dissect, fit_thresholds_on_train
-    from .models import load_model
-    from .models.worldnet import SHORTCUT_WATERMARK, evaluate_accuracy, load_worldnet
+# --------------------------------------------------------------------------- the stages, in run order
+@dataclass
+class _Run:
+    """What every stage reads: the run's settings, its seed and its stopwatch."""
 
+    cfg: DemoConfig
+    seed: int
+    progress: bool
+    shortcut: bool
+    timer: _Timer
+    load_start: Optional[List[float]]
+    t_start: float
+
+
+@dataclass
+class _WorldData:
+    """Stage 1: the world's train and validation splits, drawn once (images in [0, 1] as tensors too)."""
+
+    train: _Materialized
+    val: _Materialized
+    x_train: torch.Tensor
+    x_val: torch.Tensor
+    watermark: Any  # the WatermarkSpec stamped on the images (--shortcut), else None
+
+
+@dataclass
+class _LoadedModel:
+    """Stage 2: the network, the layer explained and the ``results.json`` "model" section."""
+
+    net: torch.nn.Module
+    model_id: str
+    layer: str
+    info: Dict[str, Any]
+
+
+@dataclass
+class _LayerMaps:
+    """Stage 3: the layer's activation maps on both splits and the head above the layer."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    head: Any
+
+    @property
+    def shape(self) -> List[int]:
+        return [int(x) for x in self.train.shape[1:]]
+
+
+@dataclass
+class _Dissection:
+    """Stage 6: every method's dissection (primary rules), the baselines' native-rule summaries, EDDP's maps."""
+
+    results: Dict[str, Any]
+    rules: Dict[str, str]
+    native: Dict[str, Any]
+    det_train: torch.Tensor
+    det_val: torch.Tensor
+
+
+@dataclass
+class _Findings:
+    """Stages 4 and 7-11: what goes into ``results.json`` and the report beyond the dissection."""
+
+    est: Any
+    names: List[str]  # "d<i>:<dissection label>" per EDDP detector
+    influence: Any
+    influence_control: Any
+    influence_doc: Dict[str, Any]
+    pattern_cav_doc: Optional[Dict[str, Any]] = None
+    shortcut_info: Optional[Dict[str, Any]] = None
+    layers_doc: Dict[str, Any] = field(default_factory=dict)
+    effnet: Optional[Dict[str, Any]] = None
+    applications: Dict[str, Any] = field(default_factory=dict)
+    applications_doc: Optional[Dict[str, Any]] = None
+    experiment: Optional[Dict[str, Any]] = None
+    pairs: Any = None  # EDDP's pairs with their names and meta, as saved in DIR/eddp_pairs
+
+
+def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config,
+              write_report):
+    from .._io import atomic_write_json, check_outputs_replaceable
+
+    cfg = _demo_config(config, fast, n_concepts, layer)
+    out = Path(out)
+    check_outputs_replaceable(out, {"results.json": _is_demo_results, "report.html": None})
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(cfg=cfg, seed=seed, progress=progress, shortcut=shortcut, timer=_Timer(), load_start=_loadavg(),
+               t_start=time.perf_counter())
+    data = _draw_world(run)                                                     # 1. data
+    I = cfg.n_concepts or _default_n_concepts(len(data.train.concepts))
+    model = _load_demo_model(run, model_name, data)                             # 2. model
+    maps = _capture_layer(run, model, data)                                     # 3. capture
+    with run.timer.stage("fit_eddp"):                                           # 4. EDDP
+        est = _eddp(cfg, I, seed, progress).fit(maps.train, head=maps.head)
+    base_pairs = _fit_baselines(maps.train, I, cfg, seed, progress, run.timer)  # 5. baselines
+    diss = _dissect_methods(run, data, maps, est, base_pairs, I)                # 6. dissection
+    found = _influence_stages(run, model, data, maps, est, diss)                # 7. influence, 7b. S³, 8. shortcut
+    found.layers_doc = _layer_table(run, model, data, maps, diss, I)            # 9. other layers
+    if efficientnet:                                                            # 10. EfficientNet
+        with run.timer.stage("efficientnet"):
+            found.effnet = compare_pretrained_random(n_train=min(cfg.n_train, 400), n_val=min(cfg.n_val, 200),
+                                                     seed=seed, progress=progress)
+    _applications(run, out, model, data, diss, found)                           # 11. pairs, gallery, experiment
+    doc = _results_doc(run, data, model, maps, diss, found, model_name=model_name, fast=fast, n_concepts=I)
+    if write_report is not None:
+        with run.timer.stage("report"):
+            _write_demo_report(write_report, out, doc, data, diss, found, cfg)
+    doc["timing"] = {**_timing(run), "loadavg_end": _loadavg()}
+    doc["machine"]["loadavg_end"] = doc["timing"]["loadavg_end"]
+    atomic_write_json(out / "results.json", doc)
+    logger.info("demo: wrote %s%s in %.1f s", out / "results.json",
+                "" if write_report is None else f" and {out / 'report.html'}", doc["timing"]["total_s"])
+    return doc
+
+
+def _demo_config(config: Optional[DemoConfig], fast: bool, n_concepts: Optional[int],
+                 layer: Optional[str]) -> DemoConfig:
     cfg = replace(config) if config is not None else (DemoConfig.fast_config() if fast else DemoConfig())
     if n_concepts is not None:
         cfg.n_concepts = check_positive_int(n_concepts, "n_concepts")
     if layer is not None:
         cfg.layer = layer
-    out = Path(out)
-    check_outputs_replaceable(out, {"results.json": _is_demo_results, "report.html": None})
-    out.mkdir(parents=True, exist_ok=True)
-    timer = _Timer()
-    load_start = _loadavg()
-    t_start = time.perf_counter()
-    watermark = SHORTCUT_WATERMARK if shortcut else None
+    return cfg
 
-    # 1. data -------------------------------------------------------------------------------
-    with timer.stage("data"):
-        train = _Materialized(ConceptWorld(cfg.n_train, split="train", seed=seed, watermark=watermark),
-                              progress, "world train split")
-        val = _Materialized(ConceptWorld(cfg.n_val, split="val", seed=seed, watermark=watermark),
-                            progress, "world val split")
-        x_train, x_val = train.images_tensor(), val.images_tensor()
-    n_world = len(train.concepts)
-    I = cfg.n_concepts or _default_n_concepts(n_world)
 
-    # 2. model ------------------------------------------------------------------------------
-    with timer.stage("model"):
+def _eddp(cfg: DemoConfig, n_concepts: int, seed: int, progress: bool):
+    """An unfitted EDDP with the demo's budgets."""
+    from ..directions import EDDP
+    return EDDP(n_concepts=n_concepts, steps=dict(cfg.eddp_steps), n_init=cfg.eddp_n_init,
+                init_rounds=cfg.eddp_init_rounds, max_init_patches=cfg.eddp_max_init_patches,
+                levels=cfg.eddp_levels, random_state=seed, progress=progress)
+
+
+def _timing(run: _Run) -> Dict[str, Any]:
+    return {"stages_s": dict(run.timer.seconds), "total_s": round(time.perf_counter() - run.t_start, 3),
+            "loadavg_start": run.load_start}
+
+
+def _draw_world(run: _Run) -> _WorldData:
+    from ..data.world import ConceptWorld
+    from ..models.worldnet import SHORTCUT_WATERMARK
+    watermark = SHORTCUT_WATERMARK if run.shortcut else None
+    with run.timer.stage("data"):
+        train = _Materialized(ConceptWorld(run.cfg.n_train, split="train", seed=run.seed, watermark=watermark),
+                              run.progress, "world train split")
+        val = _Materialized(ConceptWorld(run.cfg.n_val, split="val", seed=run.seed, watermark=watermark),
+                            run.progress, "world val split")
+        return _WorldData(train, val, train.images_tensor(), val.images_tensor(), watermark)
+
+
+def _load_demo_model(run: _Run, model_name: str, data: _WorldData) -> _LoadedModel:
+    from ..models import load_model
+    from ..models.worldnet import evaluate_accuracy, load_worldnet
+    with run.timer.stage("model"):
         net, _, model_id = load_model(model_name)
-        _, meta = load_worldnet(shortcut=shortcut, with_meta=True)
-        layer_name = cfg.layer or "layer4"
-        test_acc = evaluate_accuracy(net, x_val, val.labels)
-        model_info = {"name": model_name, "id": model_id, "layer": layer_name, "test_acc": test_acc,
-                      "test_acc_split": f"val ({len(val)} images, never seen in training)",
-                      "checkpoint_metrics": {k: v for k, v in meta.get("metrics", {}).items()
-                                             if k.endswith("accuracy") or k == "poisoned_predicted_as_target"}}
+        _, meta = load_worldnet(shortcut=run.shortcut, with_meta=True)
+        layer_name = run.cfg.layer or "layer4"
+        test_acc = evaluate_accuracy(net, data.x_val, data.val.labels)
+        info = {"name": model_name, "id": model_id, "layer": layer_name, "test_acc": test_acc,
+                "test_acc_split": f"val ({len(data.val)} images, never seen in training)",
+                "checkpoint_metrics": {k: v for k, v in meta.get("metrics", {}).items()
+                                       if k.endswith("accuracy") or k == "poisoned_predicted_as_target"}}
+    return _LoadedModel(net, model_id, layer_name, info)
 
-    # 3. capture ----------------------------------------------------------------------------
-    with timer.stage("capture"):
-        m_train = capture(net, layer_name, x_train, progress=progress)
-        m_val = capture(net, layer_name, x_val, progress=progress)
-        head = make_head(net, layer_name)
-    D, H, W = m_train.shape[1:]
 
-    # 4. EDDP -------------------------------------------------------------------------------
-    with timer.stage("fit_eddp"):
-        est = EDDP(n_concepts=I, steps=dict(cfg.eddp_steps), n_init=cfg.eddp_n_init,
-                   init_rounds=cfg.eddp_init_rounds, max_init_patches=cfg.eddp_max_init_patches,
-                   levels=cfg.eddp_levels, random_state=seed, progress=progress).fit(m_train, head=head)
-        pairs = est.pairs_
+def _capture_layer(run: _Run, model: _LoadedModel, data: _WorldData) -> _LayerMaps:
+    from ..capture import capture, make_head
+    with run.timer.stage("capture"):
+        m_train = capture(model.net, model.layer, data.x_train, progress=run.progress)
+        m_val = capture(model.net, model.layer, data.x_val, progress=run.progress)
+        return _LayerMaps(m_train, m_val, make_head(model.net, model.layer))
 
-    # 5. baselines --------------------------------------------------------------------------
-    base_pairs = _fit_baselines(m_train, I, cfg, seed, progress, timer)
 
-    # 6. dissection -------------------------------------------------------------------------
+def _dissect_methods(run: _Run, data: _WorldData, maps: _LayerMaps, est, base_pairs: Dict[str, Any],
+                     I: int) -> _Dissection:
+    """EDDP with its own rule, then every baseline with the NetDissect rule (and its own rule, for reference)."""
+    from ..evaluate.dissection import dissect, fit_thresholds_on_train
+    cfg, train, val, pairs = run.cfg, data.train, data.val, est.pairs_
     tr_idx, va_idx = list(range(len(train))), list(range(len(val)))
-    common = dict(val_dataset=val, top_k=cfg.top_k, progress=progress)
+    common = dict(val_dataset=val, top_k=cfg.top_k, progress=run.progress)
     results: Dict[str, Any] = {}
     rules: Dict[str, str] = {"eddp": "sigmoid(w.x - b) > 0.5 (its own hyperplane)" + (
         f"; levels of granularity {est.levels_} (coarsest first)" if len(est.levels_) > 1 else "")}
     native: Dict[str, Any] = {}
-    with timer.stage("dissect_eddp"):
+    with run.timer.stage("dissect_eddp"):
         with torch.no_grad():
-            det_train, det_val = pairs.detect(m_train), pairs.detect(m_val)
+            det_train, det_val = pairs.detect(maps.train), pairs.detect(maps.val)
         results["eddp"] = dissect(det_train, train, tr_idx, va_idx, threshold=0.5, val_maps=det_val,
                                   detector_names=[f"d{i}" for i in range(I)], **common)
     for name, bp in base_pairs.items():
-        with timer.stage(f"dissect_{name}"):
+        with run.timer.stage(f"dissect_{name}"):
             with torch.no_grad():
-                s_tr, s_va = bp.decision_function(m_train), bp.decision_function(m_val)
+                s_tr, s_va = bp.decision_function(maps.train), bp.decision_function(maps.val)
             thr = fit_thresholds_on_train(s_tr, train, tr_idx, quantile=cfg.quantile)
             results[name] = dissect(s_tr, train, tr_idx, va_idx, threshold=thr, val_maps=s_va,
                                     detector_names=[f"{name}{i}" for i in range(I)], **common)
             rules[name] = (f"component score > its top-{100 * (1 - cfg.quantile):.3g}% quantile over the train "
                            f"split (NetDissect rule, fit_thresholds_on_train(quantile={cfg.quantile}))")
             with torch.no_grad():
-                d_tr, d_va = bp.detect(m_train), bp.detect(m_val)
+                d_tr, d_va = bp.detect(maps.train), bp.detect(maps.val)
             nres = dissect(d_tr, train, tr_idx, va_idx, threshold=0.5, val_maps=d_va,
                            val_dataset=val, top_k=0, progress=False)
             native[name] = {**_dissect_summary(nres), "rule": bp.meta.get("detection_rule", "detect > 0.5")}
             del s_tr, s_va, d_tr, d_va
+    return _Dissection(results, rules, native, det_train, det_val)
 
-    # 7. influence --------------------------------------------------------------------------
-    eddp_res = results["eddp"]
+
+def _influence_stages(run: _Run, model: _LoadedModel, data: _WorldData, maps: _LayerMaps, est,
+                      diss: _Dissection) -> _Findings:
+    """RCAV influence of the EDDP directions, the S³ table and (--shortcut) the watermark detector."""
+    eddp_res = diss.results["eddp"]
     names = [f"d{i}:{lab}" if lab is not None else f"d{i}" for i, lab in enumerate(eddp_res.label_names())]
-    with timer.stage("influence"):
-        infl, infl_control, influence_doc = _influence(net, head, layer_name, m_val, val, pairs, names, cfg, seed,
-                                                       progress)
+    with run.timer.stage("influence"):
+        infl, control, doc = _influence(model.net, maps.head, model.layer, maps.val, data.val, est.pairs_, names,
+                                        run.cfg, run.seed, run.progress)
+    found = _Findings(est=est, names=names, influence=infl, influence_control=control, influence_doc=doc)
+    if run.cfg.pattern_cav:
+        with run.timer.stage("pattern_cav"):
+            found.pattern_cav_doc = _pattern_cav(maps.train, maps.val, data.train, data.val, est.pairs_, eddp_res,
+                                                 run.cfg)
+    if run.shortcut:
+        found.shortcut_info = _watermark_detector(data.train, diss.results, infl)
+    return found
 
-    # 7b. S³: EDDP's detectors against supervised Pattern-CAVs ---------------------------------
-    pattern_cav_doc = None
-    if cfg.pattern_cav:
-        with timer.stage("pattern_cav"):
-            pattern_cav_doc = _pattern_cav(m_train, m_val, train, val, pairs, eddp_res, cfg)
 
-    # 8. shortcut ---------------------------------------------------------------------------
-    shortcut_info = None
-    if shortcut:
-        wm = train.concepts.index(next(c for c in train.concepts if c.name == "watermark"))
-        iou = eddp_res.iou_val[:, wm]
-        best = int(np.argmax(iou))
-        shortcut_info = {"concept": "watermark", "detector": best, "iou_val": float(iou[best]),
-                         "iou_train": float(eddp_res.iou_train[best, wm]),
-                         "label": eddp_res.label_names()[best],
-                         "baselines_best_iou": {n: float(results[n].iou_val[:, wm].max()) for n in BASELINES},
-                         "rcav_scores": {c: (None if not np.isfinite(v) else float(v))
-                                         for c, v in zip(infl.class_names, infl.score[best])},
-                         "rcav_significant": {c: bool(v) for c, v in zip(infl.class_names, infl.significant[best])}}
+def _watermark_detector(train: _Materialized, results: Dict[str, Any], infl) -> Dict[str, Any]:
+    """The EDDP detector of highest validation IoU with the watermark, its RCAV scores and the baselines' best."""
+    eddp_res = results["eddp"]
+    wm = train.concepts.index(next(c for c in train.concepts if c.name == "watermark"))
+    iou = eddp_res.iou_val[:, wm]
+    best = int(np.argmax(iou))
+    return {"concept": "watermark", "detector": best, "iou_val": float(iou[best]),
+            "iou_train": float(eddp_res.iou_train[best, wm]),
+            "label": eddp_res.label_names()[best],
+            "baselines_best_iou": {n: float(results[n].iou_val[:, wm].max()) for n in BASELINES},
+            "rcav_scores": {c: (None if not np.isfinite(v) else float(v))
+                            for c, v in zip(infl.class_names, infl.score[best])},
+            "rcav_significant": {c: bool(v) for c, v in zip(infl.class_names, infl.significant[best])}}
 
-    # 9. other layers: EDDP + dissection only -------------------------------------------------
-    layers_doc = {layer_name: {**_dissect_summary(eddp_res), "category_counts": _category_counts(eddp_res),
-                               "map_shape": [int(D), int(H), int(W)], "main": True}}
-    for extra in cfg.extra_layers:
-        if extra == layer_name:
+
+def _layer_table(run: _Run, model: _LoadedModel, data: _WorldData, maps: _LayerMaps, diss: _Dissection,
+                 I: int) -> Dict[str, Any]:
+    """The main layer's dissection summary, then EDDP + dissection (nothing else) at every extra layer."""
+    from ..capture import capture, make_head
+    from ..evaluate.dissection import dissect
+    eddp_res = diss.results["eddp"]
+    train, val = data.train, data.val
+    tr_idx, va_idx = list(range(len(train))), list(range(len(val)))
+    layers_doc = {model.layer: {**_dissect_summary(eddp_res), "category_counts": _category_counts(eddp_res),
+                                "map_shape": maps.shape, "main": True}}
+    for extra in run.cfg.extra_layers:
+        if extra == model.layer:
             continue
-        with timer.stage(f"layer_{extra}"):
-            e_tr = capture(net, extra, x_train, progress=progress)
-            e_va = capture(net, extra, x_val, progress=progress)
-            e_pairs = EDDP(n_concepts=I, steps=dict(cfg.eddp_steps), n_init=cfg.eddp_n_init,
-                           init_rounds=cfg.eddp_init_rounds, max_init_patches=cfg.eddp_max_init_patches,
-                           levels=cfg.eddp_levels, random_state=seed, progress=progress).fit(e_tr, head=make_head(net, extra)).pairs_
+        with run.timer.stage(f"layer_{extra}"):
+            e_tr = capture(model.net, extra, data.x_train, progress=run.progress)
+            e_va = capture(model.net, extra, data.x_val, progress=run.progress)
+            e_pairs = _eddp(run.cfg, I, run.seed, run.progress).fit(e_tr, head=make_head(model.net, extra)).pairs_
             with torch.no_grad():
                 e_res = dissect(e_pairs.detect(e_tr), train, tr_idx, va_idx, threshold=0.5,
-                                val_maps=e_pairs.detect(e_va), val_dataset=val, top_k=0, progress=progress)
+                                val_maps=e_pairs.detect(e_va), val_dataset=val, top_k=0, progress=run.progress)
             layers_doc[extra] = {**_dissect_summary(e_res), "category_counts": _category_counts(e_res),
                                  "map_shape": [int(x) for x in e_tr.shape[1:]], "main": False}
             del e_tr, e_va
+    return layers_doc
 
-    # 10. optional EfficientNet comparison ---------------------------------------------------
-    effnet = None
-    if efficientnet:
-        with timer.stage("efficientnet"):
-            effnet = compare_pretrained_random(n_train=min(cfg.n_train, 400), n_val=min(cfg.n_val, 200),
-                                               seed=seed, progress=progress)
 
-    # 11. results + report ------------------------------------------------------------------
-    pairs = pairs.with_names(names).with_meta(layer=layer_name, model=model_id)
-    pairs.save(out / "eddp_pairs")
-    with timer.stage("explanations"):
-        applications, app_doc = _explanations(net, layer_name, pairs, val, x_val, cfg, shortcut)
-    experiment = None
-    if shortcut:
-        from .evaluate.shortcut import run_shortcut_experiment
-        with timer.stage("shortcut_experiment"):
-            experiment = run_shortcut_experiment(seed=seed, progress=progress, **dict(cfg.shortcut_experiment))
-        am = experiment.get("activation_maximization")
+def _applications(run: _Run, out: Path, model: _LoadedModel, data: _WorldData, diss: _Dissection,
+                  found: _Findings) -> None:
+    """Save the named pairs, explain gallery images and (--shortcut) run the shortcut experiment."""
+    found.pairs = found.est.pairs_.with_names(found.names).with_meta(layer=model.layer, model=model.model_id)
+    found.pairs.save(out / "eddp_pairs")
+    with run.timer.stage("explanations"):
+        found.applications, found.applications_doc = _explanations(model.net, model.layer, found.pairs, data.val,
+                                                                    data.x_val, run.cfg, run.shortcut)
+    if run.shortcut:
+        from .shortcut import run_shortcut_experiment
+        with run.timer.stage("shortcut_experiment"):
+            found.experiment = run_shortcut_experiment(seed=run.seed, progress=run.progress,
+                                                       **dict(run.cfg.shortcut_experiment))
+        am = found.experiment.get("activation_maximization")
         if am is not None:
-            applications["actmax_images"] = am.pop("images", None)
+            found.applications["actmax_images"] = am.pop("images", None)
+
+
+def _results_doc(run: _Run, data: _WorldData, model: _LoadedModel, maps: _LayerMaps, diss: _Dissection,
+                 found: _Findings, *, model_name: str, fast: bool, n_concepts: int) -> Dict[str, Any]:
+    """The content of ``results.json`` (its timing is completed after the report)."""
+    from .._io import versions
+    eddp_res, est, train = diss.results["eddp"], found.est, data.train
     doc: Dict[str, Any] = {
-        "dissection": {m: _dissect_summary(r) for m, r in results.items()},
-        "dissection_native_rules": native,
-        "detection_rules": rules,
-        "category_counts": {m: _category_counts(r) for m, r in results.items()},
-        "influence": influence_doc,
-        "pattern_cav": pattern_cav_doc,
-        "model": model_info,
-        "eddp": {"n_concepts": I, "levels": est.levels_, "layer": layer_name, "map_shape": [int(D), int(H), int(W)],
+        "dissection": {m: _dissect_summary(r) for m, r in diss.results.items()},
+        "dissection_native_rules": diss.native,
+        "detection_rules": diss.rules,
+        "category_counts": {m: _category_counts(r) for m, r in diss.results.items()},
+        "influence": found.influence_doc,
+        "pattern_cav": found.pattern_cav_doc,
+        "model": model.info,
+        "eddp": {"n_concepts": n_concepts, "levels": est.levels_, "layer": model.layer, "map_shape": maps.shape,
                  "detectors": eddp_res.table(), "history_seconds": est.history_.get("seconds")},
-        "data": {"world": "ConceptWorld", "n_train": len(train), "n_val": len(val), "seed": seed,
-                 "n_concepts": n_world, "watermark": None if watermark is None else watermark.to_dict(),
+        "data": {"world": "ConceptWorld", "n_train": len(train), "n_val": len(data.val), "seed": run.seed,
+                 "n_concepts": len(train.concepts),
+                 "watermark": None if data.watermark is None else data.watermark.to_dict(),
                  "class_names": train.class_names},
-        "shortcut": shortcut_info,
-        "efficientnet": effnet,
-        "applications": app_doc,
-        "layers": layers_doc,
-        "config": {**asdict(cfg), "n_concepts": I, "layer": layer_name, "fast": bool(fast), "model": model_name},
+        "shortcut": found.shortcut_info,
+        "efficientnet": found.effnet,
+        "applications": found.applications_doc,
+        "layers": found.layers_doc,
+        "config": {**asdict(run.cfg), "n_concepts": n_concepts, "layer": model.layer, "fast": bool(fast),
+                   "model": model_name},
         "format": RESULTS_FORMAT,
-        "seed": seed,
+        "seed": run.seed,
         "versions": versions(),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "loadavg_start": load_start},
+                    "platform": platform.platform(), "loadavg_start": run.load_start},
     }
-    if experiment is not None:
-        doc["correction"] = experiment["correction"]
-        doc["activation_maximization"] = experiment.get("activation_maximization")
-        doc["shortcut_experiment"] = experiment["setup"]
-    doc["timing"] = {"stages_s": dict(timer.seconds), "total_s": round(time.perf_counter() - t_start, 3),
-                     "loadavg_start": load_start}
-    with timer.stage("report"):
-        from .report import write_report
-        wm_channel = None
-        if shortcut_info is not None:
-            wm_channel = [c.name for c in train.concepts].index("watermark")
-        write_report(out / "report.html", doc, results, influence=infl, influence_control=infl_control,
-                     train=train, val=val,
-                     detector_maps={"train": det_train, "val": det_val}, watermark_channel=wm_channel,
-                     n_detectors=cfg.n_report_detectors, applications=applications)
-    doc["timing"] = {"stages_s": dict(timer.seconds), "total_s": round(time.perf_counter() - t_start, 3),
-                     "loadavg_start": load_start, "loadavg_end": _loadavg()}
-    doc["machine"]["loadavg_end"] = doc["timing"]["loadavg_end"]
-    atomic_write_json(out / "results.json", doc)
-    logger.info("demo: wrote %s and %s in %.1f s", out / "results.json", out / "report.html",
-                doc["timing"]["total_s"])
+    if found.experiment is not None:
+        doc["correction"] = found.experiment["correction"]
+        doc["activation_maximization"] = found.experiment.get("activation_maximization")
+        doc["shortcut_experiment"] = found.experiment["setup"]
+    doc["timing"] = _timing(run)
     return doc
+
+
+def _write_demo_report(write_report, out: Path, doc: Dict[str, Any], data: _WorldData, diss: _Dissection,
+                       found: _Findings, cfg: DemoConfig) -> None:
+    wm_channel = None
+    if found.shortcut_info is not None:
+        wm_channel = [c.name for c in data.train.concepts].index("watermark")
+    write_report(out / "report.html", doc, diss.results, influence=found.influence,
+                 influence_control=found.influence_control, train=data.train, val=data.val,
+                 detector_maps={"train": diss.det_train, "val": diss.det_val}, watermark_channel=wm_channel,
+                 n_detectors=cfg.n_report_detectors, applications=found.applications)
 
 
 # --------------------------------------------------------------------------- pretrained vs random
@@ -670,11 +809,9 @@ def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: st
     >>> table = compare_pretrained_random(n_train=40, n_val=20)  # doctest: +SKIP
     >>> table["pretrained"]["category_counts"]  # doctest: +SKIP
     """
-    from . import EDDP
-    from .capture import capture, make_head
-    from .data.world import ConceptWorld
-    from .evaluate.dissection import dissect, fit_thresholds_on_train
-    from .models import load_model
+    from ..capture import capture
+    from ..data.world import ConceptWorld
+    from ..models import load_model
 
     try:
         pre_model, pre, _ = load_model("efficientnet-lite0", image_size=image_size)
@@ -697,25 +834,37 @@ def compare_pretrained_random(n_train: int = 300, n_val: int = 150, *, block: st
     out: Dict[str, Any] = {"available": True, "block": block, "image_size": image_size, "quantile": quantile,
                            "n_train": n_train, "n_val": n_val,
                            "rule": f"channel value > its top-{100 * (1 - quantile):.3g}% train quantile"}
-    tr_idx, va_idx = list(range(len(train))), list(range(len(val)))
     for key, net in (("pretrained", pre_model), ("random", rand_model)):
         mt = capture(net, block, xt, progress=progress)
         mv = capture(net, block, xv, progress=progress)
-        thr = fit_thresholds_on_train(mt, train, tr_idx, quantile=quantile)
-        res = dissect(mt, train, tr_idx, va_idx, threshold=thr, val_dataset=val, val_maps=mv, top_k=0,
-                      progress=progress)
         out["n_units"] = int(mt.shape[1])
         out["map_size"] = [int(mt.shape[2]), int(mt.shape[3])]
-        out[key] = {**_dissect_summary(res), "category_counts": _category_counts(res)}
-        if n_concepts:
-            est = EDDP(n_concepts=n_concepts, levels=levels, n_init=4, init_rounds=3, random_state=seed,
-                       progress=progress).fit(mt, head=make_head(net, block))
-            with torch.no_grad():
-                e_res = dissect(est.pairs_.detect(mt), train, tr_idx, va_idx, threshold=0.5, val_dataset=val,
-                                val_maps=est.pairs_.detect(mv), top_k=0, progress=progress)
-            out[key]["eddp"] = {**_dissect_summary(e_res), "category_counts": _category_counts(e_res),
-                                "n_concepts": int(n_concepts), "levels": est.levels_}
+        out[key] = _dissect_units_and_eddp(net, block, mt, mv, train, val, quantile=quantile, n_concepts=n_concepts,
+                                           levels=levels, seed=seed, progress=progress)
     return out
+
+
+def _dissect_units_and_eddp(net, block: str, mt: torch.Tensor, mv: torch.Tensor, train: _Materialized,
+                            val: _Materialized, *, quantile: float, n_concepts: Optional[int], levels: Any,
+                            seed: int, progress: bool) -> Dict[str, Any]:
+    """One side of :func:`compare_pretrained_random`: dissect the block's units, then (optionally) EDDP's pairs."""
+    from ..capture import make_head
+    from ..directions import EDDP
+    from ..evaluate.dissection import dissect, fit_thresholds_on_train
+    tr_idx, va_idx = list(range(len(train))), list(range(len(val)))
+    thr = fit_thresholds_on_train(mt, train, tr_idx, quantile=quantile)
+    res = dissect(mt, train, tr_idx, va_idx, threshold=thr, val_dataset=val, val_maps=mv, top_k=0,
+                  progress=progress)
+    side = {**_dissect_summary(res), "category_counts": _category_counts(res)}
+    if n_concepts:
+        est = EDDP(n_concepts=n_concepts, levels=levels, n_init=4, init_rounds=3, random_state=seed,
+                   progress=progress).fit(mt, head=make_head(net, block))
+        with torch.no_grad():
+            e_res = dissect(est.pairs_.detect(mt), train, tr_idx, va_idx, threshold=0.5, val_dataset=val,
+                            val_maps=est.pairs_.detect(mv), top_k=0, progress=progress)
+        side["eddp"] = {**_dissect_summary(e_res), "category_counts": _category_counts(e_res),
+                        "n_concepts": int(n_concepts), "levels": est.levels_}
+    return side
 
 
 def _reinit(model: torch.nn.Module, seed: int) -> torch.nn.Module:
