@@ -1,6 +1,6 @@
 """Which direction to edit with: the signal vector ŝ, the detector's label-free mean difference, the filter w.
 
-(a) Planted truth (:mod:`unveil.evaluate.editing`): the paper's recipe and the hard setting, seeds 0 1 2.
+(a) Planted truth (:mod:`unveil.experiments.editing`): the paper's recipe and the hard setting, seeds 0 1 2.
     EDDP is fitted with the trained head; each concept is removed (strength read by its detector, no
     tuning) and inserted (strength from the detector's own gap) along each direction, and compared with
     the ideal edit along the true encoding direction with the true amount. Reference rows: the true
@@ -41,7 +41,7 @@ PREDATES = {"shortcut_layer3_seed2.json": "57dd2d8"}
 def synthetic_part(settings, seeds):
     from unveil import EDDP
     from unveil.data.synthetic import make_hard_synthetic, make_synthetic, train_head
-    from unveil.evaluate.editing import score_edit_directions
+    from unveil.experiments.editing import score_edit_directions
 
     runs = []
     for setting in settings:

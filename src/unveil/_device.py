@@ -1,7 +1,9 @@
-"""Device strings from users (``--device``, ``device=``), checked once with a clear error."""
+"""Where computation runs: device strings from users (``--device``, ``device=``), checked once with a clear
+error, and :func:`limit_threads`, the one place the CPU thread count is changed for a block of code."""
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
@@ -47,3 +49,34 @@ def check_device(device, name: str = "device") -> Optional[torch.device]:
     if dev.type == "meta":
         raise ValidationError(f"{name} 'meta' holds no data; use 'cpu' or a GPU.")
     return dev
+
+
+@contextlib.contextmanager
+def limit_threads(n: int, *, blas: bool = True) -> Iterator[None]:
+    """Run the block on ``n`` CPU threads; the previous counts are restored afterwards, also on errors.
+
+    torch's intra-op threads always; with ``blas`` also the BLAS/OpenMP pools of numpy and scikit-learn
+    (via threadpoolctl, when installed). ``blas=False`` suits tiny torch loops, where thread hand-offs
+    cost far more than the arithmetic (worst on a shared machine).
+
+    Examples
+    --------
+    >>> import torch
+    >>> with limit_threads(1):
+    ...     torch.get_num_threads()
+    1
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        with contextlib.ExitStack() as stack:
+            if blas:
+                try:
+                    from threadpoolctl import threadpool_limits
+                except ImportError:  # pragma: no cover - scikit-learn depends on threadpoolctl
+                    pass
+                else:
+                    stack.enter_context(threadpool_limits(int(n)))
+            yield
+    finally:
+        torch.set_num_threads(old)

@@ -232,15 +232,21 @@ def check_outputs_replaceable(folder, ours: Dict[str, "callable"]) -> None:
                                 f"writes beside it, so it is not ours; choose another --out folder.")
 
 
-def _is_ours(json_path: Path, kind: str) -> bool:
-    """True if ``json_path`` is a regular file holding an unveil ``kind`` document."""
+def read_json_object(json_path: Path) -> Optional[dict]:
+    """The json object in ``json_path`` if it is a regular file (not a link) holding one, else None."""
     if json_path.is_symlink() or not json_path.is_file():
-        return False
+        return None
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("format") == f"unveil.{kind}"
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _is_ours(json_path: Path, kind: str) -> bool:
+    """True if ``json_path`` is a regular file holding an unveil ``kind`` document."""
+    doc = read_json_object(json_path)
+    return doc is not None and doc.get("format") == f"unveil.{kind}"
 
 
 def load_bundle(directory, kind: str) -> Tuple[Dict[str, torch.Tensor], dict]:

@@ -96,6 +96,19 @@ MIN_INPUT_SIZE = 8
 MAX_INPUT_SIZE = 8192  # one 3 x 8192 x 8192 float32 image is 0.8 GB
 
 
+def check_index(i, n: int, what: str) -> int:
+    """An item index of a sequence of ``n`` images: an integer (numpy ones too, not bool), negative ones
+    counted from the end. ``what`` names the sequence in the errors (TypeError, IndexError)."""
+    if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"{what} indices must be integers, got {type(i).__name__}")
+    i = int(i)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"image index {i} out of range for a {what} of {n} images")
+    return i
+
+
 def check_input_size(size, name: str = "input size") -> int:
     """Validate the side of a square network input (``MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE``).
 

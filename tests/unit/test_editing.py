@@ -16,7 +16,7 @@ from torch import nn
 from unveil import DirectionPairs, ValidationError
 from unveil.data.synthetic import make_synthetic, train_head
 from unveil.edit import CorrectedModel, choose_concepts, choose_strength, mean_difference_directions
-from unveil.evaluate.editing import METRICS, EditingReport, score_edit_directions
+from unveil.experiments.editing import METRICS, EditingReport, score_edit_directions
 
 torch.set_num_threads(1)
 

@@ -42,14 +42,7 @@ LAYER_NAMES = {0: "core", 1: "data/capture/models", 2: "directions", 3: "evaluat
 #: Known violations, (importer, imported): each breaks a rule today and is waiting for its fix. The test fails on
 #: any violation not listed here, and on a listed pair that no longer breaks a rule (then delete it here), so the
 #: list only shrinks. An import cycle is allowed only when one of its imports is listed.
-KNOWN: Set[Tuple[str, str]] = {
-    # evaluate -> edit: the S³ comparison builds its supervised Pattern-CAVs with mean_difference_directions,
-    # a direction estimator that lives in edit/intervention.py; fix: move it to directions/ (edit re-exports it)
-    ("unveil.evaluate.pattern_cav", "unveil.edit.intervention"),
-    # evaluate -> edit: evaluate/editing.py applies edits (edit_maps, resolve_directions) on planted truth and
-    # scores them; not a pure metric. Fix: move it above edit (to experiments/), or pass the edit in
-    ("unveil.evaluate.editing", "unveil.edit.intervention"),
-}
+KNOWN: Set[Tuple[str, str]] = set()
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,7 +37,8 @@ from torch import nn
 
 from .. import _distributed
 from .._errors import CorruptFileError, HeadError, OutputExistsError, ValidationError
-from .._io import LOCK_NAME, atomic_write_json, atomic_writer, folder_lock, safe_relpath, sha256_file, versions
+from .._io import (LOCK_NAME, atomic_write_json, atomic_writer, folder_lock, read_json_object, safe_relpath, sha256_file,
+                   versions)
 from .._progress import progress as _progress
 from .._validation import check_positive_int, make_generator
 from ..data.images import ImageFolder, Preprocessing, load_batch, scan_images
@@ -646,15 +647,8 @@ def _extract_distributed(capturer: Capturer, src: "_Source", out: Path, plan: di
 
 def _read_own(path: Path) -> Optional[dict]:
     """The json document at ``path`` if it is one of ours (a store plan or manifest), else None."""
-    if path.is_symlink() or not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if isinstance(doc, dict) and doc.get("format") in (FORMAT, FORMAT + ".plan"):
-        return doc
-    return None
+    doc = read_json_object(path)
+    return doc if doc is not None and doc.get("format") in (FORMAT, FORMAT + ".plan") else None
 
 
 def _prepare_folder(out: Path, plan_id: str, overwrite: bool) -> None:

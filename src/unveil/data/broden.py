@@ -42,7 +42,7 @@ from PIL import Image
 
 from .._errors import CorruptFileError, OutputExistsError, ValidationError
 from .._io import atomic_write_bytes, versions
-from .._validation import check_positive_int
+from .._validation import check_index, check_positive_int
 from .world import Concept, WorldSample
 
 __all__ = ["export_broden", "BrodenDataset", "SkippedFile", "encode_label_png", "decode_label_png"]
@@ -613,14 +613,7 @@ class BrodenDataset:
                 f"categories={self._mask_categories})")
 
     def _index(self, i) -> int:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"BrodenDataset indices must be integers, got {type(i).__name__}")
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"image index {i} out of range for a BrodenDataset of {len(self)} images")
-        return i
+        return check_index(i, len(self), "BrodenDataset")
 
     def image_path(self, i) -> Path:
         return self.root / "images" / self._rows[self._index(i)]["image"]

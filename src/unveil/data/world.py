@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .._errors import ValidationError
-from .._validation import check_in_range, check_positive_int
+from .._validation import check_in_range, check_index, check_positive_int
 
 __all__ = ["Concept", "WorldSample", "WatermarkSpec", "ConceptWorld", "COLOR_NAMES", "TEXTURE_NAMES",
            "MATERIAL_NAMES", "OBJECT_NAMES", "PART_NAMES", "CLASS_RULES", "CATEGORIES", "SPLITS",
@@ -703,14 +703,7 @@ class ConceptWorld:
                 f"image_size={self.image_size}, watermark={self.watermark!r})")
 
     def _index(self, i) -> int:
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"ConceptWorld indices must be integers, got {type(i).__name__}")
-        i = int(i)
-        if i < 0:
-            i += self.n_images
-        if not 0 <= i < self.n_images:
-            raise IndexError(f"image index {i} out of range for a ConceptWorld of {self.n_images} images")
-        return i
+        return check_index(i, self.n_images, "ConceptWorld")
 
     def _is_stamped(self, i: int) -> bool:
         wm = self.watermark

@@ -35,7 +35,6 @@ directions, which the synthetic benchmark shows in numbers.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import numbers
 import warnings
@@ -44,6 +43,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .._device import limit_threads
 from .._errors import ValidationError
 from .._validation import check_maps, make_generator
 from ._base import DirectionEstimator, Interval, Options
@@ -111,18 +111,6 @@ def _pinv_rows(encoders: np.ndarray, rcond: float = 1e-6) -> np.ndarray:
     exactly dependent; inverting their zero singular value would only amplify rounding noise).
     """
     return np.linalg.pinv(encoders.T, rcond=rcond)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run tiny torch loops on ``n`` threads (restored afterwards): for matrices of a few dozen
-    numbers, thread hand-offs cost far more than the arithmetic, worst on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _to_patches(X, name: str = "X") -> np.ndarray:
@@ -583,7 +571,8 @@ class SparseAutoencoder(DirectionEstimator):
         bd = torch.zeros(D, requires_grad=True)
         opt = torch.optim.Adam([We, be, Wd, bd], lr=lr)
         losses = []
-        with _torch_threads(1 if D * I <= 65536 else torch.get_num_threads()):
+        # tiny matrices: thread hand-offs cost more than the arithmetic
+        with limit_threads(1 if D * I <= 65536 else torch.get_num_threads(), blas=False):
             for _ in range(epochs):
                 perm = torch.randperm(n, generator=g)
                 tot = 0.0

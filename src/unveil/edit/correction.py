@@ -31,6 +31,7 @@ from ..capture.head import make_head
 from ..capture.hooks import capture
 from ..capture.layers import get_layer, model_device_dtype
 from ..directions.pairs import DirectionPairs
+from ..models.accuracy import top1_accuracy
 from .counterfactual import check_images
 from .intervention import check_strength, edit_layer, edit_maps, resolve_concepts, resolve_directions
 
@@ -244,23 +245,18 @@ class _Evaluator:
 
     @torch.no_grad()
     def accuracy(self, fn) -> float:
-        correct = 0
         if self.maps is not None:
-            for s in range(0, self.maps.shape[0], self.batch_size):
-                m = self.maps[s:s + self.batch_size]
-                logits = self.head(fn(m) if fn is not None else m)
-                correct += int((logits.argmax(1).cpu() == self.labels[s:s + self.batch_size]).sum())
-        else:
-            device, dtype = model_device_dtype(self.model)
-            for s in range(0, self.images.shape[0], self.batch_size):
-                xb = self.images[s:s + self.batch_size].to(device=device, dtype=dtype)
-                if fn is None:
-                    logits = self.model(xb)
-                else:
-                    with edit_layer(self.model, self.layer, fn, tokens=self.tokens):
-                        logits = self.model(xb)
-                correct += int((logits.argmax(1).cpu() == self.labels[s:s + self.batch_size]).sum())
-        return correct / self.images.shape[0]
+            return top1_accuracy(lambda m: self.head(fn(m) if fn is not None else m), self.maps, self.labels,
+                                 self.batch_size)
+        device, dtype = model_device_dtype(self.model)
+
+        def forward(xb):
+            return self.model(xb.to(device=device, dtype=dtype))
+
+        if fn is None:
+            return top1_accuracy(forward, self.images, self.labels, self.batch_size)
+        with edit_layer(self.model, self.layer, fn, tokens=self.tokens):
+            return top1_accuracy(forward, self.images, self.labels, self.batch_size)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import ValidationError
+from .iou import iou_from_counts
 
 __all__ = ["PatternCAVComparison", "compare_with_pattern_cavs", "QUANTILES"]
 
@@ -120,7 +121,7 @@ def _iou_sweep(scores: torch.Tensor, mask: torch.Tensor, thresholds: torch.Tenso
     # value > t_j  <=>  more than j thresholds lie below it
     det = counts.sum() - torch.cumsum(counts, 0)[:T]
     inter = counts_in.sum() - torch.cumsum(counts_in, 0)[:T]
-    return inter / (det + area - inter).clamp_min(1)
+    return iou_from_counts(inter, det, area)
 
 
 @torch.no_grad()
@@ -157,7 +158,7 @@ def compare_with_pattern_cavs(train_maps, train_masks, val_maps, val_masks, pair
     ...                                 res.iou_train, res.iou_val)          # doctest: +SKIP
     >>> cmp.s3_eddp, cmp.s3_pattern_cav                                      # doctest: +SKIP
     """
-    from ..edit.intervention import mean_difference_directions
+    from ..directions.editing_directions import mean_difference_directions
     Xt = torch.as_tensor(train_maps).float()
     Xv = torch.as_tensor(val_maps).float()
     Mt = torch.as_tensor(np.asarray(train_masks)).bool()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .._errors import ValidationError
+from .iou import mask_iou
 
 __all__ = ["matched_iou", "iou_matrix", "direction_cosines", "signal_value_rmse", "RecoveryReport",
            "score_pairs", "unit_encoder_pairs"]
@@ -79,13 +80,8 @@ def iou_matrix(detected, concept, n_concepts: int) -> np.ndarray:
     if con.size and (con.min() < 0 or con.max() >= n_concepts):
         raise ValidationError(f"concept labels must lie in 0..{n_concepts - 1}, got range "
                               f"{int(con.min())}..{int(con.max())}.")
-    det = det.astype(bool)
     truth = con[:, None] == np.arange(n_concepts)[None, :]  # (P, I)
-    inter = det.T.astype(np.float64) @ truth.astype(np.float64)  # (I_hat, I)
-    union = det.sum(0)[:, None].astype(np.float64) + truth.sum(0)[None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-    return iou
+    return mask_iou(torch.from_numpy(det.astype(bool)), torch.from_numpy(truth)).numpy()
 
 
 def matched_iou(detected, concept, n_concepts: int) -> Dict[str, np.ndarray]:

@@ -56,6 +56,8 @@ import torch.nn.functional as F
 
 from .._errors import ValidationError
 from .._validation import make_generator
+from ..evaluate.iou import MaskIoU
+from ..models.accuracy import top1_accuracy
 
 __all__ = ["run_shortcut_experiment", "watermark_iou", "concept_iou", "GRID_MULTIPLIERS"]
 logger = logging.getLogger("unveil")
@@ -83,40 +85,22 @@ def concept_iou(det_maps: torch.Tensor, masks: torch.Tensor, threshold: float = 
                               f"{tuple(masks.shape)}.")
     H, W = masks.shape[-2:]
     C = masks.shape[1]
-    inter = torch.zeros(I, C, dtype=torch.float64)
-    area_d = torch.zeros(I, dtype=torch.float64)
-    area_c = torch.zeros(C, dtype=torch.float64)
+    acc = MaskIoU(I, C)
     for s in range(0, N, batch):
         up = F.interpolate(det_maps[s:s + batch].float(), size=(H, W), mode="bilinear",
                            align_corners=False) > threshold
-        b = up.shape[0]
-        u = up.reshape(b, I, H * W).float()
-        m = torch.as_tensor(masks[s:s + batch]).bool().reshape(b, C, H * W).float()
-        inter += torch.einsum("bip,bcp->ic", u, m).double()
-        area_d += u.sum(dim=(0, 2)).double()
-        area_c += m.sum(dim=(0, 2)).double()
-    union = area_d[:, None] + area_c[None, :] - inter
-    return (inter / union.clamp_min(1)).float()
+        m = torch.as_tensor(masks[s:s + batch]).bool()
+        acc.update(up.permute(0, 2, 3, 1).reshape(-1, I), m.permute(0, 2, 3, 1).reshape(-1, C))
+    return acc.result().float()
 
 
 def _accuracy(head, maps, labels, fn=None, batch=256) -> float:
-    correct = 0
-    with torch.no_grad():
-        for s in range(0, maps.shape[0], batch):
-            m = maps[s:s + batch]
-            correct += int((head(fn(m) if fn else m).argmax(1) == labels[s:s + batch]).sum())
-    return correct / maps.shape[0]
+    return top1_accuracy(lambda m: head(fn(m) if fn else m), maps, labels, batch)
 
 
 def _region_accuracy(head, maps, labels, region, fn, k, batch=256) -> float:
     """Accuracy of ``head(fn(maps, region, k))`` with a per-image (N, 1, h, w) region mask."""
-    correct = 0
-    with torch.no_grad():
-        for s in range(0, maps.shape[0], batch):
-            m = maps[s:s + batch]
-            out = m if k == 0 else fn(m, region[s:s + batch, 0], k)
-            correct += int((head(out).argmax(1) == labels[s:s + batch]).sum())
-    return correct / maps.shape[0]
+    return top1_accuracy(lambda m, r: head(m if k == 0 else fn(m, r[:, 0], k)), (maps, region), labels, batch)
 
 
 def run_shortcut_experiment(*, layer: str = "layer3", n_concepts: int = 32, n_fit: int = 1400, n_val: int = 700,

@@ -32,13 +32,13 @@ with the decoder w_i.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .._errors import ValidationError
 from .._validation import check_in_range, check_maps, check_positive_int, make_generator
 
 __all__ = ["ActMaxResult", "maximize_detectors", "pattern_cav_directions"]
@@ -112,7 +112,7 @@ def pattern_cav_directions(maps, pairs, detectors: Optional[Sequence[int]] = Non
     The detector's positives are the concept examples (:func:`unveil.edit.mean_difference_directions`,
     not normalised). Rows of detectors that fire nowhere (or everywhere) are NaN.
     """
-    from ..edit.intervention import mean_difference_directions
+    from ..directions.editing_directions import mean_difference_directions
     idx = None if detectors is None else [int(i) for i in detectors]
     return mean_difference_directions(maps, pairs, idx, normalize=False)
 
@@ -141,18 +141,61 @@ class _FourierImage(nn.Module):
 
 
 def _layer_maps(model, layer, images, tokens="patches"):
-    from ..edit.intervention import edit_layer
-    seen = {}
-
-    def record(m):
-        seen["maps"] = m
-        return m
-
-    with edit_layer(model, layer, record, tokens=tokens):
+    """The layer's maps for ``images``, differentiable (not detached, not copied)."""
+    from ..capture.hooks import on_layer
+    with on_layer(model, layer, record=True, detach=False, clone=False, tokens=tokens) as rec:
         model(images)
-    if "maps" not in seen:
-        raise ValidationError(f"layer {layer!r} was not called during the forward pass.")
-    return seen["maps"]
+    return rec.last
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """No gradient for the model's parameters inside the block; their ``requires_grad`` is restored after."""
+    params_req = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, r in zip(model.parameters(), params_req):
+            p.requires_grad_(r)
+
+
+def _maximize_batch(model, layer, pairs, det, W, b, *, size, steps, lr, jitter, decorrelate, transform, gen,
+                    device, dtype, tokens) -> tuple:
+    """Optimise one image per detector of ``det``: (images, start images, delta, delta_all, objective at the
+    start, objective at the end), all on the CPU."""
+    param = _FourierImage(det.numel(), size, decorrelate, gen).to(device)
+    opt = torch.optim.Adam(param.parameters(), lr=lr)
+    with torch.no_grad():
+        start = param().to(dtype)
+        x0 = _layer_maps(model, layer, transform(start), tokens).float()
+    check_maps(x0.detach(), "layer maps", n_features=pairs.n_features, allow_patches=False,
+               context=f"these direction pairs (layer {pairs.meta.get('layer', '?')!r})")
+
+    def objective(maps):
+        z = torch.einsum("ndhw,nd->nhw", maps.float(), W[det]) - b[det][:, None, None]
+        return z.mean(dim=(1, 2))
+
+    o0 = objective(x0).detach()
+    for _ in range(steps):
+        img = param().to(dtype)
+        if jitter:
+            dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
+            img = torch.roll(img, shifts=(dy, dx), dims=(2, 3))
+        loss = -objective(_layer_maps(model, layer, transform(img), tokens)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = param().to(dtype)
+        x1 = _layer_maps(model, layer, transform(final), tokens).float()
+        resp = torch.sigmoid(torch.einsum("ndhw,nd->nhw", x1, W[det].float()) - b[det].float()[:, None, None])
+        a = resp.flatten(1) / resp.flatten(1).sum(1, keepdim=True).clamp_min(1e-30)
+        delta = torch.einsum("ndp,np->nd", (x1 - x0).flatten(2), a).cpu()
+    delta_all = (x1.mean(dim=(2, 3)) - x0.mean(dim=(2, 3))).detach().cpu()
+    return (final.detach().float().cpu(), start.detach().float().cpu(), delta, delta_all, o0.cpu(),
+            objective(x1).detach().cpu())
 
 
 def maximize_detectors(model: nn.Module, layer: str, pairs, detectors: Optional[Sequence[int]] = None, *,
@@ -193,7 +236,7 @@ def maximize_detectors(model: nn.Module, layer: str, pairs, detectors: Optional[
     >>> res.summary()["cos_signal"]["mean"]                                               # doctest: +SKIP
     """
     from ..capture.hooks import model_device_dtype
-    from ..edit.intervention import resolve_concepts
+    from ..directions.editing_directions import resolve_concepts
     idx = resolve_concepts(pairs, list(range(pairs.n_concepts)) if detectors is None else detectors)
     steps = check_positive_int(steps, "steps")
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -207,51 +250,14 @@ def maximize_detectors(model: nn.Module, layer: str, pairs, detectors: Optional[
             else torch.full((len(idx), pairs.n_features), float("nan")))
     W = pairs.decoders.to(device)
     b = pairs.biases.to(device)
-    imgs, starts, deltas, deltas_all, obj0, obj1 = [], [], [], [], [], []
-    params_req = [p.requires_grad for p in model.parameters()]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    outs: List[tuple] = []
+    with _frozen(model):
         for s in range(0, len(idx), batch_size):
             det = torch.tensor(idx[s:s + batch_size], device=device)
-            n = det.numel()
-            param = _FourierImage(n, size, decorrelate, gen).to(device)
-            opt = torch.optim.Adam(param.parameters(), lr=lr)
-            with torch.no_grad():
-                start = param().to(dtype)
-                x0 = _layer_maps(model, layer, transform(start), tokens).float()
-            check_maps(x0.detach(), "layer maps", n_features=pairs.n_features, allow_patches=False,
-                       context=f"these direction pairs (layer {pairs.meta.get('layer', '?')!r})")
-
-            def objective(maps):
-                z = torch.einsum("ndhw,nd->nhw", maps.float(), W[det]) - b[det][:, None, None]
-                return z.mean(dim=(1, 2))
-
-            o0 = objective(x0).detach()
-            for _ in range(steps):
-                img = param().to(dtype)
-                if jitter:
-                    dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
-                    img = torch.roll(img, shifts=(dy, dx), dims=(2, 3))
-                loss = -objective(_layer_maps(model, layer, transform(img), tokens)).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                final = param().to(dtype)
-                x1 = _layer_maps(model, layer, transform(final), tokens).float()
-            imgs.append(final.detach().float().cpu())
-            starts.append(start.detach().float().cpu())
-            with torch.no_grad():
-                resp = torch.sigmoid(torch.einsum("ndhw,nd->nhw", x1, W[det].float()) - b[det].float()[:, None, None])
-                a = resp.flatten(1) / resp.flatten(1).sum(1, keepdim=True).clamp_min(1e-30)
-                deltas.append(torch.einsum("ndp,np->nd", (x1 - x0).flatten(2), a).cpu())
-            deltas_all.append((x1.mean(dim=(2, 3)) - x0.mean(dim=(2, 3))).detach().cpu())
-            obj0.append(o0.cpu())
-            obj1.append(objective(x1).detach().cpu())
-    finally:
-        for p, r in zip(model.parameters(), params_req):
-            p.requires_grad_(r)
+            outs.append(_maximize_batch(model, layer, pairs, det, W, b, size=size, steps=steps, lr=lr, jitter=jitter,
+                                        decorrelate=decorrelate, transform=transform, gen=gen, device=device,
+                                        dtype=dtype, tokens=tokens))
+    imgs, starts, deltas, deltas_all, obj0, obj1 = zip(*outs)
     delta, delta_all = torch.cat(deltas), torch.cat(deltas_all)
     sel = torch.tensor(idx)
     enc, dec = pairs.encoders[sel].cpu(), pairs.decoders[sel].cpu()

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from .._errors import CorruptFileError, ValidationError
 from .._io import read_checked, write_checked
 from .._validation import check_positive_int
+from .accuracy import top1_accuracy
 
 __all__ = ["WorldNet", "build_worldnet", "load_worldnet", "save_worldnet", "load_worldnet_file",
            "train_worldnet", "evaluate_accuracy", "checkpoint_path", "DEFAULT_WIDTHS",
@@ -183,22 +184,14 @@ def load_worldnet(shortcut: bool = False, with_meta: bool = False):
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
 def evaluate_accuracy(model: nn.Module, images: torch.Tensor, labels, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on ``images`` (N,3,H,W); the model's train/eval mode is restored."""
-    labels = torch.from_numpy(np.array(labels, dtype=np.int64)).reshape(-1)
-    if labels.shape[0] != len(images):
-        raise ValidationError(f"labels must have one entry per image ({len(images)}), got {labels.shape[0]}; pass "
-                              f"the labels of exactly these images.")
+    """Top-1 accuracy of ``model`` on ``images`` (N,3,H,W) in eval mode; the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        correct = 0
-        for k in range(0, len(images), batch_size):
-            correct += int((model(images[k:k + batch_size]).argmax(1) == labels[k:k + batch_size]).sum())
+        return top1_accuracy(model, images, labels, batch_size)
     finally:
         model.train(was_training)
-    return correct / max(len(images), 1)
 
 
 def train_worldnet(n_train: int = 6000, n_test: int = 1000, epochs: int = 14, seed: int = 0,

@@ -151,7 +151,7 @@ def score_edit_directions(data, head, pairs, directions: Mapping[str, Union[str,
     """
     from ..directions.pairs import DirectionPairs
     from ..edit.intervention import edit_maps, resolve_directions
-    from .recovery import _patches_first, matched_iou
+    from ..evaluate.recovery import _patches_first, matched_iou
 
     if not isinstance(pairs, DirectionPairs):
         raise ValidationError(f"pairs must be a DirectionPairs, got {type(pairs).__name__}.")
