@@ -7,7 +7,7 @@ from ._errors import (BusyError, CorruptFileError, DistributedError, HeadError, 
                       NotFittedError, OutputExistsError, UnveilError, ValidationError)
 from .directions import EDDP, DirectionPairs  # noqa: E402
 
-__all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "influence", "run_demo", "UnveilError",
+__all__ = ["__version__", "EDDP", "DirectionPairs", "explain", "influence", "run_demo", "load_results", "UnveilError",
            "ValidationError", "NotFittedError", "CorruptFileError", "LayerError", "HeadError", "OutputExistsError",
            "BusyError", "DistributedError"]
 
@@ -34,4 +34,8 @@ def __getattr__(name):
     if name == "influence":
         from .evaluate.influence import influence
         return influence
+    # ``unveil.load_results(path)``: the demo's results.json, validated, as a typed DemoResults
+    if name == "load_results":
+        from .experiments.results import load_results
+        return load_results
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -167,7 +167,7 @@ def test_compare_pretrained_random_tiny():
             assert sum(s["category_counts"].values()) == s["n_interpretable"]
             assert set(s["category_counts"]) <= {"color", "texture", "material", "object", "part"}
         assert res[side]["eddp"]["levels"] == [4]
-    html = _efficientnet_section({"efficientnet": res})
+    html = _efficientnet_section(res)
     assert "random init: 4 EDDP directions" in html and "ImageNet weights: 112 units" in html
 
 

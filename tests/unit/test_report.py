@@ -1,5 +1,6 @@
 """The HTML report: escaping, self-containment, detector cards on a data set with known answers; figures."""
 import base64
+import json
 import re
 
 import matplotlib
@@ -14,7 +15,8 @@ from unveil import DirectionPairs, ValidationError  # noqa: E402
 from unveil.data.synthetic import PoolLinearHead  # noqa: E402
 from unveil.data.world import Concept, WorldSample  # noqa: E402
 from unveil.evaluate.dissection import dissect  # noqa: E402
-from unveil.evaluate.influence import influence  # noqa: E402
+from unveil.evaluate.influence import Influence, influence  # noqa: E402
+from unveil.experiments.results import RESULTS_SCHEMA, DemoResults, NativeRuleSummary  # noqa: E402
 from unveil.evaluate.pattern_cav import PatternCAVComparison, compare_with_pattern_cavs  # noqa: E402
 from unveil.report import (build_report, detector_montage, plot_class_influence, plot_detector_heatmaps,  # noqa: E402
                            plot_influence, plot_method_comparison, write_report)
@@ -52,6 +54,52 @@ class _Tiny:
         return torch.from_numpy(np.stack([s.masks for s in self.samples]).astype(np.float32))
 
 
+def _summary(**kw):
+    d = dict(S1=0.0, S2=0.0, n_interpretable=0, n_distinct=0, mPrecision=0.0, mRecall=0.0, mAP=0.0, mF1=0.0,
+             n_detectors=2)
+    d.update(kw)
+    return d
+
+
+def _influence_doc(infl, control):
+    """The ``influence`` section the demo writes, for an Influence and its noise-direction control."""
+    return {"SDC": infl.sdc, "SCDP": infl.scdp, "null": "permutation", "statistic": "logit", "test": "t",
+            "n_null": 6, "max_patches": 1000, "n_maps": int(sum(infl.class_counts)), "pooled_head_fast_path": True,
+            "alpha": infl.config.get("alpha"), "bonferroni_level": infl.config.get("bonferroni_level"),
+            "mean_abs_score": float(np.nanmean(np.abs(infl.score))),
+            "control": {"what": "noise", "SDC": control.sdc, "SCDP": control.scdp,
+                        "mean_abs_score": float(np.nanmean(np.abs(control.score)))},
+            "top_concepts": infl.top_concepts(3), "result": infl.to_dict()}
+
+
+def _tiny_influence():
+    z = np.zeros((1, 1))
+    infl = Influence(score=z, p_value=z + 1, significant=z.astype(bool), null_mean=z, null_std=z + 1,
+                     class_counts=np.ones(1, np.int64), concept_names=("d0",), class_names=("c",), config={})
+    return infl
+
+
+def _results(**sections):
+    """A valid results.json dict (small defaults), with ``sections`` replacing the top-level keys given."""
+    infl = _tiny_influence()
+    doc = {"schema": RESULTS_SCHEMA, "seed": 0,
+           "model": {"name": "m", "id": "m", "layer": "layer4", "test_acc": 0.5, "test_acc_split": "val",
+                     "checkpoint_metrics": {}},
+           "data": {"world": "ConceptWorld", "n_train": 8, "n_val": 6, "n_concepts": 2, "seed": 0, "watermark": None,
+                    "class_names": ["a", "b"]},
+           "config": {"n_concepts": 2, "layer": "layer4", "fast": True, "model": "worldnet", "quantile": 0.995},
+           "dissection": {"eddp": _summary()}, "dissection_native_rules": {}, "detection_rules": {"eddp": "rule"},
+           "category_counts": {},
+           "eddp": {"n_concepts": 2, "levels": [2], "layer": "layer4", "map_shape": [2, 16, 16], "detectors": [],
+                    "history_seconds": None},
+           "influence": _influence_doc(infl, infl), "pattern_cav": None, "shortcut": None, "efficientnet": None,
+           "applications": None, "layers": {}, "versions": {"unveil": "0"},
+           "machine": {"cpu_count": 2, "torch_threads": 1, "platform": "x", "loadavg_start": None, "loadavg_end": None},
+           "timing": {"stages_s": {}, "total_s": 1.0, "loadavg_start": None, "loadavg_end": None}}
+    doc.update(sections)
+    return doc
+
+
 @pytest.fixture(scope="module")
 def report_inputs():
     torch.manual_seed(0)
@@ -70,14 +118,18 @@ def report_inputs():
     masks = lambda ds: np.stack([x.masks for x in ds.samples])  # noqa: E731
     cmp = compare_with_pattern_cavs(train.maps(), masks(train), val.maps(), masks(val), pairs, res.iou_train,
                                     res.iou_val, concept_names=[c.name for c in train.concepts], min_cells=5)
-    results = {"model": {"name": EVIL_MODEL, "layer": "layer<4>", "test_acc": 0.5},
-               "dissection": {"eddp": {k: res.summary[k] for k in res.summary},
-                              "pca": {k: 0.0 for k in res.summary}},
-               "detection_rules": {"eddp": "sigmoid > 0.5", "pca": "<i>quantile</i>"},
-               "data": {"n_train": 8, "n_val": 6, "n_concepts": 2, "seed": 0},
-               "eddp": {"detectors": res.table()}, "pattern_cav": cmp.to_dict()}
-    return dict(results=results, dissections={"eddp": res}, influence=infl, influence_control=control,
-                train=train, val=val, detector_maps={"train": det_tr, "val": det_va}), res
+    keys = ("S1", "S2", "n_interpretable", "n_distinct", "mPrecision", "mRecall", "mAP", "mF1", "n_detectors")
+    results = _results(
+        model={"name": EVIL_MODEL, "id": "m", "layer": "layer<4>", "test_acc": 0.5, "test_acc_split": "val",
+               "checkpoint_metrics": {}},
+        dissection={"eddp": {k: res.summary[k] for k in keys}, "pca": _summary()},
+        detection_rules={"eddp": "sigmoid > 0.5", "pca": "<i>quantile</i>"},
+        eddp={"n_concepts": 2, "levels": [2], "layer": "layer<4>", "map_shape": [2, 16, 16],
+              "detectors": res.table(), "history_seconds": None},
+        influence=_influence_doc(infl, control), pattern_cav=cmp.to_dict())
+    results = json.loads(json.dumps(results))  # JSON types, as read from results.json
+    return dict(results=DemoResults.from_dict(results), dissections={"eddp": res}, train=train, val=val,
+                detector_maps={"train": det_tr, "val": det_va}), res, infl, control
 
 
 def test_report_escapes_every_name(report_inputs):
@@ -98,8 +150,7 @@ def html_escaped(s):
 
 
 def test_report_is_self_contained(report_inputs, tmp_path):
-    kwargs, _ = report_inputs
-    kwargs = dict(kwargs)
+    kwargs = dict(report_inputs[0])
     path = write_report(tmp_path / "report.html", kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
     page = path.read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page
@@ -113,7 +164,7 @@ def test_report_is_self_contained(report_inputs, tmp_path):
 
 
 def test_report_detector_cards_show_known_labels(report_inputs):
-    kwargs, res = report_inputs
+    kwargs, res = report_inputs[:2]
     # detector c reads exactly concept c: label c, IoU 1 on both splits
     assert res.labels.tolist() == [0, 1]
     np.testing.assert_allclose(res.val_iou, [1.0, 1.0], rtol=0, atol=1e-12)
@@ -125,10 +176,12 @@ def test_report_detector_cards_show_known_labels(report_inputs):
 
 
 def test_report_minimal_results_and_bad_input():
-    page = build_report({"dissection": {"eddp": {"S1": 2.5, "S2": 1.25}}})
+    page = build_report(_results(dissection={"eddp": _summary(S1=2.5, S2=1.25)}))
     assert "2.500" in page and "1.250" in page
-    with pytest.raises(ValidationError, match="results must be a dict"):
+    with pytest.raises(ValidationError, match="results must be a DemoResults"):
         build_report([1, 2])
+    with pytest.raises(ValidationError, match="required key 'dissection.eddp.n_interpretable' is missing"):
+        build_report(_results(dissection={"eddp": {"S1": 2.5, "S2": 1.25}}))
 
 
 def test_detector_montage_dims_outside_and_outlines_mask():
@@ -175,22 +228,33 @@ def _applications_inputs():
                        maps=torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)),
                        contributions=torch.tensor([0.9, -0.3, 0.1]), top=[0, 2, 1], names=names,
                        class_name=EVIL_CLASS)
-    results = {
-        "applications": {"layer": "layer4", "explanations": [
+    correction = {"poisoned_acc_before": 0.398, "poisoned_acc_after": 0.542, "clean_acc_before": 0.774,
+                  "clean_acc_after": 0.7735, "filter_acc_after": 0.512, "random_acc_after": 0.433,
+                  "pattern_cav_acc_after": 0.648, "pattern_cav_image_acc_after": 0.601,
+                  "mean_difference_acc_after": 0.703, "oracle_poisoned_acc": 0.769, "watermark_iou": 0.359,
+                  "watermark_detector": 1, "second_best_iou": 0.137, "strength": 40.8}
+    correction.update({k: None for k in (  # the numbers this test does not look at
+        "filter_clean_acc_after", "random_acc_after_max", "random_clean_acc_after", "pattern_cav_clean_acc_after",
+        "pattern_cav_strength", "pattern_cav_image_clean_acc_after", "pattern_cav_image_strength",
+        "mean_difference_clean_acc_after", "mean_difference_strength", "union_iou", "union_recall",
+        "detector_precision", "detector_recall", "signal_value_removal", "true_mask")})
+    correction.update(filter_clean_acc_after=0.7, filter_strength=1.0, detectors_rule="best", watermark_detectors=[1],
+                      watermark_detectors_iou=[0.359], rows={})
+    results = _results(
+        applications={"layer": "layer4", "contribution": "logit", "counterfactual_selection": "all", "explanations": [
             {"val_index": 3, "true_class": EVIL_CLASS, "class_name": EVIL_CLASS, "probability": 0.8,
              "watermarked": True, "top": [{"concept": 0, "name": EVIL_CONCEPT, "contribution": 0.9}]}],
             "counterfactuals": [{"val_index": 3, "gallery_position": 0, "concept": 0, "name": EVIL_CONCEPT,
-                                 "probs_before": [0.2, 0.8], "probs_after": [0.7, 0.3], "pred_before": "plain",
-                                 "pred_after": EVIL_CLASS, "class_names": [EVIL_CLASS, "plain"]}]},
-        "correction": {"poisoned_acc_before": 0.398, "poisoned_acc_after": 0.542, "clean_acc_before": 0.774,
-                       "clean_acc_after": 0.7735, "filter_acc_after": 0.512, "random_acc_after": 0.433,
-                       "pattern_cav_acc_after": 0.648, "pattern_cav_image_acc_after": 0.601,
-                       "mean_difference_acc_after": 0.703, "oracle_poisoned_acc": 0.769, "watermark_iou": 0.359,
-                       "watermark_detector": 1, "second_best_iou": 0.137, "strength": 40.8},
-        "activation_maximization": {"cos_signal": 0.154, "cos_filter": 0.213, "cos_pattern_cav": 0.276},
-        "shortcut_experiment": {"model": EVIL_MODEL, "layer": "layer2", "n_concepts": 3, "n_random": 10,
-                                "watermark": {"text": "<rook>"}},
-    }
+                                 "probs_before": [0.2, 0.8], "probs_after": [0.7, 0.3], "p_drop": 0.5,
+                                 "pred_before": "plain", "pred_after": EVIL_CLASS,
+                                 "class_names": [EVIL_CLASS, "plain"]}]},
+        correction=correction,
+        activation_maximization={"cos_signal": 0.154, "cos_filter": 0.213, "cos_pattern_cav": 0.276, "summary": {},
+                                 "watermark_detector": None},
+        shortcut_experiment={"model": EVIL_MODEL, "layer": "layer2", "n_concepts": 3, "n_random": 10, "n_fit": 20,
+                             "n_val": 10, "n_test": 10, "seed": 0, "val_seed": 1, "max_clean_drop": 0.005,
+                             "min_iou": 0.04, "detectors": "best", "watermark": {"text": "<rook>"}},
+    )
     applications = {"explanations": [expl], "images": np.zeros((1, 16, 16, 3), np.uint8),
                     "actmax_images": torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
     return results, applications
@@ -223,27 +287,29 @@ def test_report_applications_section_states_the_measured_numbers():
 
 
 def test_report_without_applications_has_no_section():
-    page = build_report({"dissection": {"eddp": {"S1": 1.0, "S2": 1.0}}})
+    page = build_report(_results())
     assert "Applications" not in page
     results, _ = _applications_inputs()
-    only_numbers = build_report({"correction": results["correction"]})  # no objects: the table alone
+    only_numbers = build_report(_results(correction=results["correction"]))  # no objects: the table alone
     assert "Correcting the shortcut" in only_numbers and "Explanations" not in only_numbers
 
 
 def test_duplicates_note_names_the_own_rule_s1_leader():
     from unveil.report.html import _duplicates_note
-    native = {"nmf": {"S1": 22.4, "n_interpretable": 64, "n_distinct": 8},
-              "ica": {"S1": 12.7, "n_interpretable": 64, "n_distinct": 14}}
+
+    def nat(**kw):
+        return NativeRuleSummary.from_dict({**_summary(**kw), "rule": "otsu"})
+    native = {"nmf": nat(S1=22.4, n_interpretable=64, n_distinct=8),
+              "ica": nat(S1=12.7, n_interpretable=64, n_distinct=14)}
     note = _duplicates_note(native)
     assert "NMF's 64 interpretable detectors cover 8 distinct concepts (8.0 per concept)" in note
     assert _duplicates_note({}) == ""
-    assert _duplicates_note({"<b>x</b>": {"S1": 1.0, "n_interpretable": 2, "n_distinct": 1}}).count("<b>") == 0
+    assert _duplicates_note({"<b>x</b>": nat(S1=1.0, n_interpretable=2, n_distinct=1)}).count("<b>") == 0
 
 
 def test_report_renders_influence_against_noise_and_class_diagrams(report_inputs):
-    kwargs, _ = report_inputs
+    kwargs, _, infl, control = report_inputs
     kwargs = dict(kwargs)
-    infl, control = kwargs["influence"], kwargs["influence_control"]
     page = build_report(kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
     sec = page[page.index("<h2>Concept → class influence (RCAV)</h2>"):page.index("<h2>EDDP against supervised")]
     assert "could not be drawn" not in page
@@ -259,12 +325,12 @@ def test_report_renders_influence_against_noise_and_class_diagrams(report_inputs
 
 
 def test_report_renders_the_s3_table(report_inputs):
-    kwargs, res = report_inputs
-    kwargs = dict(kwargs)
+    kwargs = dict(report_inputs[0])
     results = kwargs.pop("results")
     page = build_report(results, kwargs.pop("dissections"), **kwargs)
     sec = page[page.index("<h2>EDDP against supervised Pattern-CAVs (S³)</h2>"):]
-    cmp = PatternCAVComparison.from_dict(results["pattern_cav"])
+    cmp = results.pattern_cav
+    assert isinstance(cmp, PatternCAVComparison)
     assert cmp.concepts == [EVIL_CONCEPT, 'sky" onmouseover="x']
     # detector c is mask c: EDDP's detectors reach IoU 1; the two masks are correlated (one cut), so the
     # difference of means mixes both channels and the Pattern-CAV cannot separate them as well
@@ -276,7 +342,7 @@ def test_report_renders_the_s3_table(report_inputs):
     assert html_escaped(EVIL_CONCEPT) in sec and EVIL_CONCEPT not in page
     assert "d0&lt;b&gt;" in sec  # the detector's name, escaped
     assert PatternCAVComparison.from_dict(cmp.to_dict()) == cmp
-    assert "EDDP against supervised" not in build_report({"dissection": {"eddp": {"S1": 1.0}}})
+    assert "EDDP against supervised" not in build_report(_results())
 
 
 def test_plot_class_influence_marks_significant_concepts():

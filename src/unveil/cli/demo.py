@@ -34,35 +34,35 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..experiments.demo import run_demo
+    from ..experiments.results import DemoResults
     from ..report import write_report
     from .capture import parse_levels
 
-    res = run_demo(args.out, layer=args.layer, n_concepts=args.n_concepts, shortcut=args.shortcut,
+    doc = run_demo(args.out, layer=args.layer, n_concepts=args.n_concepts, shortcut=args.shortcut,
                    fast=args.fast, progress=not args.no_progress, seed=args.seed, efficientnet=args.efficientnet,
                    levels=parse_levels(args.levels), write_report=write_report)
-    d = res["dissection"]
+    res = DemoResults.from_dict(doc)
     cols = ("S1", "S2", "n_interpretable", "n_distinct", "mF1")
-    print(f"model {res['model']['name']} layer {res['model']['layer']}: accuracy {res['model']['test_acc']:.3f}")
+    print(f"model {res.model.name} layer {res.model.layer}: accuracy {res.model.test_acc:.3f}")
     print(f"{'method':<8}" + "".join(f"{c:>16}" for c in cols))
-    for m, s in d.items():
-        print(f"{m:<8}" + "".join(f"{s[c]:>16.3f}" if isinstance(s[c], float) else f"{s[c]:>16}" for c in cols))
-    inf = res["influence"]
-    ctrl = inf.get("control") or {}
-    print(f"influence (RCAV, {inf.get('statistic')} + {inf.get('test')} test, permuted-label null): SDC {inf['SDC']}, "
-          f"SCDP {inf['SCDP']}; noise directions SDC {ctrl.get('SDC')}, SCDP {ctrl.get('SCDP')}")
-    pc = res.get("pattern_cav")
-    if pc:
-        print(f"S3 over {pc['n_compared']} concepts: EDDP {pc['s3_eddp']:.2f}, supervised Pattern-CAV "
-              f"{pc['s3_pattern_cav']:.2f}")
-    if res.get("shortcut"):
-        sc = res["shortcut"]
-        print(f"watermark detector: d{sc['detector']} IoU {sc['iou_val']:.3f}")
-    eff = res.get("efficientnet")
+    for m, s in res.dissection.items():
+        vals = [getattr(s, c) for c in cols]
+        print(f"{m:<8}" + "".join(f"{v:>16.3f}" if isinstance(v, float) else f"{v:>16}" for v in vals))
+    inf, ctrl = res.influence, res.influence.control
+    print(f"influence (RCAV, {inf.statistic} + {inf.test} test, permuted-label null): SDC {inf.SDC}, "
+          f"SCDP {inf.SCDP}; noise directions SDC {ctrl.SDC}, SCDP {ctrl.SCDP}")
+    pc = res.pattern_cav
+    if pc is not None:
+        print(f"S3 over {len(pc.concepts)} concepts: EDDP {pc.s3_eddp:.2f}, supervised Pattern-CAV "
+              f"{pc.s3_pattern_cav:.2f}")
+    if res.shortcut is not None:
+        print(f"watermark detector: d{res.shortcut.detector} IoU {res.shortcut.iou_val:.3f}")
+    eff = res.efficientnet  # compare_pretrained_random's dict (untyped)
     if eff and eff.get("available"):
         for k in ("pretrained", "random"):
             print(f"efficientnet-lite0 {k}: interpretable units per category {eff[k]['category_counts']}")
     elif eff:
         print(f"efficientnet-lite0 comparison skipped: {eff.get('reason')}")
-    print(f"total {res['timing']['total_s']:.1f} s; wrote {Path(args.out) / 'results.json'} and "
+    print(f"total {res.timing.total_s:.1f} s; wrote {Path(args.out) / 'results.json'} and "
           f"{Path(args.out) / 'report.html'}")
     return 0

@@ -6,4 +6,17 @@ defines a method or a metric of its own, and none imports the report or the comm
   influence, S³, explanations); :func:`unveil.run_demo` adds the HTML report.
 - :mod:`~unveil.experiments.shortcut`: find the watermark concept of ``worldnet-shortcut`` and remove it.
 - :mod:`~unveil.experiments.synthetic`: ``unveil synthetic``, EDDP and baselines against planted truth.
+- :mod:`~unveil.experiments.editing`: which direction to edit with, scored against planted truth.
+- :mod:`~unveil.experiments.results`: the demo's ``results.json`` as typed dataclasses
+  (:class:`~unveil.experiments.results.DemoResults`) and :func:`load_results`, which reads and validates it.
 """
+
+__all__ = ["load_results", "DemoResults"]
+
+
+def __getattr__(name):
+    # imported on first use: ``import unveil.experiments`` stays light
+    if name in ("load_results", "DemoResults"):
+        from . import results
+        return getattr(results, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

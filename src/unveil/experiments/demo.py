@@ -394,7 +394,10 @@ def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str]
     Returns
     -------
     dict
-        The content of ``results.json``.
+        The content of ``results.json`` (``DemoResults.to_dict()``, schema
+        :data:`~unveil.experiments.results.RESULTS_SCHEMA`); :func:`~unveil.load_results` reads the file back
+        as the typed :class:`~unveil.experiments.results.DemoResults` (``DemoResults.from_dict(doc)`` types
+        this dict).
 
     Examples
     --------
@@ -433,11 +436,9 @@ def _limit_threads(n: int):
 
 
 def _is_demo_results(doc: dict) -> bool:
-    """A results.json the demo wrote (today's, with its format field, or an older one)."""
-    return doc.get("format") == RESULTS_FORMAT or ("timing" in doc and "versions" in doc and "config" in doc)
-
-
-RESULTS_FORMAT = "unveil.demo_results"
+    """A results.json the demo wrote (this schema, an older or a newer one): the demo may replace it."""
+    from .results import is_demo_results
+    return is_demo_results(doc)
 
 
 # --------------------------------------------------------------------------- the stages, in run order
@@ -520,7 +521,9 @@ class _Findings:
 
 def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config,
               write_report):
-    from .._io import atomic_write_json, check_outputs_replaceable
+    import json
+
+    from .._io import _json_default, atomic_write_bytes, check_outputs_replaceable
 
     cfg = _demo_config(config, fast, n_concepts, layer)
     out = Path(out)
@@ -543,16 +546,32 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
             found.effnet = compare_pretrained_random(n_train=min(cfg.n_train, 400), n_val=min(cfg.n_val, 200),
                                                      seed=seed, progress=progress)
     _applications(run, out, model, data, diss, found)                           # 11. pairs, gallery, experiment
-    doc = _results_doc(run, data, model, maps, diss, found, model_name=model_name, fast=fast, n_concepts=I)
+    result = _typed_results(_results_doc(run, data, model, maps, diss, found, model_name=model_name, fast=fast,
+                                         n_concepts=I))
     if write_report is not None:
         with run.timer.stage("report"):
-            _write_demo_report(write_report, out, doc, data, diss, found, cfg)
-    doc["timing"] = {**_timing(run), "loadavg_end": _loadavg()}
-    doc["machine"]["loadavg_end"] = doc["timing"]["loadavg_end"]
-    atomic_write_json(out / "results.json", doc)
+            _write_demo_report(write_report, out, result, data, diss, found, cfg)
+    from .results import Timing
+    end = _loadavg()
+    t = _timing(run)
+    result = replace(result, timing=Timing(stages_s=t["stages_s"], total_s=t["total_s"],
+                                           loadavg_start=t["loadavg_start"], loadavg_end=end),
+                     machine=replace(result.machine, loadavg_end=end))
+    doc = result.to_dict()
+    # keys in the order they were made (not sorted): the methods, layers and stages read back in table order
+    atomic_write_bytes(out / "results.json", (json.dumps(doc, indent=2, default=_json_default) + "\n").encode())
     logger.info("demo: wrote %s%s in %.1f s", out / "results.json",
-                "" if write_report is None else f" and {out / 'report.html'}", doc["timing"]["total_s"])
+                "" if write_report is None else f" and {out / 'report.html'}", result.timing.total_s)
     return doc
+
+
+def _typed_results(doc: Dict[str, Any]):
+    """``doc`` as it reads back from ``results.json`` (JSON types), validated into a :class:`DemoResults`."""
+    import json
+
+    from .._io import _json_default
+    from .results import DemoResults
+    return DemoResults.from_dict(json.loads(json.dumps(doc, default=_json_default)))
 
 
 def _demo_config(config: Optional[DemoConfig], fast: bool, n_concepts: Optional[int],
@@ -728,6 +747,7 @@ def _results_doc(run: _Run, data: _WorldData, model: _LoadedModel, maps: _LayerM
                  found: _Findings, *, model_name: str, fast: bool, n_concepts: int) -> Dict[str, Any]:
     """The content of ``results.json`` (its timing is completed after the report)."""
     from .._io import versions
+    from .results import RESULTS_SCHEMA
     eddp_res, est, train = diss.results["eddp"], found.est, data.train
     doc: Dict[str, Any] = {
         "dissection": {m: _dissect_summary(r) for m, r in diss.results.items()},
@@ -749,27 +769,27 @@ def _results_doc(run: _Run, data: _WorldData, model: _LoadedModel, maps: _LayerM
         "layers": found.layers_doc,
         "config": {**asdict(run.cfg), "n_concepts": n_concepts, "layer": model.layer, "fast": bool(fast),
                    "model": model_name},
-        "format": RESULTS_FORMAT,
+        "schema": RESULTS_SCHEMA,
         "seed": run.seed,
         "versions": versions(),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "loadavg_start": run.load_start},
+                    "platform": platform.platform(), "loadavg_start": run.load_start, "loadavg_end": None},
     }
     if found.experiment is not None:
         doc["correction"] = found.experiment["correction"]
-        doc["activation_maximization"] = found.experiment.get("activation_maximization")
+        if found.experiment.get("activation_maximization") is not None:
+            doc["activation_maximization"] = found.experiment["activation_maximization"]
         doc["shortcut_experiment"] = found.experiment["setup"]
-    doc["timing"] = _timing(run)
+    doc["timing"] = {**_timing(run), "loadavg_end": None}  # completed after the report
     return doc
 
 
-def _write_demo_report(write_report, out: Path, doc: Dict[str, Any], data: _WorldData, diss: _Dissection,
+def _write_demo_report(write_report, out: Path, result, data: _WorldData, diss: _Dissection,
                        found: _Findings, cfg: DemoConfig) -> None:
     wm_channel = None
-    if found.shortcut_info is not None:
+    if result.shortcut is not None:
         wm_channel = [c.name for c in data.train.concepts].index("watermark")
-    write_report(out / "report.html", doc, diss.results, influence=found.influence,
-                 influence_control=found.influence_control, train=data.train, val=data.val,
+    write_report(out / "report.html", result, diss.results, train=data.train, val=data.val,
                  detector_maps={"train": diss.det_train, "val": diss.det_val}, watermark_channel=wm_channel,
                  n_detectors=cfg.n_report_detectors, applications=found.applications)
 

@@ -1,7 +1,8 @@
 """Figures and the self-contained HTML report (matplotlib is imported lazily, Agg backend).
 
-``build_report(results, dissections, influence=..., train=..., val=..., detector_maps=...)`` returns
-one HTML string (inline CSS, base64 PNG images, no external URL; all data text escaped);
+``build_report(results, dissections, train=..., val=..., detector_maps=...)`` returns one HTML string
+(inline CSS, base64 PNG images, no external URL; all data text escaped) from the demo's typed results
+(:class:`~unveil.experiments.results.DemoResults`, e.g. ``unveil.load_results(DIR)``);
 ``write_report(path, ...)`` writes it atomically. The plot functions of :mod:`unveil.report.figures`
 take ``ax=None`` and return the Axes.
 """

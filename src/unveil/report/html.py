@@ -10,11 +10,12 @@ import html
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from .._errors import ValidationError
+from ..experiments.results import DemoResults
 from . import figures as fg
 
 __all__ = ["build_report", "write_report"]
@@ -95,29 +96,24 @@ def _txt(x) -> _Raw:
 
 
 # --------------------------------------------------------------------------- sections
-def _header(results: Mapping[str, Any], title: str) -> str:
-    model = results.get("model", {}) or {}
-    data = results.get("data", {}) or {}
-    cfg = results.get("config", {}) or {}
+def _header(results: DemoResults, title: str) -> str:
+    model, data, cfg = results.model, results.data, results.config
     parts = [f"<h1>{_e(title)}</h1>"]
-    line = []
-    if model:
-        line.append(f"model <b>{_e(model.get('name', '?'))}</b>, layer <b>{_e(model.get('layer', '?'))}</b>")
-        if model.get("test_acc") is not None:
-            line.append(f"accuracy {_fmt(model['test_acc'])} on {_e(model.get('test_acc_split', 'held-out images'))}")
-    if data:
-        line.append(f"concept world: {_e(data.get('n_train', '?'))} train / {_e(data.get('n_val', '?'))} val images, "
-                    f"{_e(data.get('n_concepts', '?'))} concepts, seed {_e(data.get('seed', '?'))}")
-    if cfg.get("n_concepts"):
-        line.append(f"{_e(cfg['n_concepts'])} directions per method")
-    if cfg.get("fast"):
+    line = [f"model <b>{_e(model.name)}</b>, layer <b>{_e(model.layer)}</b>",
+            f"accuracy {_fmt(model.test_acc)} on {_e(model.test_acc_split)}",
+            f"concept world: {_e(data.n_train)} train / {_e(data.n_val)} val images, "
+            f"{_e(data.n_concepts)} concepts, seed {_e(data.seed)}"]
+    if cfg.n_concepts:
+        line.append(f"{_e(cfg.n_concepts)} directions per method")
+    if cfg.fast:
         line.append("<b>--fast</b> (a smoke test, not a measurement)")
     parts.append(f'<p class="muted">{" · ".join(line)}</p>')
     return "\n".join(parts)
 
 
-def _best(table: Mapping[str, Mapping[str, Any]], key: str) -> str:
-    vals = {m: float(v.get(key, float("nan"))) for m, v in table.items()}
+def _best(table: Mapping[str, Any], key: str) -> str:
+    """The method(s) of the highest ``key`` (a :class:`DissectionSummary` field) in ``table``."""
+    vals = {m: float(getattr(v, key)) for m, v in table.items()}
     vals = {m: v for m, v in vals.items() if math.isfinite(v)}
     if not vals:
         return "–"
@@ -132,16 +128,16 @@ def _categories(seen) -> tuple:
     return tuple(c for c in _CATEGORY_ORDER if c in seen or c != "shortcut") + tuple(sorted(seen - set(_CATEGORY_ORDER)))
 
 
-def _comparison(results: Mapping[str, Any]) -> str:
-    diss = results.get("dissection") or {}
+def _comparison(results: DemoResults) -> str:
+    diss = results.dissection
     if not diss:
         return ""
-    rules = results.get("detection_rules") or {}
-    native = results.get("dissection_native_rules") or {}
+    rules = results.detection_rules
+    native = results.dissection_native_rules
     methods = list(diss)
-    s1 = [float(diss[m].get("S1", 0.0)) for m in methods]
+    s1 = [float(diss[m].S1) for m in methods]
     best = int(np.argmax(s1)) if s1 else None
-    rows = [[_txt(_METHOD_NAMES.get(m, m))] + [diss[m].get(k) for k in _SUMMARY_KEYS] for m in methods]
+    rows = [[_txt(_METHOD_NAMES.get(m, m))] + [getattr(diss[m], k) for k in _SUMMARY_KEYS] for m in methods]
     out = ["<h2>EDDP vs baselines (Network Dissection)</h2>",
            "<p>Detectors are labelled with the concept of highest IoU on the train split and scored on the "
            "validation split (docs/method.md §7). S1 = Σ IoU over detectors; S2 = Σ over distinct labels of the best "
@@ -155,8 +151,7 @@ def _comparison(results: Mapping[str, Any]) -> str:
         both = {"eddp": diss["eddp"], **native} if "eddp" in diss else dict(native)
         verdict.append("<li>Baselines with their own rule: highest "
                        + "; ".join(f"{k} {_best(both, k)}" for k in keys) + ".</li>")
-    q = (results.get("config") or {}).get("quantile")
-    share = f"{100 * (1 - float(q)):.3g} %" if isinstance(q, (int, float)) else "a small top share"
+    share = f"{100 * (1 - float(results.config.quantile)):.3g} %"
     out.append('<div class="note"><b>Which method wins depends on the baselines\' detection rule.</b><ul>'
                + "".join(verdict) + f"</ul>The top-quantile rule lets a component fire on only {_e(share)} of "
                "the map cells of the train split, which caps its IoU with large concepts (sky, grass, walls); the "
@@ -165,18 +160,18 @@ def _comparison(results: Mapping[str, Any]) -> str:
     out.append("<h3>A. Baselines with the NetDissect top-quantile rule</h3>")
     out.append(_table(("method",) + _SUMMARY_KEYS, rows, highlight=best))
     if native:
-        rows_b = ([[_txt("EDDP")] + [diss["eddp"].get(k) for k in _SUMMARY_KEYS] + [_txt(rules.get("eddp", ""))]]
+        rows_b = ([[_txt("EDDP")] + [getattr(diss["eddp"], k) for k in _SUMMARY_KEYS] + [_txt(rules.get("eddp", ""))]]
                   if "eddp" in diss else [])
-        rows_b += [[_txt(_METHOD_NAMES.get(m, m))] + [native[m].get(k) for k in _SUMMARY_KEYS]
-                   + [_txt(native[m].get("rule", ""))] for m in native]
+        rows_b += [[_txt(_METHOD_NAMES.get(m, m))] + [getattr(native[m], k) for k in _SUMMARY_KEYS]
+                   + [_txt(native[m].rule)] for m in native]
         out.append("<h3>B. Baselines with their own label-free rule</h3>")
         out.append(_table(("method",) + _SUMMARY_KEYS + ("rule",), rows_b, left={0, len(_SUMMARY_KEYS) + 1}))
     try:
         fig = fg.new_figure(figsize=(9.5, 2.7))
         for j, key in enumerate(("S1", "S2", "n_distinct")):
             ax = fig.add_subplot(1, 3, j + 1)
-            table = {_METHOD_NAMES.get(m, m): {"A: top-quantile": diss[m].get(key, 0.0),
-                                               "B: own rule": (native.get(m, diss[m]) if m != "eddp" else diss[m]).get(key, 0.0)}
+            table = {_METHOD_NAMES.get(m, m): {"A: top-quantile": getattr(diss[m], key),
+                                               "B: own rule": getattr(native.get(m, diss[m]) if m != "eddp" else diss[m], key)}
                      for m in methods}
             fg.plot_method_comparison(table, ("A: top-quantile", "B: own rule") if native else ("A: top-quantile",), ax=ax)
             ax.set_title(key, fontsize=9)
@@ -191,10 +186,10 @@ def _comparison(results: Mapping[str, Any]) -> str:
         out.append("<h3>Detection rules</h3><ul>")
         for m in methods:
             if m in rules:
-                own = f" Own rule (table B): {_e(native[m]['rule'])}." if m in native and native[m].get("rule") else ""
+                own = f" Own rule (table B): {_e(native[m].rule)}." if m in native and native[m].rule else ""
                 out.append(f"<li><b>{_e(_METHOD_NAMES.get(m, m))}</b>: {_e(rules[m])}.{own}</li>")
         out.append("</ul>")
-    cats = results.get("category_counts") or {}
+    cats = results.category_counts
     if cats:
         allc = _categories(c for m in cats for c in cats[m])
         rows = [[_txt(_METHOD_NAMES.get(m, m))] + [cats[m].get(c, 0) for c in allc] for m in cats]
@@ -281,11 +276,10 @@ def _heatmaps_section(res, ds, maps, n_images: int, per_image: int = 4) -> str:
             f'<div class="fig">{_img(fg.figure_png(fig), "detector heatmaps on sample images")}</div>')
 
 
-def _influence_section(infl, results: Mapping[str, Any], control=None, max_rows: int = 40) -> str:
-    """Concept → class influence (:class:`~unveil.evaluate.influence.Influence`), against ``control``: the same
-    test on noise directions (the demo: permuted-label noise vectors on the same detectors)."""
-    if infl is None:
-        return ""
+def _influence_section(summary, max_rows: int = 40) -> str:
+    """Concept → class influence (``summary.result``, an :class:`~unveil.evaluate.influence.Influence`), against
+    ``summary.control``: the same test on noise directions (permuted-label noise vectors on the same detectors)."""
+    infl, control = summary.result, summary.control
     scores, sig = np.asarray(infl.score, float), np.asarray(infl.significant, bool)
     cfg = dict(infl.config or {})
     logit = cfg.get("statistic", "sign") == "logit"
@@ -302,14 +296,12 @@ def _influence_section(infl, results: Mapping[str, Any], control=None, max_rows:
            f"{_e(cfg.get('n_null', '?'))} linear noise classifiers trained on permutations of its detector's labels, "
            f"and their positive-only signal vectors, scored the same way; {_e(test)}; <b>*</b> = significant, "
            f"Bonferroni over {_e(cfg.get('n_tests', '?'))} tests (level {_fmt(cfg.get('bonferroni_level'), 6)}).</p>"]
-    rows = [[_txt("EDDP signal vectors"), infl.sdc, infl.scdp, float(np.nanmean(np.abs(scores)))]]
-    if control is not None:
-        rows.append([_txt("noise directions (the same detectors, permuted-label noise vectors)"), control.sdc,
-                     control.scdp, float(np.nanmean(np.abs(np.asarray(control.score, float))))])
+    rows = [[_txt("EDDP signal vectors"), summary.SDC, summary.SCDP, summary.mean_abs_score],
+            [_txt("noise directions (the same detectors, permuted-label noise vectors)"), control.SDC,
+             control.SCDP, control.mean_abs_score]]
     out.append(_table(("directions", "SDC (directions)", "SCDP (class, direction pairs)", "mean |score|"), rows))
-    if control is not None:
-        out.append('<p class="muted">The noise directions are exchangeable with the null by construction, so their '
-                   "significant pairs are false positives: they show what the test flags when there is no concept.</p>")
+    out.append('<p class="muted">The noise directions are exchangeable with the null by construction, so their '
+               "significant pairs are false positives: they show what the test flags when there is no concept.</p>")
     strength = np.nan_to_num(np.abs(scores), nan=0.0).max(axis=1)
     pick = np.flatnonzero(sig.any(axis=1))
     what = "directions with at least one significant class"
@@ -372,23 +364,20 @@ def _per_class_counts(infl) -> str:
     return f"Significant pairs per class: {parts}."
 
 
-def _pattern_cav_section(results: Mapping[str, Any]) -> str:
-    doc = results.get("pattern_cav")
-    if not doc:
+def _pattern_cav_section(results: DemoResults) -> str:
+    doc = results.pattern_cav  # a PatternCAVComparison
+    if doc is None:
         return ""
-    concepts = doc.get("concepts") or []
-    cfg = doc.get("config") or {}
-    dets = doc.get("eddp_detector") or []
-    detector_names = [d.get("name", f"d{i}") for i, d in enumerate((results.get("eddp") or {}).get("detectors") or [])]
+    concepts, cfg, dets = doc.concepts, doc.config, doc.eddp_detector
+    detector_names = [d.name for d in results.eddp.detectors]
 
     def dname(i):
         return detector_names[i] if 0 <= i < len(detector_names) else f"d{i}"
     rows = []
     for j, c in enumerate(concepts):
-        rows.append([_txt(c), doc["n_cells"][j], doc["pattern_cav_iou"][j], _txt(dname(int(dets[j]))),
-                     doc["eddp_iou"][j], doc["cos_signal"][j], doc["cos_mean_difference"][j], doc["cos_filter"][j]])
-    rows.append([_Raw("<b>S³ (sum)</b>"), None, doc.get("s3_pattern_cav"), _txt(""), doc.get("s3_eddp"), None, None,
-                 None])
+        rows.append([_txt(c), doc.n_cells[j], doc.pattern_cav_iou[j], _txt(dname(int(dets[j]))),
+                     doc.eddp_iou[j], doc.cos_signal[j], doc.cos_mean_difference[j], doc.cos_filter[j]])
+    rows.append([_Raw("<b>S³ (sum)</b>"), None, doc.s3_pattern_cav, _txt(""), doc.s3_eddp, None, None, None])
     out = ["<h2>EDDP against supervised Pattern-CAVs (S³)</h2>",
            "<p>Per annotated concept: the supervised Pattern-CAV (difference of the mean activation of the cells the "
            f"concept covers, ≥ {_fmt(cfg.get('cover'), 2)} of the cell, and of the others, on the train split) used "
@@ -397,33 +386,33 @@ def _pattern_cav_section(results: Mapping[str, Any]) -> str:
            "S³ = Σ over these concepts of the one detector's IoU: it rewards covering every concept. The cosines "
            "compare the EDDP detector's signal vector ŝ, its label-free mean difference and its filter w with the "
            "Pattern-CAV.</p>",
-           f"<p>S³: <b>EDDP {_fmt(doc.get('s3_eddp'), 2)}</b> vs <b>Pattern-CAV {_fmt(doc.get('s3_pattern_cav'), 2)}"
-           f"</b> over {_e(doc.get('n_compared'))} concepts; EDDP's detector has the higher IoU on "
-           f"{_e(doc.get('eddp_wins'))} of them.</p>",
+           f"<p>S³: <b>EDDP {_fmt(doc.s3_eddp, 2)}</b> vs <b>Pattern-CAV {_fmt(doc.s3_pattern_cav, 2)}"
+           f"</b> over {_e(len(doc.concepts))} concepts; EDDP's detector has the higher IoU on "
+           f"{_e(doc.eddp_wins)} of them.</p>",
            _table(("concept", "labelled train cells", "Pattern-CAV IoU", "EDDP detector", "EDDP IoU", "cos(ŝ, CAV)",
                    "cos(mean diff., CAV)", "cos(w, CAV)"), rows, left={0, 3})]
     return "\n".join(out)
 
 
-def _shortcut_section(results, res, split_ds, detector_maps, infl, channel: Optional[int]) -> str:
-    info = results.get("shortcut")
-    if channel is None or not info:
+def _shortcut_section(results: DemoResults, res, split_ds, detector_maps, channel: Optional[int]) -> str:
+    info = results.shortcut
+    if channel is None or info is None:
         return ""
-    i = int(info["detector"])
+    i = int(info.detector)
     out = ["<h2>Shortcut: the watermark detector</h2>",
-           f"<p>Model <b>{_e(results.get('model', {}).get('name', '?'))}</b> was trained with a watermark "
+           f"<p>Model <b>{_e(results.model.name)}</b> was trained with a watermark "
            f"stamped on most images of one class. The EDDP detector with the highest validation IoU against the "
-           f"<code>watermark</code> mask is <b>{_e(res.detector_names[i])}</b> (IoU val <b>{_fmt(info['iou_val'])}</b>, "
-           f"train {_fmt(info['iou_train'])}; its dissection label: {_e(info.get('label') or 'none')}).</p>"]
-    rows = [[_txt("EDDP"), info["iou_val"]]] + [[_txt(_METHOD_NAMES.get(m, m)), v]
-                                                for m, v in (info.get("baselines_best_iou") or {}).items()]
+           f"<code>watermark</code> mask is <b>{_e(res.detector_names[i])}</b> (IoU val <b>{_fmt(info.iou_val)}</b>, "
+           f"train {_fmt(info.iou_train)}; its dissection label: {_e(info.label or 'none')}).</p>"]
+    rows = [[_txt("EDDP"), info.iou_val]] + [[_txt(_METHOD_NAMES.get(m, m)), v]
+                                             for m, v in info.baselines_best_iou.items()]
     out.append("<div class=\"grid2\"><div><h3>Best watermark IoU per method</h3><p class=\"muted\">max over detectors; "
                "baselines with the rule of table A</p>" + _table(("method", "IoU val"), rows)
                + "</div>")
-    rc = info.get("rcav_scores") or {}
-    sg = info.get("rcav_significant") or {}
+    sg = info.rcav_significant
     out.append("<div><h3>RCAV of the watermark direction</h3>"
-               + _table(("class", "score", "significant"), [[_txt(c), v, bool(sg.get(c))] for c, v in rc.items()])
+               + _table(("class", "score", "significant"), [[_txt(c), v, bool(sg[c])]
+                                                            for c, v in info.rcav_scores.items()])
                + "</div></div>")
     if detector_maps is not None and split_ds:
         # the strongest watermark images plus the detector's top activations
@@ -445,14 +434,14 @@ def _shortcut_section(results, res, split_ds, detector_maps, infl, channel: Opti
     return "\n".join(out)
 
 
-def _layers_section(results) -> str:
-    layers = results.get("layers") or {}
+def _layers_section(results: DemoResults) -> str:
+    layers = results.layers
     if len(layers) < 2:
         return ""
-    cats = _categories(c for v in layers.values() for c in v.get("category_counts", {}))
-    rows = [[_txt(f"{name} (main)" if v.get("main") else name), _txt(" x ".join(map(str, v.get("map_shape", []))))]
-            + [v.get(k) for k in ("S1", "S2", "n_interpretable", "n_distinct", "mF1")]
-            + [v.get("category_counts", {}).get(c, 0) for c in cats] for name, v in layers.items()]
+    cats = _categories(c for v in layers.values() for c in v.category_counts)
+    rows = [[_txt(f"{name} (main)" if v.main else name), _txt(" x ".join(map(str, v.map_shape)))]
+            + [getattr(v, k) for k in ("S1", "S2", "n_interpretable", "n_distinct", "mF1")]
+            + [v.category_counts.get(c, 0) for c in cats] for name, v in layers.items()]
     return ("<h2>EDDP at other layers</h2><p>The same EDDP fit and dissection at other layers of the network "
             "(same number of directions; no baselines and no RCAV there). Interpretable detectors per category on "
             "the right.</p>"
@@ -464,8 +453,8 @@ def _duplicates_note(native) -> str:
     """S1 sums every detector, duplicates included: name the own-rule S1 leader's detectors per distinct concept."""
     if not native:
         return ""
-    m = max(native, key=lambda k: float(native[k].get("S1", 0.0)))
-    n_int, n_dis = native[m].get("n_interpretable"), native[m].get("n_distinct")
+    m = max(native, key=lambda k: float(native[k].S1))
+    n_int, n_dis = native[m].n_interpretable, native[m].n_distinct
     if not n_int or not n_dis:
         return ""
     return (f" S1 adds up every detector, duplicates included: with its own rule {_e(_METHOD_NAMES.get(m, m))}'s "
@@ -473,8 +462,8 @@ def _duplicates_note(native) -> str:
             "per concept); S2 counts each concept once.")
 
 
-def _efficientnet_section(results) -> str:
-    eff = results.get("efficientnet")
+def _efficientnet_section(eff: Optional[Mapping[str, Any]]) -> str:
+    """``results.efficientnet``: the dict of :func:`~unveil.experiments.demo.compare_pretrained_random` (untyped)."""
     if not eff:
         return ""
     if not eff.get("available"):
@@ -504,29 +493,26 @@ def _efficientnet_section(results) -> str:
             + _table(("detectors",) + tuple(cats) + ("interpretable", "distinct", "S1", "S2"), rows))
 
 
-def _footer(results) -> str:
-    timing = results.get("timing") or {}
-    stages = timing.get("stages_s") or {}
-    rows = [[_txt(k), v] for k, v in stages.items()]
+def _footer(results: DemoResults) -> str:
+    timing, machine = results.timing, results.machine
+    rows = [[_txt(k), v] for k, v in timing.stages_s.items()]
     out = ["<h2>Run</h2>"]
     if rows:
-        total = timing.get("total_s")
+        total = timing.total_s
         out.append(_table(("stage", "seconds"), rows + ([[_txt("total (before the report)"), total]] if total else [])))
-    machine = results.get("machine") or {}
-    if machine:
-        out.append(f"<p class=\"muted\">{_e(machine.get('cpu_count', '?'))} CPUs, torch threads "
-                   f"{_e(machine.get('torch_threads', '?'))}, load average at start {_e(machine.get('loadavg_start'))}"
-                   f"; {_e(machine.get('platform', ''))}</p>")
-    vers = results.get("versions") or {}
+    out.append(f"<p class=\"muted\">{_e(machine.cpu_count)} CPUs, torch threads "
+               f"{_e(machine.torch_threads)}, load average at start {_e(machine.loadavg_start)}"
+               f"; {_e(machine.platform)}</p>")
+    vers = results.versions
     if vers:
         out.append("<p class=\"muted\">versions: " + ", ".join(f"{_e(k)} {_e(v)}" for k, v in vers.items())
-                   + f"; seed {_e(results.get('seed', '?'))}</p>")
+                   + f"; seed {_e(results.seed)}</p>")
     return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- applications
-def _gallery(results, applications) -> str:
-    doc = (results.get("applications") or {})
+def _gallery(results: DemoResults, applications) -> str:
+    doc = results.applications  # None: no numbers, only the figure
     expl = (applications or {}).get("explanations") or []
     images = (applications or {}).get("images")
     if not expl or images is None:
@@ -544,37 +530,37 @@ def _gallery(results, applications) -> str:
                               ax=fig.add_subplot(n, 2, 2 * r + 2), title="top concepts")
     fig.tight_layout()
     rows = []
-    for r, d in enumerate(doc.get("explanations") or []):
-        tops = ", ".join(f"{_e(t['name'])} ({t['contribution']:+.2f})" for t in d.get("top", [])[:3])
-        rows.append([_txt(f"val #{d.get('val_index')}"), _txt(d.get("true_class", "?")),
-                     _txt(d.get("class_name", "?")), d.get("probability"), bool(d.get("watermarked")), _Raw(tops)])
+    for r, d in enumerate(doc.explanations if doc is not None else []):
+        tops = ", ".join(f"{_e(t['name'])} ({t['contribution']:+.2f})" for t in d.top[:3])
+        rows.append([_txt(f"val #{d.val_index}"), _txt(d.true_class), _txt(d.class_name), d.probability,
+                     bool(d.watermarked), _Raw(tops)])
     cards.append(f'<div class="fig">{_img(fg.figure_png(fig), "explanation gallery")}</div>')
     if rows:
         cards.append("<div>" + _table(("image", "true class", "predicted", "p", "watermark", "top concepts (Δ logit)"),
                                       rows, left={0, 1, 2, 5}) + "</div>")
     return ("<h3>Explanations</h3><p>For each image: the detector maps of the concepts that contributed most to the "
-            "predicted class (coloured overlays, layer <code>" + _e(doc.get("layer", "?")) + "</code>), and each "
+            "predicted class (coloured overlays, layer <code>" + _e(doc.layer if doc is not None else "?") + "</code>), and each "
             "concept's contribution = logit of the predicted class minus that logit when the concept is removed "
             "at the layer with its signal vector (x′ = x − σ(wᵀx − b)·â·ŝ, each concept alone).</p>"
             f'<div class="grid2">{"".join(cards)}</div>')
 
 
-def _counterfactuals(results) -> str:
-    cfs = (results.get("applications") or {}).get("counterfactuals") or []
+def _counterfactuals(results: DemoResults) -> str:
+    app = results.applications
+    cfs = app.counterfactuals if app is not None else []
     if not cfs:
         return ""
     fig = fg.new_figure(figsize=(3.8 * len(cfs), 2.5))
     rows = []
     for n, c in enumerate(cfs):
-        names = c.get("class_names") or [str(k) for k in range(len(c["probs_before"]))]
-        fg.plot_probabilities(c["probs_before"], c["probs_after"], names, ax=fig.add_subplot(1, len(cfs), n + 1),
-                              title=f"val #{c.get('val_index')}: remove {c.get('name')}")
-        k = names.index(c["pred_before"]) if c.get("pred_before") in names else int(np.argmax(c["probs_before"]))
-        rows.append([_txt(f"val #{c.get('val_index')}"), _txt(c.get("name")), _txt(c.get("pred_before")),
-                     c["probs_before"][k], c["probs_after"][k], _txt(c.get("pred_after")),
-                     max(c["probs_after"])])
+        names = c.class_names or [str(k) for k in range(len(c.probs_before))]
+        fg.plot_probabilities(c.probs_before, c.probs_after, names, ax=fig.add_subplot(1, len(cfs), n + 1),
+                              title=f"val #{c.val_index}: remove {c.name}")
+        k = names.index(c.pred_before) if c.pred_before in names else int(np.argmax(c.probs_before))
+        rows.append([_txt(f"val #{c.val_index}"), _txt(c.name), _txt(c.pred_before),
+                     c.probs_before[k], c.probs_after[k], _txt(c.pred_after), max(c.probs_after)])
     fig.tight_layout()
-    sel = (results.get("applications") or {}).get("counterfactual_selection")
+    sel = app.counterfactual_selection
     return ("<h3>Counterfactuals</h3><p>The top concept of an explained image is removed (its signal value at every "
             "position) and the model is run again." + (f" Shown: {_e(sel)}." if sel else "") + "</p>"
             + _table(("image", "concept removed", "predicted before", "p before", "p(same class) after",
@@ -582,89 +568,88 @@ def _counterfactuals(results) -> str:
             + f'<div class="fig">{_img(fg.figure_png(fig), "class probabilities before and after the removal")}</div>')
 
 
-def _correction(results) -> str:
-    c = results.get("correction")
-    if not c:
+def _correction(results: DemoResults) -> str:
+    c = results.correction
+    if c is None:
         return ""
-    st = results.get("shortcut_experiment") or {}
+    setup = results.shortcut_experiment
+
+    def st(name):  # the experiment's settings ("?" when the results carry none)
+        return "?" if setup is None else getattr(setup, name)
     na = None
-    used = {k: (v or {}).get("detectors") for k, v in (c.get("rows") or {}).items()}
+    used = {k: (v or {}).get("detectors") for k, v in c.rows.items()}
 
     def det(name):
         return _txt(" ".join(f"d{i}" for i in used[name]) if used.get(name) else "–")
-    rows = [[_txt("none"), _txt("–"), na, c.get("clean_acc_before"), c.get("poisoned_acc_before")],
-            [_txt("signal vector ŝ (EDDP)"), det("signal"), c.get("strength"), c.get("clean_acc_after"),
-             c.get("poisoned_acc_after")]]
-    auto = c.get("signal_value_removal") or {}
+    rows = [[_txt("none"), _txt("–"), na, c.clean_acc_before, c.poisoned_acc_before],
+            [_txt("signal vector ŝ (EDDP)"), det("signal"), c.strength, c.clean_acc_after, c.poisoned_acc_after]]
+    auto = c.signal_value_removal or {}
     if auto:
         rows.append([_txt("signal value removal (k = â, untuned)"), det("signal"), _txt("auto"),
                      auto.get("clean_acc_after"), auto.get("poisoned_acc_after")])
-    rows.append([_txt("filter w"), det("filter"), c.get("filter_strength"), c.get("filter_clean_acc_after"),
-                 c.get("filter_acc_after")])
-    if c.get("random_acc_after") is not None:
-        rows.append([_txt(f"random unit directions (mean of {st.get('n_random', '?')}; max "
-                          f"{_fmt(c.get('random_acc_after_max'))})"), _txt("own"), _txt("own"),
-                     c.get("random_clean_acc_after"), c.get("random_acc_after")])
-    if c.get("mean_difference_acc_after") is not None:
+    rows.append([_txt("filter w"), det("filter"), c.filter_strength, c.filter_clean_acc_after, c.filter_acc_after])
+    if c.random_acc_after is not None:
+        rows.append([_txt(f"random unit directions (mean of {st('n_random')}; max "
+                          f"{_fmt(c.random_acc_after_max)})"), _txt("own"), _txt("own"),
+                     c.random_clean_acc_after, c.random_acc_after])
+    if c.mean_difference_acc_after is not None:
         rows.append([_txt("detector mean difference (label-free)"), det("mean_difference"),
-                     c.get("mean_difference_strength"), c.get("mean_difference_clean_acc_after"),
-                     c.get("mean_difference_acc_after")])
-    if c.get("pattern_cav_image_acc_after") is not None:
+                     c.mean_difference_strength, c.mean_difference_clean_acc_after, c.mean_difference_acc_after])
+    if c.pattern_cav_image_acc_after is not None:
         rows.append([_txt("supervised Pattern-CAV, image labels"), det("pattern_cav_image"),
-                     c.get("pattern_cav_image_strength"), c.get("pattern_cav_image_clean_acc_after"),
-                     c.get("pattern_cav_image_acc_after")])
-    if c.get("pattern_cav_acc_after") is not None:
-        rows.append([_txt("supervised Pattern-CAV, cell labels"), det("pattern_cav"), c.get("pattern_cav_strength"),
-                     c.get("pattern_cav_clean_acc_after"), c.get("pattern_cav_acc_after")])
-    if c.get("oracle_poisoned_acc") is not None:
+                     c.pattern_cav_image_strength, c.pattern_cav_image_clean_acc_after, c.pattern_cav_image_acc_after])
+    if c.pattern_cav_acc_after is not None:
+        rows.append([_txt("supervised Pattern-CAV, cell labels"), det("pattern_cav"), c.pattern_cav_strength,
+                     c.pattern_cav_clean_acc_after, c.pattern_cav_acc_after])
+    if c.oracle_poisoned_acc is not None:
         rows.append([_txt("oracle (true watermark cells → mean activation)"), _txt("–"), na, na,
-                     c.get("oracle_poisoned_acc")])
-    wm = st.get("watermark") or {}
-    setup = (f"Model <b>{_e(st.get('model', '?'))}</b>, layer <code>{_e(st.get('layer', '?'))}</code>, "
-             f"{_e(st.get('n_concepts', '?'))} EDDP concepts fitted on {_e(st.get('n_fit', '?'))} training-distribution "
-             f"images (a fit separate from the one above). "
-             + (("Candidates: every detector whose dissection label on the fit images is the watermark "
-                 f"(IoU ≥ {_e(st.get('min_iou', 0.04))}): "
-                 + ", ".join(f"d{_e(i)} (IoU {_fmt(v)})" for i, v in zip(c.get("watermark_detectors") or [],
-                                                                    c.get("watermark_detectors_iou") or []))
-                 + f"; together IoU {_fmt(c.get('union_iou'))}, cell recall {_fmt(c.get('union_recall'))}. "
-                 + ("Each edit keeps, best IoU first, the candidates whose removal raises the held-out accuracy "
-                    "(column “detectors”). " if c.get("detectors_rule") == "select" else "All are corrected. "))
-                if c.get("detectors_rule") in ("select", "label") else
-                "Corrected: the detector with the highest IoU against the watermark mask. ")
-             + f"Every edit uses its detectors' masks m_p; k is chosen on "
-             f"{_e(st.get('n_val', '?'))} held-out images (seed {_e(st.get('val_seed', '?'))}) as the best poisoned "
-             f"accuracy with a clean accuracy drop ≤ {_e(st.get('max_clean_drop', '?'))}; accuracies are on "
-             f"{_e(st.get('n_test', '?'))} test images. Poisoned = the watermark "
-             f"{_e(repr(wm.get('text', '?')))} stamped on images of the other classes.")
-    pb, pa = c.get("poisoned_acc_before"), c.get("poisoned_acc_after")
-    facts = [f"Best watermark detector d{_e(c.get('watermark_detector'))}: IoU {_fmt(c.get('watermark_iou'))} (next best "
-             f"{_fmt(c.get('second_best_iou'))}); on the layer's cells precision {_fmt(c.get('detector_precision'))}, "
-             f"recall {_fmt(c.get('detector_recall'))}."]
+                     c.oracle_poisoned_acc])
+    wm_text = "?" if setup is None else setup.watermark.get("text", "?")
+    text = (f"Model <b>{_e(st('model'))}</b>, layer <code>{_e(st('layer'))}</code>, "
+            f"{_e(st('n_concepts'))} EDDP concepts fitted on {_e(st('n_fit'))} training-distribution "
+            f"images (a fit separate from the one above). "
+            + (("Candidates: every detector whose dissection label on the fit images is the watermark "
+                f"(IoU ≥ {_e(0.04 if setup is None else setup.min_iou)}): "
+                + ", ".join(f"d{_e(i)} (IoU {_fmt(v)})" for i, v in zip(c.watermark_detectors,
+                                                                   c.watermark_detectors_iou))
+                + f"; together IoU {_fmt(c.union_iou)}, cell recall {_fmt(c.union_recall)}. "
+                + ("Each edit keeps, best IoU first, the candidates whose removal raises the held-out accuracy "
+                   "(column “detectors”). " if c.detectors_rule == "select" else "All are corrected. "))
+               if c.detectors_rule in ("select", "label") else
+               "Corrected: the detector with the highest IoU against the watermark mask. ")
+            + f"Every edit uses its detectors' masks m_p; k is chosen on "
+            f"{_e(st('n_val'))} held-out images (seed {_e(st('val_seed'))}) as the best poisoned "
+            f"accuracy with a clean accuracy drop ≤ {_e(st('max_clean_drop'))}; accuracies are on "
+            f"{_e(st('n_test'))} test images. Poisoned = the watermark "
+            f"{_e(repr(wm_text))} stamped on images of the other classes.")
+    pb, pa = c.poisoned_acc_before, c.poisoned_acc_after
+    facts = [f"Best watermark detector d{_e(c.watermark_detector)}: IoU {_fmt(c.watermark_iou)} (next best "
+             f"{_fmt(c.second_best_iou)}); on the layer's cells precision {_fmt(c.detector_precision)}, "
+             f"recall {_fmt(c.detector_recall)}."]
     if pb is not None and pa is not None:
         facts.append(f"Removing ŝ changed the poisoned accuracy from {_fmt(pb)} to {_fmt(pa)} "
-                     f"({float(pa) - float(pb):+.3f}) and the clean accuracy from {_fmt(c.get('clean_acc_before'))} to "
-                     f"{_fmt(c.get('clean_acc_after'))}.")
-        others = {"the filter w": c.get("filter_acc_after"), "random directions (mean)": c.get("random_acc_after"),
-                  "the supervised Pattern-CAV (image labels)": c.get("pattern_cav_image_acc_after"),
-                  "the supervised Pattern-CAV (cell labels)": c.get("pattern_cav_acc_after")}
+                     f"({float(pa) - float(pb):+.3f}) and the clean accuracy from {_fmt(c.clean_acc_before)} to "
+                     f"{_fmt(c.clean_acc_after)}.")
+        others = {"the filter w": c.filter_acc_after, "random directions (mean)": c.random_acc_after,
+                  "the supervised Pattern-CAV (image labels)": c.pattern_cav_image_acc_after,
+                  "the supervised Pattern-CAV (cell labels)": c.pattern_cav_acc_after}
         better = [k for k, v in others.items() if v is not None and float(v) > float(pa)]
         worse = [k for k, v in others.items() if v is not None and float(v) <= float(pa)]
         if worse:
             facts.append("ŝ reached at least the poisoned accuracy of " + ", ".join(worse) + ".")
         if better:
             facts.append("ŝ stayed below " + ", ".join(better) + ".")
-        md = c.get("mean_difference_acc_after")
+        md = c.mean_difference_acc_after
         if md is not None:
             facts.append(f"The same candidates' label-free mean difference (Pattern-CAV's estimator with the "
                          f"detector as the labeller) reached {_fmt(md)} ({float(md) - float(pb):+.3f}).")
-        if c.get("oracle_poisoned_acc") is not None:
-            facts.append(f"The oracle edit reaches {_fmt(c['oracle_poisoned_acc'])}.")
-    tm = c.get("true_mask") or {}
+        if c.oracle_poisoned_acc is not None:
+            facts.append(f"The oracle edit reaches {_fmt(c.oracle_poisoned_acc)}.")
+    tm = c.true_mask or {}
     tm_rows = [[_txt(lab), tm[k].get("strength"), tm[k].get("poisoned_acc_after")]
                for k, lab in (("signal", "signal vector ŝ"), ("filter", "filter w"),
                               ("pattern_cav", "supervised Pattern-CAV, cell labels")) if k in tm]
-    out = ["<h3>Correcting the shortcut</h3>", f"<p>{setup}</p>",
+    out = ["<h3>Correcting the shortcut</h3>", f"<p>{text}</p>",
            _table(("edit (masks: watermark detectors)", "detectors", "k", "clean acc", "poisoned acc"), rows, left=2),
            '<div class="note">' + " ".join(facts) + "</div>"]
     if tm_rows:
@@ -674,14 +659,14 @@ def _correction(results) -> str:
     return "\n".join(out)
 
 
-def _actmax(results, applications) -> str:
-    am = results.get("activation_maximization")
-    if not am:
+def _actmax(results: DemoResults, applications) -> str:
+    am = results.activation_maximization
+    if am is None:
         return ""
-    s = am.get("summary") or {}
+    s = am.summary  # unveil.explain.actmax's summary (untyped)
     n = (s.get("cos_signal") or {}).get("n", "?")
-    wd = am.get("watermark_detector") or {}
-    rows = [[_txt("mean over detectors"), am.get("cos_signal"), am.get("cos_filter"), am.get("cos_pattern_cav")]]
+    wd = am.watermark_detector or {}
+    rows = [[_txt("mean over detectors"), am.cos_signal, am.cos_filter, am.cos_pattern_cav]]
     a = s.get("all_positions") or {}
     if a:
         rows.append([_txt("mean over detectors, Δx over all positions"),
@@ -702,7 +687,7 @@ def _actmax(results, applications) -> str:
         import torch
         imgs = images[:16]
         arr = (torch.as_tensor(imgs).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
-        j = (results.get("correction") or {}).get("watermark_detector")
+        j = results.correction.watermark_detector if results.correction is not None else None
         cards = []
         for k, a in enumerate(arr):
             mark = " (watermark)" if j is not None and int(j) == k else ""
@@ -716,7 +701,7 @@ def _actmax(results, applications) -> str:
     return "\n".join(out)
 
 
-def _applications_section(results, applications) -> str:
+def _applications_section(results: DemoResults, applications) -> str:
     parts = [_guard(name, fn) for name, fn in (("explanations", lambda: _gallery(results, applications)),
                                                ("counterfactuals", lambda: _counterfactuals(results)),
                                                ("correction", lambda: _correction(results)),
@@ -728,8 +713,8 @@ def _applications_section(results, applications) -> str:
 
 
 # --------------------------------------------------------------------------- public
-def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, Any]] = None, *,
-                 influence=None, influence_control=None, train=None, val=None,
+def build_report(results: Union[DemoResults, Mapping[str, Any]], dissections: Optional[Mapping[str, Any]] = None, *,
+                 train=None, val=None,
                  detector_maps: Optional[Mapping[str, Any]] = None,
                  watermark_channel: Optional[int] = None, n_detectors: int = 24, n_heatmap_images: int = 4,
                  applications: Optional[Mapping[str, Any]] = None,
@@ -738,14 +723,14 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
 
     Parameters
     ----------
-    results : dict
-        The demo's ``results.json`` content (summaries, rules, model, timing, ...); missing parts are skipped.
+    results : DemoResults or dict
+        The demo's typed results (:class:`~unveil.experiments.results.DemoResults`, e.g. from
+        :func:`~unveil.load_results`); a dict is validated with ``DemoResults.from_dict`` (a missing key or a
+        wrong type raises :class:`~unveil.ValidationError`). Its optional sections (``pattern_cav``,
+        ``shortcut``, ``applications``, ``correction``, ...) are skipped when ``None``.
     dissections : dict, optional
-        ``{"eddp": DissectionResult, ...}``; the ``"eddp"`` entry drives the detector montages and heatmaps.
-    influence : Influence, optional
-        :func:`unveil.influence`'s result for the EDDP directions.
-    influence_control : Influence, optional
-        The same test on noise directions, shown next to it.
+        ``{"eddp": DissectionResult, ...}``; the ``"eddp"`` entry drives the detector montages and heatmaps
+        (not stored in ``results.json``: a report from a loaded file has no detector cards).
     train, val : concept data sets (``ds[i].image``) that the dissection's top activations refer to.
     detector_maps : ``{"train": (N_train, I, h, w), "val": (N_val, I, h, w)}`` EDDP detector values in [0, 1].
     watermark_channel : int, optional
@@ -756,7 +741,7 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
         Objects for the "Applications" section: ``"explanations"`` (list of
         :class:`~unveil.explain.Explanation`), ``"images"`` ((n, H, W, 3) uint8, the explained images)
         and ``"actmax_images"`` ((I, 3, S, S) in [0, 1]). Its numbers come from ``results``
-        (``"applications"``, ``"correction"``, ``"activation_maximization"``, ``"shortcut_experiment"``).
+        (``applications``, ``correction``, ``activation_maximization``, ``shortcut_experiment``).
 
     Returns
     -------
@@ -764,12 +749,15 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
 
     Examples
     --------
-    >>> page = build_report({"dissection": {"eddp": {"S1": 1.0, "S2": 1.0}}})
-    >>> page.startswith("<!DOCTYPE html>")
+    >>> page = build_report(load_results("unveil-demo"))  # doctest: +SKIP
+    >>> page.startswith("<!DOCTYPE html>")  # doctest: +SKIP
     True
     """
-    if not isinstance(results, Mapping):
-        raise ValidationError(f"results must be a dict (the demo's results.json), got {type(results).__name__}.")
+    if isinstance(results, Mapping):
+        results = DemoResults.from_dict(results)
+    elif not isinstance(results, DemoResults):
+        raise ValidationError(f"results must be a DemoResults (unveil.load_results) or the dict of a results.json, "
+                              f"got {type(results).__name__}.")
     dissections = dict(dissections or {})
     split_ds = {k: v for k, v in (("train", train), ("val", val)) if v is not None}
     res = dissections.get("eddp")
@@ -779,14 +767,13 @@ def build_report(results: Mapping[str, Any], dissections: Optional[Mapping[str, 
         for name, fn in (("detectors", lambda: _eddp_section(res, split_ds, maps, n_detectors)),
                          ("heatmaps", lambda: _heatmaps_section(res, val, None if maps is None else maps.get("val"),
                                                                 n_heatmap_images)),
-                         ("shortcut", lambda: _shortcut_section(results, res, split_ds, maps, influence,
-                                                                watermark_channel))):
+                         ("shortcut", lambda: _shortcut_section(results, res, split_ds, maps, watermark_channel))):
             body.append(_guard(name, fn))
-    body.append(_guard("influence", lambda: _influence_section(influence, results, influence_control)))
+    body.append(_guard("influence", lambda: _influence_section(results.influence)))
     body.append(_guard("pattern_cav", lambda: _pattern_cav_section(results)))
     body.append(_guard("applications", lambda: _applications_section(results, applications)))
     body.append(_layers_section(results))
-    body.append(_efficientnet_section(results))
+    body.append(_efficientnet_section(results.efficientnet))
     body.append(_footer(results))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
@@ -801,7 +788,7 @@ def _guard(name: str, fn) -> str:
         return f'<div class="note">The {_e(name)} section could not be drawn: {_e(type(exc).__name__)}: {_e(exc)}</div>'
 
 
-def write_report(path, results: Mapping[str, Any], dissections: Optional[Mapping[str, Any]] = None, **kwargs) -> Path:
+def write_report(path, results: Union[DemoResults, Mapping[str, Any]], dissections: Optional[Mapping[str, Any]] = None, **kwargs) -> Path:
     """Build the report (see :func:`build_report`) and write it atomically to ``path``; returns the path."""
     from .._io import atomic_write_bytes
     path = Path(path)
