@@ -22,6 +22,9 @@ from .initialisation import _calibrate_gains, _ward_partitions, cluster_init
 from .refinement import PAPER_CONSTRAINTS, PAPER_WEIGHTS, DataSpec, PhaseSpec, final_terms, run_phase
 from .statistics import _soft_standard_scale, _stream_stats
 
+#: The dimension the paper's learning rates were set for (its synthetic recipe, method.md §6).
+LR_REFERENCE_DIM = 16
+
 logger = logging.getLogger("unveil")
 
 
@@ -73,8 +76,14 @@ class EDDP(DirectionEstimator):
     lr : dict, optional
         Adam learning rates per step; default the paper's ``{"a": 1e-3, "b": 1e-4, "d": 5e-4}``
         scaled by ``lr_scale``.
-    lr_scale : float
-        Multiplies every default learning rate (default 1.0: the paper's rates).
+    lr_scale : "auto" or float
+        Multiplies every default learning rate. ``"auto"`` (default): ``min(1, sqrt(16 / D))``, the
+        paper's rates at its D = 16 and smaller ones above: Adam moves every coordinate of a unit
+        direction by about the learning rate per step, so a step turns the direction by about
+        ``lr * sqrt(D)``, and at a layer's width the paper's rates walk the filters along noise
+        (D = 512, the ``scale`` setting, 100k patches, seed 0, no head: matched IoU 0.783 after the
+        initialisation, 0.739 after the refinement at the paper's rates, 0.794 with ``"auto"``).
+        ``1.0``: the paper's rates at every D.
     gamma : float
         Sharpening exponent γ in L_ic and L_eac (default 1.1, the paper's synthetic run).
     tau : dict
@@ -161,7 +170,7 @@ class EDDP(DirectionEstimator):
     _parameter_constraints = {
         "n_concepts": _POS_INT, "init": [Options({"cluster", "random"})], "steps": [None, "dict"],
         "weights": [None, "dict"], "mode": [Options({"weighted", "constrained"})], "lr": [None, "dict"],
-        "lr_scale": _POS_REAL, "gamma": _POS_REAL, "tau": [None, "dict"], "rho": [None, "dict"],
+        "lr_scale": [Options({"auto"})] + _POS_REAL, "gamma": _POS_REAL, "tau": [None, "dict"], "rho": [None, "dict"],
         "kappa": ["sequence"], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
         "init_rounds": _POS_INT,
         "batch_patches": _POS_INT, "max_init_patches": _POS_INT, "patience": _POS_INT,
@@ -173,7 +182,7 @@ class EDDP(DirectionEstimator):
 
     def __init__(self, n_concepts: int = 32, *, init: str = "cluster", steps: Optional[dict] = None,
                  weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
-                 lr_scale: float = 1.0, gamma: float = 1.1, tau: Optional[dict] = None,
+                 lr_scale="auto", gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
                  whiten_eps: float = 1e-2, noise_floor: Optional[float] = 30.0, n_init: int = 8,
                  init_rounds: int = 5, batch_patches: int = 2048,
@@ -204,7 +213,16 @@ class EDDP(DirectionEstimator):
         self.progress = progress
 
     # ------------------------------------------------------------------ params
-    def _resolved(self):
+    def _lr_factor(self, n_features: Optional[int]) -> float:
+        """What the default learning rates are multiplied by: ``lr_scale``, or with ``"auto"``
+        ``min(1, sqrt(16 / D))``."""
+        if self.lr_scale == "auto":
+            return 1.0 if n_features is None else min(1.0, math.sqrt(LR_REFERENCE_DIM / n_features))
+        if isinstance(self.lr_scale, str):
+            raise ValidationError(f"lr_scale must be 'auto' or a positive number; got {self.lr_scale!r}.")
+        return check_in_range(self.lr_scale, "lr_scale", 0, None, low_inclusive=False)
+
+    def _resolved(self, n_features: Optional[int] = None):
         I = check_positive_int(self.n_concepts, "n_concepts")
         if self.init not in ("cluster", "random"):
             raise ValidationError(f"init must be 'cluster' or 'random', got {self.init!r}.")
@@ -222,7 +240,7 @@ class EDDP(DirectionEstimator):
                 raise ValidationError(f"weights keys must be 'a', 'b' or 'd'; got {k!r}.")
             weights[k].update(v)
         lr = {"a": 1e-3, "b": 1e-4, "d": 5e-4}
-        lr = {k: v * check_in_range(self.lr_scale, "lr_scale", 0, None, low_inclusive=False) for k, v in lr.items()}
+        lr = {k: v * self._lr_factor(n_features) for k, v in lr.items()}
         lr.update(self.lr or {})
         tau = {"a": 0.9, "b": 0.9, "d": 0.2}
         tau.update(self.tau or {})
@@ -304,7 +322,6 @@ class EDDP(DirectionEstimator):
         additions; ``docs/scaling.md`` says what is equal and how closely.
         """
         self._validate_params()
-        I, steps, weights, lr, tau, rho = self._resolved()
         levels = self.resolved_levels()
         if len(levels) > 1:
             return self._fit_levels(X, head, levels)
@@ -315,6 +332,7 @@ class EDDP(DirectionEstimator):
             (data_device or torch.device("cpu"))
         gen = make_generator(self.random_state)
         D = source.n_features
+        I, steps, weights, lr, tau, rho = self._resolved(D)
         batch_maps = self._batch_maps(source)
         if getattr(source, "subsampled", False) and head is not None:
             raise ValidationError("this activation store holds randomly subsampled patches, not whole maps, "
