@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from .._device import limit_threads
 from .._errors import ValidationError
 from .._progress import progress as _progress
 from .._validation import check_positive_int
@@ -413,26 +414,8 @@ def run_demo(out="unveil-demo", *, model: str = "worldnet", layer: Optional[str]
     args = (out, model_name, shortcut, layer, n_concepts, fast, progress, seed, efficientnet, config, write_report)
     if threads is None:
         return _run_demo(*args)
-    with _limit_threads(check_positive_int(threads, "threads")):
+    with limit_threads(check_positive_int(threads, "threads")):
         return _run_demo(*args)
-
-
-@contextlib.contextmanager
-def _limit_threads(n: int):
-    """torch threads and (via threadpoolctl, when installed) the BLAS/OpenMP pools of numpy/scikit-learn."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        with contextlib.ExitStack() as stack:
-            try:
-                from threadpoolctl import threadpool_limits
-            except ImportError:  # pragma: no cover - scikit-learn depends on threadpoolctl
-                pass
-            else:
-                stack.enter_context(threadpool_limits(int(n)))
-            yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _is_demo_results(doc: dict) -> bool:
