@@ -57,6 +57,16 @@ def problem(rep, kind, D, K, I, n_maps, hw):
     return X, y, DirectionPairs(W, b, S), head
 
 
+def clopper_pearson(rate: float, n: int, conf: float = 0.95):
+    """Exact binomial interval of a rate observed over ``n`` repetitions."""
+    from scipy.stats import beta
+    k = int(round(rate * n))
+    a = (1 - conf) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
 def run(kind, null, reps, cfg, statistic="sign"):
     min_p = {"empirical": [], "t": []}
     for r in range(reps):
@@ -75,11 +85,12 @@ def run(kind, null, reps, cfg, statistic="sign"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=150, help="repetitions per row (default 150)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("unveil").setLevel(logging.ERROR)
-    cfg = dict(D=12, K=4, I=5, n_maps=40, hw=3, n_null=200, epochs=60, reps=150)
+    cfg = dict(D=12, K=4, I=5, n_maps=40, hw=3, n_null=200, epochs=60, reps=args.reps)
     if args.quick:
         cfg.update(reps=40, n_null=60, epochs=30)
     t0 = time.time()
@@ -99,19 +110,25 @@ def main():
     m = cfg["I"] * cfg["K"]
     doc = {"config": cfg, "levels": LEVELS, "n_tests_per_repetition": m,
            "min_attainable_p_pooled": 2.0 / (cfg["I"] * cfg["n_null"] + 1), "rows": rows, "wall_s": round(wall, 1),
-           "versions": versions(), "command": "python benchmarks/influence_calibration.py" + (" --quick" if args.quick else "")}
+           "versions": versions(), "command": "python benchmarks/influence_calibration.py" + (" --quick" if args.quick else "")
+           + (f" --reps {args.reps}" if args.reps != 150 else "")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "influence_calibration.json").write_text(json.dumps(doc, indent=2))
     lines = ["# RCAV significance on pure-noise directions: family-wise false-positive rate", "",
              f"{cfg['reps']} repetitions (per_direction: {min(cfg['reps'], 50)}), I = {cfg['I']} directions x K = "
              f"{cfg['K']} classes (Bonferroni over {m}), D = {cfg['D']}, {cfg['n_maps']} maps of {cfg['hw']}x{cfg['hw']}, "
              f"{cfg['n_null']} noise vectors per direction, Adam {cfg['epochs']} full-batch steps. Wall {wall:.0f} s.", "",
-             "| directions | statistic | null | test | " + " | ".join(f"FWER @ {a}" for a in LEVELS) + " |",
-             "|---|---|---|---|" + "---|" * len(LEVELS)]
+             "| directions | statistic | null | test | " + " | ".join(f"FWER @ {a}" for a in LEVELS)
+             + " | 95% interval @ 0.05 |",
+             "|---|---|---|---|" + "---|" * len(LEVELS) + "---|"]
     for r in rows:
+        lo, hi = clopper_pearson(r["fwer"]["0.05"], r.get("reps", cfg["reps"]))
+        r["interval_0.05"] = [lo, hi]
         lines.append(f"| {r['directions']} | {r['statistic']} | {r['null']} | {r['test']} | "
-                     + " | ".join(f"{r['fwer'][str(a)]:.3f}" for a in LEVELS) + " |")
-    lines += ["", f"Command: `{doc['command']}`"]
+                     + " | ".join(f"{r['fwer'][str(a)]:.3f}" for a in LEVELS) + f" | {lo:.3f}–{hi:.3f} |")
+    (args.out / "influence_calibration.json").write_text(json.dumps(doc, indent=2))
+    lines += ["", "The interval is the exact (Clopper–Pearson) 95% interval of the rate at 0.05 over the repetitions.",
+              "", f"Command: `{doc['command']}`"]
     (args.out / "influence_calibration.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")

@@ -360,7 +360,6 @@ def _accumulate(acc: _Acc, maps: torch.Tensor, masks: torch.Tensor, ann: torch.T
     if cols.numel():
         Lp = flat[:, cols].to(mdt) * ann[:, cols, None].to(mdt)  # (b, Cp, P)
         acc.sum_l[cols.cpu()] += Lp.sum(dim=(0, 2)).double().cpu()
-        Lmat = Lp.permute(0, 2, 1).reshape(b * P, cols.numel())
     acc.n_images += b
     chunk = max(1, min(n_det, max_elements // max(1, b * P)))
     thr = thr.to(dev)
@@ -369,8 +368,8 @@ def _accumulate(acc: _Acc, maps: torch.Tensor, masks: torch.Tensor, ann: torch.T
         up = _upsample(maps[:, i0:i1], (hm, wm), mode).reshape(b, i1 - i0, P)
         M = (up > thr[i0:i1, None]).to(mdt)  # (b, i, P) where each detector fires
         acc.sum_m[i0:i1] += (M.sum(-1).double().T @ ann_f).cpu()
-        if cols.numel():
-            inter = M.permute(1, 0, 2).reshape(i1 - i0, b * P) @ Lmat
+        if cols.numel():  # per image (i, P) @ (P, Cp), summed over the batch: exact counts, no transposed copy
+            inter = torch.bmm(M, Lp.transpose(1, 2)).sum(0)
             acc.inter[i0:i1, cols.cpu()] += inter.double().cpu()
         if ranges is not None:  # train pass: min/max of upsampled values for the AP histograms
             lo, hi = ranges
