@@ -149,19 +149,30 @@ def score_edit_directions(data, head, pairs, directions: Mapping[str, Union[str,
     >>> round(rep.table()["true"]["logit_r2_remove"], 3)
     1.0
     """
-    from ..directions.pairs import DirectionPairs
-    from ..edit.intervention import edit_maps, resolve_directions
-    from ..evaluate.recovery import _patches_first, matched_iou
+    X, assignment = _checked_assignment(data, pairs, assignment)
+    N, D = X.shape[:2]
+    I = data.n_concepts
+    resolved = _resolved_directions(directions, pairs, assignment, X, I, D)
+    truth = _Truth(data, head, X, batch_size)
+    out: Dict[str, Dict[str, List[float]]] = {n: {m: [] for m in METRICS} for n in resolved}
+    for i in range(I):
+        _score_concept(i, assignment[i], truth, pairs, resolved, out)
+    scores = {n: EditScores(**o) for n, o in out.items()}
+    return EditingReport(scores, assignment, I, {"n_images": N, "n_features": D})
 
+
+def _checked_assignment(data, pairs, assignment):
+    """The maps (float) and the detector of each true concept (Hungarian matching on IoU by default)."""
+    from ..directions.pairs import DirectionPairs
+    from ..evaluate.recovery import _patches_first, matched_iou
     if not isinstance(pairs, DirectionPairs):
         raise ValidationError(f"pairs must be a DirectionPairs, got {type(pairs).__name__}.")
     X = data.X.float()
-    N, D, H, W_ = X.shape
+    D = X.shape[1]
     if pairs.n_features != D:
         raise ValidationError(f"pairs have {pairs.n_features} features but the data has {D}; score pairs fitted "
                               f"on this data set.")
     I = data.n_concepts
-    concept = data.concept.reshape(N, 1, H, W_)  # (N, 1, 1, P) -> per position
     if assignment is None:
         det = _patches_first(pairs.detect(X) > 0.5)
         assignment = matched_iou(det, data.patch_concepts(), I)["assignment"].tolist()
@@ -169,18 +180,12 @@ def score_edit_directions(data, head, pairs, directions: Mapping[str, Union[str,
     if len(assignment) != I or any(a < 0 or a >= pairs.n_concepts for a in assignment):
         raise ValidationError(f"assignment must give a detector (0..{pairs.n_concepts - 1}) for each of the {I} "
                               f"true concepts, got {assignment}.")
-    S = data.S.double()
-    L = torch.linalg.pinv(torch.cat([data.S, data.Dist], 0).T.double())[:I]  # (I, D): reads α exactly
-    alpha = data.alpha.double()  # (N, I, H, W)
-    others = [[j for j in range(I) if j != i] for i in range(I)]
+    return X, assignment
 
-    def latent(dX):  # (N, D, H, W) -> (N, I, H, W)
-        return torch.einsum("id,ndhw->nihw", L, dX.double())
 
-    def logits(Y):
-        return torch.cat([head(Y[s:s + batch_size]).double() for s in range(0, N, batch_size)])
-
-    base = _centred(logits(X))
+def _resolved_directions(directions, pairs, assignment, X, I: int, D: int) -> Dict[str, torch.Tensor]:
+    """Every candidate as unit rows (I, D), one per true concept."""
+    from ..edit.intervention import resolve_directions
     resolved: Dict[str, torch.Tensor] = {}
     for name, d in directions.items():
         if isinstance(d, str):
@@ -193,49 +198,76 @@ def score_edit_directions(data, head, pairs, directions: Mapping[str, Union[str,
         if not torch.isfinite(V).all():
             raise ValidationError(f"direction {name!r} is not finite (a detector fires nowhere or everywhere).")
         resolved[str(name)] = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return resolved
 
-    Wd = pairs.decoders.double()
-    out: Dict[str, Dict[str, List[float]]] = {n: {m: [] for m in METRICS} for n in resolved}
-    for i in range(I):
-        k = assignment[i]
-        w = Wd[k]
-        m = pairs.detect(X)[:, k:k + 1].double()  # (N, 1, H, W)
-        # ideal removal: same masks, true direction, true amount
-        a_true = alpha[:, i:i + 1] - alpha[:, i].mean()
-        d_star = -(m * a_true) * S[i][None, :, None, None]
-        da_star = latent(d_star)
-        L_star = _centred(logits((X.double() + d_star).float())) - base
-        # insertion: where the concept is absent, the detector's own gap vs the true gap
-        absent = (concept != i).double()
-        z = torch.einsum("d,ndhw->nhw", w, X.double())[:, None]
-        fired = m > 0.5
-        if not fired.any() or fired.all():
-            raise ValidationError(f"detector {k} (matched to concept {i}) fires at no position or at every one; "
-                                  f"its insertion strength is undefined.")
-        gap = float(z[fired].mean() - z[~fired].mean())
-        on = concept == i
-        gap_true = float(alpha[:, i:i + 1][on].mean() - alpha[:, i:i + 1][~on].mean())
-        i_star = absent * gap_true * S[i][None, :, None, None]
-        di_star = latent(i_star)
-        I_star = _centred(logits((X.double() + i_star).float())) - base
-        for name, V in resolved.items():
-            v = V[i].double()
-            Xr = edit_maps(X, pairs, [k], strength=None, direction=V[i:i + 1], nonneg=False).double()
-            dr = latent(Xr - X.double())
-            Lr = _centred(logits(Xr.float())) - base
-            kv = gap / float(w @ v)
-            dX_ins = absent * kv * v[None, :, None, None]
-            di = latent(dX_ins)
-            Li = _centred(logits((X.double() + dX_ins).float())) - base
-            o = out[name]
-            o["encoder_cosine"].append(float(v @ S[i]))
-            ns = float((da_star[:, i] ** 2).sum())
-            o["removed"].append(float((dr[:, i] * da_star[:, i]).sum()) / ns)
-            o["leak_remove"].append(float((dr[:, others[i]] ** 2).sum().sqrt()) / ns ** 0.5)
-            o["logit_r2_remove"].append(_r2(Lr, L_star))
-            ni = float((di_star[:, i] ** 2).sum())
-            o["inserted"].append(float((di[:, i] * di_star[:, i]).sum()) / ni)
-            o["leak_insert"].append(float((di[:, others[i]] ** 2).sum().sqrt()) / ni ** 0.5)
-            o["logit_r2_insert"].append(_r2(Li, I_star))
-    scores = {n: EditScores(**o) for n, o in out.items()}
-    return EditingReport(scores, assignment, I, {"n_images": N, "n_features": D})
+
+class _Truth:
+    """What the planted truth says of an edit: its latent factors (read exactly by pinv) and the head's
+    centred logits relative to the unedited maps."""
+
+    def __init__(self, data, head, X: torch.Tensor, batch_size: int):
+        N, _, H, W_ = X.shape
+        I = data.n_concepts
+        self.X, self.head, self.batch_size, self.I = X, head, batch_size, I
+        self.S = data.S.double()
+        self.L = torch.linalg.pinv(torch.cat([data.S, data.Dist], 0).T.double())[:I]  # (I, D): reads α exactly
+        self.alpha = data.alpha.double()  # (N, I, H, W)
+        self.concept = data.concept.reshape(N, 1, H, W_)  # (N, 1, 1, P) -> per position
+        self.others = [[j for j in range(I) if j != i] for i in range(I)]
+        self.base = _centred(self.logits(X))
+
+    def latent(self, dX: torch.Tensor) -> torch.Tensor:  # (N, D, H, W) -> (N, I, H, W)
+        return torch.einsum("id,ndhw->nihw", self.L, dX.double())
+
+    def logits(self, Y: torch.Tensor) -> torch.Tensor:
+        N, b = Y.shape[0], self.batch_size
+        return torch.cat([self.head(Y[s:s + b]).double() for s in range(0, N, b)])
+
+    def logit_change(self, dX: torch.Tensor) -> torch.Tensor:
+        return _centred(self.logits((self.X.double() + dX).float())) - self.base
+
+
+def _score_concept(i: int, k: int, truth: _Truth, pairs, resolved: Dict[str, torch.Tensor],
+                   out: Dict[str, Dict[str, List[float]]]) -> None:
+    """Remove and insert true concept ``i`` (detector ``k``) along every candidate; append the scores to ``out``."""
+    from ..edit.intervention import edit_maps
+    X, S, alpha, concept = truth.X, truth.S, truth.alpha, truth.concept
+    w = pairs.decoders.double()[k]
+    m = pairs.detect(X)[:, k:k + 1].double()  # (N, 1, H, W)
+    # ideal removal: same masks, true direction, true amount
+    a_true = alpha[:, i:i + 1] - alpha[:, i].mean()
+    d_star = -(m * a_true) * S[i][None, :, None, None]
+    da_star = truth.latent(d_star)
+    L_star = truth.logit_change(d_star)
+    # insertion: where the concept is absent, the detector's own gap vs the true gap
+    absent = (concept != i).double()
+    z = torch.einsum("d,ndhw->nhw", w, X.double())[:, None]
+    fired = m > 0.5
+    if not fired.any() or fired.all():
+        raise ValidationError(f"detector {k} (matched to concept {i}) fires at no position or at every one; "
+                              f"its insertion strength is undefined.")
+    gap = float(z[fired].mean() - z[~fired].mean())
+    on = concept == i
+    gap_true = float(alpha[:, i:i + 1][on].mean() - alpha[:, i:i + 1][~on].mean())
+    i_star = absent * gap_true * S[i][None, :, None, None]
+    di_star = truth.latent(i_star)
+    I_star = truth.logit_change(i_star)
+    others = truth.others[i]
+    for name, V in resolved.items():
+        v = V[i].double()
+        Xr = edit_maps(X, pairs, [k], strength=None, direction=V[i:i + 1], nonneg=False).double()
+        dr = truth.latent(Xr - X.double())
+        Lr = _centred(truth.logits(Xr.float())) - truth.base
+        dX_ins = absent * (gap / float(w @ v)) * v[None, :, None, None]
+        di = truth.latent(dX_ins)
+        Li = truth.logit_change(dX_ins)
+        o = out[name]
+        o["encoder_cosine"].append(float(v @ S[i]))
+        ns = float((da_star[:, i] ** 2).sum())
+        o["removed"].append(float((dr[:, i] * da_star[:, i]).sum()) / ns)
+        o["leak_remove"].append(float((dr[:, others] ** 2).sum().sqrt()) / ns ** 0.5)
+        o["logit_r2_remove"].append(_r2(Lr, L_star))
+        ni = float((di_star[:, i] ** 2).sum())
+        o["inserted"].append(float((di[:, i] * di_star[:, i]).sum()) / ni)
+        o["leak_insert"].append(float((di[:, others] ** 2).sum().sqrt()) / ni ** 0.5)
+        o["logit_r2_insert"].append(_r2(Li, I_star))
