@@ -618,6 +618,17 @@ def _capture_layer(run: _Run, model: _LoadedModel, data: _WorldData) -> _LayerMa
         return _LayerMaps(m_train, m_val, make_head(model.net, model.layer))
 
 
+def _dissect_pairs(pairs, m_train: torch.Tensor, m_val: torch.Tensor, train: "_Materialized",
+                   val: "_Materialized", *, top_k: int, progress: bool, detector_names=None):
+    """Dissect direction pairs by their own rule (detect > 0.5): labels from ``train``, scores on ``val``."""
+    from ..evaluate.dissection import dissect
+    with torch.no_grad():
+        det_train, det_val = pairs.detect(m_train), pairs.detect(m_val)
+    res = dissect(det_train, train, list(range(len(train))), list(range(len(val))), threshold=0.5,
+                  val_maps=det_val, val_dataset=val, top_k=top_k, progress=progress, detector_names=detector_names)
+    return res, det_train, det_val
+
+
 def _dissect_threads(cfg: DemoConfig):
     return limit_threads(max(1, min(int(cfg.dissect_threads), os.cpu_count() or 1)), blas=False)
 
@@ -640,10 +651,9 @@ def _dissect_all(run: _Run, data: _WorldData, maps: _LayerMaps, est, base_pairs:
         f"; levels of granularity {est.levels_} (coarsest first)" if len(est.levels_) > 1 else "")}
     native: Dict[str, Any] = {}
     with run.timer.stage("dissect_eddp"):
-        with torch.no_grad():
-            det_train, det_val = pairs.detect(maps.train), pairs.detect(maps.val)
-        results["eddp"] = dissect(det_train, train, tr_idx, va_idx, threshold=0.5, val_maps=det_val,
-                                  detector_names=[f"d{i}" for i in range(I)], **common)
+        results["eddp"], det_train, det_val = _dissect_pairs(pairs, maps.train, maps.val, train, val, top_k=cfg.top_k,
+                                                             progress=run.progress,
+                                                             detector_names=[f"d{i}" for i in range(I)])
     for name, bp in base_pairs.items():
         with run.timer.stage(f"dissect_{name}"):
             with torch.no_grad():
@@ -699,10 +709,8 @@ def _layer_table(run: _Run, model: _LoadedModel, data: _WorldData, maps: _LayerM
                  I: int) -> Dict[str, Any]:
     """The main layer's dissection summary, then EDDP + dissection (nothing else) at every extra layer."""
     from ..capture import capture, make_head
-    from ..evaluate.dissection import dissect
     eddp_res = diss.results["eddp"]
     train, val = data.train, data.val
-    tr_idx, va_idx = list(range(len(train))), list(range(len(val)))
     layers_doc = {model.layer: {**_dissect_summary(eddp_res), "category_counts": _category_counts(eddp_res),
                                 "map_shape": maps.shape, "main": True}}
     for extra in run.cfg.extra_layers:
@@ -712,9 +720,8 @@ def _layer_table(run: _Run, model: _LoadedModel, data: _WorldData, maps: _LayerM
             e_tr = capture(model.net, extra, data.x_train, progress=run.progress)
             e_va = capture(model.net, extra, data.x_val, progress=run.progress)
             e_pairs = _eddp(run.cfg, I, run.seed, run.progress).fit(e_tr, head=make_head(model.net, extra)).pairs_
-            with torch.no_grad(), _dissect_threads(run.cfg):
-                e_res = dissect(e_pairs.detect(e_tr), train, tr_idx, va_idx, threshold=0.5,
-                                val_maps=e_pairs.detect(e_va), val_dataset=val, top_k=0, progress=run.progress)
+            with _dissect_threads(run.cfg):
+                e_res = _dissect_pairs(e_pairs, e_tr, e_va, train, val, top_k=0, progress=run.progress)[0]
             layers_doc[extra] = {**_dissect_summary(e_res), "category_counts": _category_counts(e_res),
                                  "map_shape": [int(x) for x in e_tr.shape[1:]], "main": False}
             del e_tr, e_va
@@ -875,9 +882,7 @@ def _dissect_units_and_eddp(net, block: str, mt: torch.Tensor, mv: torch.Tensor,
     if n_concepts:
         est = EDDP(n_concepts=n_concepts, levels=levels, n_init=4, init_rounds=3, random_state=seed,
                    progress=progress).fit(mt, head=make_head(net, block))
-        with torch.no_grad():
-            e_res = dissect(est.pairs_.detect(mt), train, tr_idx, va_idx, threshold=0.5, val_dataset=val,
-                            val_maps=est.pairs_.detect(mv), top_k=0, progress=progress)
+        e_res = _dissect_pairs(est.pairs_, mt, mv, train, val, top_k=0, progress=progress)[0]
         side["eddp"] = {**_dissect_summary(e_res), "category_counts": _category_counts(e_res),
                         "n_concepts": int(n_concepts), "levels": est.levels_}
     return side
