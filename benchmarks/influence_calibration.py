@@ -67,14 +67,15 @@ def clopper_pearson(rate: float, n: int, conf: float = 0.95):
     return lo, hi
 
 
-def run(kind, null, reps, cfg, statistic="sign"):
+def run(kind, null, reps, cfg, statistic="sign", random_null=0):
     min_p = {"empirical": [], "t": []}
     for r in range(reps):
         X, y, pairs, head = problem(r, kind, cfg["D"], cfg["K"], cfg["I"], cfg["n_maps"], cfg["hw"])
         core = inf._compute(X, y, pairs, head, alpha=5.0, normalize=True, n_null=cfg["n_null"], null=null,
                             significance=0.05, tol=1e-6, pooled_head=head.fc, random_state=r, batch_size=256,
                             chunk_elements=2 ** 22, concept_names=None, class_names=None, device=None,
-                            progress=False, epochs=cfg["epochs"], test="t", statistic=statistic)
+                            progress=False, epochs=cfg["epochs"], test="t", statistic=statistic,
+                            random_null=random_null)
         m = core["config"]["n_tests"]
         min_p["t"].append(float(np.nanmin(core["p_value"])) * m)
         p_emp = inf._pooled_empirical_p(core["score"], core["null_scores"])

@@ -36,6 +36,7 @@ def run(args) -> int:
     from .._io import atomic_write_json, check_outputs_replaceable
     from .._validation import check_positive_int
     from ..experiments.synthetic import format_table, run_synthetic_benchmark
+    from ..experiments.typed import stamp_synthetic_results
 
     if args.head_epochs is not None:
         check_positive_int(args.head_epochs, "--head-epochs")
@@ -44,7 +45,7 @@ def run(args) -> int:
                                      head_epochs=args.head_epochs, show_progress=not args.no_progress,
                                      n_concepts=args.n_concepts)
     path = Path(args.out) / "synthetic.json"
-    atomic_write_json(path, result)
+    atomic_write_json(path, stamp_synthetic_results(result))  # validated, with its schema key
     print(format_table(result))
     print(f"wrote {path}")
     failed = [m for m, r in result["methods"].items() if r["summary"].get("n_failed")]

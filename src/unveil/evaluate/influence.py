@@ -694,10 +694,37 @@ def _check_null_vectors(null_vectors, null: str, n_null: int, n_det: int, d: int
     return V.double()
 
 
+def _random_null_generator(random_state) -> torch.Generator:
+    """The random reference directions' own stream (an int seed is offset so that it does not replay the
+    noise classifiers' draws)."""
+    if isinstance(random_state, (int, np.integer)) and not isinstance(random_state, bool):
+        return make_generator(int(random_state) + 7919)
+    return make_generator(random_state)
+
+
+def _t_against(scores: np.ndarray, null_s: np.ndarray, ok: np.ndarray, has_class: np.ndarray, step: np.ndarray):
+    """Per (direction, class): the null's mean and sd, the prediction-interval t p-value and the
+    per-direction empirical p-value of ``scores`` (I, K) against ``null_s`` (n, I, K; NaN where ``~ok``)."""
+    n_valid = ok.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (no null / empty class)
+        m = np.nanmean(null_s, axis=0)
+        sd = np.nanstd(null_s, axis=0, ddof=1)
+    # a sign score moves in steps of 1/n_k: a null without spread is not infinitely precise
+    sd_eff = np.fmax(np.nan_to_num(sd, nan=0.0), step[None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = (scores - m) / (sd_eff * np.sqrt(1.0 + 1.0 / np.maximum(n_valid, 1)))
+        p = _t_two_sided_p(t, np.maximum(n_valid - 1, 1))
+        p = np.where((n_valid >= 2) & has_class[None, :], p, np.nan)
+        exceed = (np.abs(null_s - m[None]) >= np.abs(scores - m)[None] - 1e-12) & ok
+        p_emp = np.where((n_valid >= 1) & has_class[None, :], (1.0 + exceed.sum(0)) / (n_valid + 1.0), np.nan)
+    return m, sd, p, p_emp
+
+
 def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, significance, tol, pooled_head,
              random_state, batch_size, chunk_elements, concept_names, class_names, device, progress,
              shift="everywhere", max_patches=5000, epochs=100, lr=0.01, test="t",
-             statistic="sign", null_vectors=None) -> Dict[str, Any]:
+             statistic="sign", null_vectors=None, random_null=0) -> Dict[str, Any]:
     """Scores, null scores and p-values as plain arrays (shared by :func:`rcav` and :func:`influence`)."""
     alpha = check_in_range(alpha, "alpha")
     significance = check_in_range(significance, "significance", 0.0, 1.0, low_inclusive=False)
@@ -760,6 +787,10 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
             if bad.any():
                 logger.warning("rcav: no null for directions %s (their detectors fire on < 2 patches or z is "
                                "constant); they are never significant.", bad.nonzero().flatten().tolist())
+    n_rand = check_positive_int(random_null, "random_null", minimum=0)
+    if n_rand:  # the reference of random unit directions: n_rand per direction, after the noise rows
+        U.append(scale(torch.randn(n_rand * n_det, pairs.n_features, generator=_random_null_generator(random_state),
+                                   dtype=torch.float64)))
     U = torch.cat(U, 0).float()
     if pooled_head is not None:
         _check_pooled_head(head, pooled_head, first_batch, U)
@@ -770,6 +801,8 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
         if n_rows:
             rows = torch.cat([rows, (torch.arange(n_rows) % n_det) if null == "pooled" else
                               torch.arange(n_perm * n_det) % n_det])
+        if n_rand:
+            rows = torch.cat([rows, torch.arange(n_rand * n_det) % n_det])
         detector = (pairs.decoders.float(), pairs.biases.float(), rows)
     sums = _sign_sums(src, y, U, head, n_classes, tol, chunk_elements, bar, pooled_head=pooled_head,
                       detector=detector, statistic=statistic)
@@ -782,34 +815,28 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
     scores = all_scores[:n_det]
     has_class = counts.numpy() > 0
     k_eval = int(has_class.sum())
+    step = np.where(has_class, 1.0 / np.maximum(counts.numpy(), 1) if statistic == "sign" else 1e-12, np.nan)
     if n_perm:
+        noise_s = all_scores[n_det:n_det + n_rows]
         if null == "pooled":
-            null_s = np.broadcast_to(all_scores[n_det:][:, None, :], (n_perm, n_det, n_classes))
+            null_s = np.broadcast_to(noise_s[:, None, :], (n_perm, n_det, n_classes))
             ok = np.broadcast_to(row_ok.numpy()[:, None, None], null_s.shape)
         else:
-            null_s = all_scores[n_det:].reshape(n_perm, n_det, n_classes)
+            null_s = noise_s.reshape(n_perm, n_det, n_classes)
             ok = np.broadcast_to(row_ok.numpy().reshape(n_perm, n_det)[..., None], null_s.shape)
         null_s = np.where(ok, null_s, np.nan)
-        n_valid = ok.sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (no null / empty class)
-            m = np.nanmean(null_s, axis=0)
-            sd = np.nanstd(null_s, axis=0, ddof=1)
-        # a sign score moves in steps of 1/n_k: a null without spread is not infinitely precise
-        step = np.where(has_class, 1.0 / np.maximum(counts.numpy(), 1) if statistic == "sign" else 1e-12,
-                        np.nan)[None, :]
-        sd_eff = np.fmax(np.nan_to_num(sd, nan=0.0), step)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            t = (scores - m) / (sd_eff * np.sqrt(1.0 + 1.0 / np.maximum(n_valid, 1)))
-            p = _t_two_sided_p(t, np.maximum(n_valid - 1, 1))
-            p = np.where((n_valid >= 2) & has_class[None, :], p, np.nan)
-            exceed = (np.abs(null_s - m[None]) >= np.abs(scores - m)[None] - 1e-12) & ok
-            p_emp = np.where((n_valid >= 1) & has_class[None, :], (1.0 + exceed.sum(0)) / (n_valid + 1.0), np.nan)
+        m, sd, p, p_emp = _t_against(scores, null_s, ok, has_class, step)
     else:
         null_s = np.zeros((0, n_det, n_classes))
         m = sd = p = p_emp = np.full((n_det, n_classes), np.nan)
     level = significance / max(1, n_det * k_eval)
     p_pooled = _pooled_empirical_p(scores, null_s) if n_perm else np.full((n_det, n_classes), np.nan)
+    if n_rand:  # significant only against both references (an intersection-union test: valid under either)
+        rand_s = all_scores[n_det + n_rows:].reshape(n_rand, n_det, n_classes)
+        _, _, p_r, _ = _t_against(scores, rand_s, np.ones(rand_s.shape, dtype=bool), has_class, step)
+        p = np.fmax(p, p_r) if n_perm else p_r
+        p_pooled = np.fmax(p_pooled, _pooled_empirical_p(scores, rand_s)) if n_perm else \
+            _pooled_empirical_p(scores, rand_s)
     if test == "empirical":
         p = p_pooled
         n_ref = int(np.isfinite(null_s).sum(axis=(0, 1)).min()) if n_perm and k_eval else 0
@@ -839,6 +866,7 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
     elif null == "permutation":
         config.update({"max_patches": max_patches, "epochs": epochs, "lr": lr})
     config["n_permutations"] = n_perm
+    config["random_null"] = n_rand
     logger.info("influence: SDC=%d SCDP=%d (Bonferroni level %.3g over %d tests)", sdc, scdp, level, n_det * k_eval)
     return {"score": scores, "p_value": p, "p_empirical": p_emp, "significant": significant, "null_mean": m,
             "null_std": sd, "null_scores": np.ascontiguousarray(null_s), "class_counts": counts.numpy().astype(np.int64),
@@ -979,7 +1007,7 @@ def influence(head, maps, labels, pairs, *, alpha: float = 5.0, null: str = "per
               test: str = "empirical", statistic: str = "sign", max_patches: int = 5000, epochs: int = 100, lr: float = 0.01,
               pooled_head: Optional[Callable] = None, random_state=0, batch_size: int = 256, chunk_elements: int = 2 ** 22,
               concept_names: Optional[Sequence[str]] = None, class_names: Optional[Sequence[str]] = None,
-              device=None, progress: bool = False, null_vectors=None) -> Influence:
+              device=None, progress: bool = False, null_vectors=None, random_null: int = 0) -> Influence:
     """RCAV influence of every encoding direction on every class, tested against the paper's null.
 
     For direction i and class k (method.md §8, Pfau et al. 2020): ``α · ŝ_i/‖ŝ_i‖`` is added to the
@@ -1046,7 +1074,7 @@ def influence(head, maps, labels, pairs, *, alpha: float = 5.0, null: str = "per
                     batch_size=batch_size, chunk_elements=chunk_elements, concept_names=concept_names,
                     class_names=class_names, device=device, progress=progress, shift=shift,
                     max_patches=max_patches, epochs=epochs, lr=lr, test=test, statistic=statistic,
-                    null_vectors=null_vectors)
+                    null_vectors=null_vectors, random_null=random_null)
     return Influence(score=core["score"], p_value=core["p_value"], significant=core["significant"],
                      null_mean=core["null_mean"], null_std=core["null_std"], class_counts=core["class_counts"],
                      concept_names=core["concept_names"], class_names=core["class_names"], config=core["config"])

@@ -9,9 +9,14 @@ defines a method or a metric of its own, and none imports the report or the comm
 - :mod:`~unveil.experiments.editing`: which direction to edit with, scored against planted truth.
 - :mod:`~unveil.experiments.results`: the demo's ``results.json`` as typed dataclasses
   (:class:`~unveil.experiments.results.DemoResults`) and :func:`load_results`, which reads and validates it.
+- :mod:`~unveil.experiments.typed`: the same for the synthetic benchmark
+  (:class:`~unveil.experiments.typed.SyntheticBenchmarkResult`, :func:`load_synthetic_results`) and the shortcut
+  experiment (:class:`~unveil.experiments.typed.ShortcutResult`, :func:`load_shortcut_results`).
 """
 
-__all__ = ["load_results", "DemoResults"]
+__all__ = ["load_results", "DemoResults", "load_synthetic_results", "SyntheticBenchmarkResult",
+           "load_shortcut_results", "ShortcutResult"]
+_TYPED = ("load_synthetic_results", "SyntheticBenchmarkResult", "load_shortcut_results", "ShortcutResult")
 
 
 def __getattr__(name):
@@ -19,4 +24,7 @@ def __getattr__(name):
     if name in ("load_results", "DemoResults"):
         from . import results
         return getattr(results, name)
+    if name in _TYPED:
+        from . import typed
+        return getattr(typed, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
