@@ -218,3 +218,28 @@ def test_paper_geometry_has_no_power_noise_vectors_are_read_as_strongly_as_conce
         sig = res.significant
         assert np.all(np.sign(res.score[sig]) == truth[sig])
         assert res.config["n_tests"] == 9 and res.config["bonferroni_level"] == pytest.approx(0.05 / 9, rel=1e-12)
+
+
+def test_random_null_only_removes_significance_and_is_recorded():
+    """With a second reference of random unit directions a pair must pass both tests: p never falls,
+    so the significant pairs are a subset of those against the paper's null alone."""
+    import torch
+
+    from unveil import DirectionPairs, influence
+    from unveil.data.synthetic import PoolLinearHead
+    g = torch.Generator().manual_seed(0)
+    X = torch.relu(torch.randn(60, 6, 3, 3, generator=g))
+    head = PoolLinearHead(6, 3)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.randn(3, 6, generator=g))
+    y = head(X).argmax(1)
+    pairs = DirectionPairs(torch.eye(6)[:3], torch.full((3,), 0.5), torch.eye(6)[:3])
+    kw = dict(n_null=30, epochs=20, statistic="logit", test="t", random_state=0)
+    base = influence(head, X, y, pairs, **kw)
+    both = influence(head, X, y, pairs, random_null=30, **kw)
+    assert both.config["random_null"] == 30 and base.config["random_null"] == 0
+    np.testing.assert_array_equal(both.score, base.score)
+    ok = np.isfinite(base.p_value)
+    assert (both.p_value[ok] >= base.p_value[ok] - 1e-12).all()
+    assert not (both.significant & ~base.significant).any()
+    assert (both.p_value[ok] > base.p_value[ok] + 1e-9).any()  # the second reference does something

@@ -834,8 +834,8 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
     if n_rand:  # significant only against both references (an intersection-union test: valid under either)
         rand_s = all_scores[n_det + n_rows:].reshape(n_rand, n_det, n_classes)
         _, _, p_r, _ = _t_against(scores, rand_s, np.ones(rand_s.shape, dtype=bool), has_class, step)
-        p = np.fmax(p, p_r) if n_perm else p_r
-        p_pooled = np.fmax(p_pooled, _pooled_empirical_p(scores, rand_s)) if n_perm else \
+        p = np.maximum(p, p_r) if n_perm else p_r  # NaN (no null) stays NaN: never significant
+        p_pooled = np.maximum(p_pooled, _pooled_empirical_p(scores, rand_s)) if n_perm else \
             _pooled_empirical_p(scores, rand_s)
     if test == "empirical":
         p = p_pooled
