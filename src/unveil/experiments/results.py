@@ -525,17 +525,24 @@ def check_schema(doc: Mapping[str, Any]) -> None:
                                   f"Run `unveil demo` again to rewrite it.")
         raise ValidationError(f"demo results: key 'schema' is missing (expected {RESULTS_SCHEMA!r}); this is not a "
                               f"results.json written by `unveil demo`.")
-    if schema == RESULTS_SCHEMA:
+    check_schema_version(schema, RESULTS_SCHEMA_NAME, RESULTS_SCHEMA_VERSION, "demo results", "`unveil demo`",
+                         not_ours="; this is not a results.json of `unveil demo` this unveil can read")
+
+
+def check_schema_version(schema: Any, name: str, version: int, what: str, writer: str, not_ours: str = "") -> None:
+    """Raise :class:`~unveil.ValidationError` unless ``schema`` is ``name/version``: one line that says
+    whether the file is older (rerun ``writer``), newer (upgrade unveil) or not one of ``name``'s."""
+    expected = f"{name}/{version}"
+    if schema == expected:
         return
-    name, _, version = schema.partition("/") if isinstance(schema, str) else ("", "", "")
-    if name == RESULTS_SCHEMA_NAME and version.isdigit():
-        if int(version) > RESULTS_SCHEMA_VERSION:
-            raise ValidationError(f"demo results: key 'schema' is {schema!r}, newer than this unveil reads "
-                                  f"({RESULTS_SCHEMA!r}); upgrade unveil.")
-        raise ValidationError(f"demo results: key 'schema' is {schema!r}, older than this unveil reads "
-                              f"({RESULTS_SCHEMA!r}); run `unveil demo` again to rewrite it.")
-    raise ValidationError(f"demo results: key 'schema' must be {RESULTS_SCHEMA!r}, got {_got(schema)}; this is not a "
-                          f"results.json of `unveil demo` this unveil can read.")
+    base, _, ver = schema.partition("/") if isinstance(schema, str) else ("", "", "")
+    if base == name and ver.isdigit():
+        if int(ver) > version:
+            raise ValidationError(f"{what}: key 'schema' is {schema!r}, newer than this unveil reads "
+                                  f"({expected!r}); upgrade unveil.")
+        raise ValidationError(f"{what}: key 'schema' is {schema!r}, older than this unveil reads ({expected!r}); "
+                              f"run {writer} again to rewrite it.")
+    raise ValidationError(f"{what}: key 'schema' must be {expected!r}, got {_got(schema)}{not_ours}.")
 
 
 def is_demo_results(doc: Mapping[str, Any]) -> bool:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .._errors import CorruptFileError, ValidationError
-from .results import ActivationMaximization, Correction, ShortcutSetup, _describe, _extra, _got, _key, _omit, _Record
+from .results import (ActivationMaximization, Correction, ShortcutSetup, _describe, _extra, _got, _key, _omit,
+                      _Record, check_schema_version)
 
 __all__ = ["SYNTHETIC_SCHEMA", "SHORTCUT_SCHEMA", "SyntheticBenchmarkResult", "MethodResult", "SeedRecord",
            "MethodSummary", "MeanWorst", "PerConcept", "HeadRecord", "HeadData", "ShortcutResult",
@@ -375,19 +376,8 @@ class ShortcutResult(_Sc):
 # --------------------------------------------------------------------------- schema, loading, writing
 def _check_schema(doc: Mapping[str, Any], name: str, version: int, what: str, writer: str) -> None:
     """``doc["schema"]``, when present, must be ``name/version``."""
-    if "schema" not in doc:
-        return
-    schema, expected = doc["schema"], f"{name}/{version}"
-    if schema == expected:
-        return
-    base, _, ver = schema.partition("/") if isinstance(schema, str) else ("", "", "")
-    if base == name and ver.isdigit():
-        if int(ver) > version:
-            raise ValidationError(f"{what}: key 'schema' is {schema!r}, newer than this unveil reads "
-                                  f"({expected!r}); upgrade unveil.")
-        raise ValidationError(f"{what}: key 'schema' is {schema!r}, older than this unveil reads ({expected!r}); "
-                              f"run {writer} again to rewrite it.")
-    raise ValidationError(f"{what}: key 'schema' must be {expected!r}, got {_got(schema)}.")
+    if "schema" in doc:
+        check_schema_version(doc["schema"], name, version, what, writer)
 
 
 def _load_file(path, default_name: Optional[str], cls, writer: str):
