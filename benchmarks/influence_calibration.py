@@ -9,7 +9,9 @@ Two decision rules on the same null scores: the permutation p-value against the 
 over directions (``test="empirical"``, the default of ``unveil.influence``) and the per-direction
 prediction-interval t-test (``test="t"``), each for two statistics: the paper's sign score
 (``statistic="sign"``) and the class-specific change of the log-odds (``statistic="logit"``).
-Also the detector-filter null over random patch sets (``null="per_direction"``) for contrast.
+Also the t-test against both the paper's null and a second reference of random unit directions
+(``random_null=N``: significant only against both, an intersection-union test), and the
+detector-filter null over random patch sets (``null="per_direction"``) for contrast.
 
     python benchmarks/influence_calibration.py            # ~1.5 min on one CPU thread
     python benchmarks/influence_calibration.py --quick    # ~1 min
@@ -87,11 +89,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=150, help="repetitions per row (default 150)")
+    ap.add_argument("--random-null", type=int, default=200,
+                    help="random unit directions per direction for the intersection-union rows (0: no such rows)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("unveil").setLevel(logging.ERROR)
-    cfg = dict(D=12, K=4, I=5, n_maps=40, hw=3, n_null=200, epochs=60, reps=args.reps)
+    cfg = dict(D=12, K=4, I=5, n_maps=40, hw=3, n_null=200, epochs=60, reps=args.reps, random_null=args.random_null)
     if args.quick:
         cfg.update(reps=40, n_null=60, epochs=30)
     t0 = time.time()
@@ -103,6 +107,12 @@ def main():
                 rows.append({"directions": kind, "statistic": statistic, "null": "permutation", "test": test,
                              "fwer": res[test]})
             print(rows[-2], rows[-1], flush=True)
+        if cfg["random_null"]:  # the intersection-union test: significant against both references
+            for statistic in ("sign", "logit"):
+                res = run(kind, "permutation", cfg["reps"], cfg, statistic, random_null=cfg["random_null"])
+                rows.append({"directions": kind, "statistic": statistic, "null": f"permutation + {cfg['random_null']} random",
+                             "test": "t", "fwer": res["t"]})
+                print(rows[-1], flush=True)
         reps_narrow = min(cfg["reps"], 50)
         res = run(kind, "per_direction", reps_narrow, dict(cfg, n_null=min(cfg["n_null"], 50)))
         rows.append({"directions": kind, "statistic": "sign", "null": "per_direction", "test": "t", "fwer": res["t"],
@@ -112,7 +122,8 @@ def main():
     doc = {"config": cfg, "levels": LEVELS, "n_tests_per_repetition": m,
            "min_attainable_p_pooled": 2.0 / (cfg["I"] * cfg["n_null"] + 1), "rows": rows, "wall_s": round(wall, 1),
            "versions": versions(), "command": "python benchmarks/influence_calibration.py" + (" --quick" if args.quick else "")
-           + (f" --reps {args.reps}" if args.reps != 150 else "")}
+           + (f" --reps {args.reps}" if args.reps != 150 else "")
+           + (f" --random-null {args.random_null}" if args.random_null != 200 else "")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "influence_calibration.json").write_text(json.dumps(doc, indent=2))
     lines = ["# RCAV significance on pure-noise directions: family-wise false-positive rate", "",

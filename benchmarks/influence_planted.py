@@ -14,7 +14,13 @@ Settings
   wide  : the same recipe in D = 32 with 5 orthonormal concepts (3 used, 2 free: one free patch per
           image) and 12 orthonormal distractors of larger spread (beta ~ U(0, 15)), 1000 images per
           class: the concepts are a small part of the variance, as in a real layer.
+  wide-128 : the same in D = 128 (the data still span 17 dimensions): a random unit direction now lies
+          mostly outside what the head reads, as in a real layer of a few hundred channels.
   hard  : :func:`make_hard_synthetic` (D = 64, 8 correlated concepts, 6 distractors, 8 classes).
+
+Tests: the pooled permutation rank (``empirical``), the per-direction t-test against the noise
+classifiers (``t``), and the same t-test that must also hold against as many random unit
+directions (``t, + random``: ``random_null = n_null``, the intersection-union test).
 
 Also a diagnosis of the null: the share of the noise vectors' squared norm in span(S), and the head
 readout of a unit step, ``|Wu − mean|`` (class contrast), of the planted directions vs the noise vectors.
@@ -54,8 +60,8 @@ def setting(name, seed=0):
     if name == "paper":
         data = make_synthetic(n_per_class=300, random_state=seed)
         head, acc = train_head(data, epochs=300, random_state=seed)
-    elif name == "wide":
-        data = wide_data(seed)
+    elif name in ("wide", "wide-128"):
+        data = wide_data(seed, D=128 if name == "wide-128" else 32)
         head, acc = train_head(data, epochs=300, random_state=seed)
     else:
         data = make_hard_synthetic(n_per_class=150, random_state=seed)
@@ -107,12 +113,16 @@ def diagnose(data, head, pairs, n_null, seed=0):
 
 
 def evaluate(data, head, pairs, tr, statistic, n_null, alpha, seed=0, shift_sign=1.0):
-    core = inf._compute(data.X, data.y, pairs, head, alpha=shift_sign * alpha, normalize=True, n_null=n_null,
-                        null="permutation", significance=0.05, tol=1e-6, pooled_head=head.fc, random_state=seed,
-                        batch_size=256, chunk_elements=2 ** 22, concept_names=None, class_names=None, device=None,
-                        progress=False, epochs=50, test="t", statistic=statistic)
+    def compute(random_null):
+        return inf._compute(data.X, data.y, pairs, head, alpha=shift_sign * alpha, normalize=True, n_null=n_null,
+                            null="permutation", significance=0.05, tol=1e-6, pooled_head=head.fc,
+                            random_state=seed, batch_size=256, chunk_elements=2 ** 22, concept_names=None,
+                            class_names=None, device=None, progress=False, epochs=50, test="t",
+                            statistic=statistic, random_null=random_null)
+    core = compute(0)
     level = core["config"]["bonferroni_level"]
-    p = {"t": core["p_value"], "empirical": inf._pooled_empirical_p(core["score"], core["null_scores"])}
+    p = {"t": core["p_value"], "empirical": inf._pooled_empirical_p(core["score"], core["null_scores"]),
+         "t, + random": compute(n_null)["p_value"]}  # the intersection-union test (random_null = n_null)
     out = {}
     score = core["score"]
     sign_ok = np.sign(score) == tr
@@ -134,7 +144,7 @@ def main():
     torch.set_num_threads(1)
     logging.getLogger("unveil").setLevel(logging.ERROR)
     n_null = 60 if args.quick else 200
-    names = ("paper", "wide") if args.quick else ("paper", "wide", "hard")
+    names = ("paper", "wide") if args.quick else ("paper", "wide", "wide-128", "hard")
     t0 = time.time()
     rows, diag = [], {}
     for name in names:
@@ -149,7 +159,7 @@ def main():
         for dname, pairs, _ in sets:
             for statistic in ("sign", "logit"):
                 r = evaluate(data, head, pairs, tr, statistic, n_null, alpha=1.0)
-                for test in ("empirical", "t"):
+                for test in ("empirical", "t", "t, + random"):
                     rows.append({"setting": name, "directions": dname, "statistic": statistic, "test": test,
                                  "n_true_pairs": int((tr != 0).sum()), "n_pairs": int(tr.size),
                                  "sign_agreement": r["sign_agreement"], **r[test]})

@@ -35,7 +35,8 @@ def test_influence_writes_json_and_png(setup, capsys):
     root = setup
     out = root / "out"
     rc = main(["influence", "--model", "worldnet", "--layer", "layer3", "--pairs", str(root / "pairs"),
-               "--images", str(root / "images"), "--out", str(out), "--n-null", "5", "--batch-size", "8"])
+               "--images", str(root / "images"), "--out", str(out), "--n-null", "5", "--batch-size", "8",
+               "--statistic", "sign", "--test", "empirical", "--random-null", "0"])
     assert rc == 0
     doc = json.loads((out / "influence.json").read_text())
     res = Influence.from_dict({k: v for k, v in doc.items() if k not in ("model", "layer", "pairs", "images",
@@ -46,6 +47,7 @@ def test_influence_writes_json_and_png(setup, capsys):
     finite = np.isfinite(res.score)
     assert np.all(np.abs(res.score[finite]) <= 1.0)
     assert doc["config"]["null"] == "permutation" and doc["config"]["n_null"] == 5
+    assert doc["config"]["statistic"] == "sign" and doc["config"]["random_null"] == 0
     assert (out / "influence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "influence.png").stat().st_size > 2000
     assert '"sdc"' in capsys.readouterr().out
@@ -60,15 +62,15 @@ def test_influence_bad_input_is_one_line(setup, capsys):
     assert err.startswith("unveil influence: error:") and "--n-null" in err and len(err.strip().splitlines()) == 1
 
 
-def test_influence_statistic_and_test_options_reach_the_result(setup):
+def test_influence_defaults_reach_the_result(setup):
     root = setup
     out = root / "out_logit"
     rc = main(["influence", "--model", "worldnet", "--layer", "layer3", "--pairs", str(root / "pairs"),
-               "--images", str(root / "images"), "--out", str(out), "--n-null", "5", "--batch-size", "8",
-               "--statistic", "logit", "--test", "t"])
+               "--images", str(root / "images"), "--out", str(out), "--n-null", "5", "--batch-size", "8"])
     assert rc == 0
     doc = json.loads((out / "influence.json").read_text())
-    assert doc["config"]["statistic"] == "logit"
+    # the defaults: log-odds contrast, t-test, as many random unit directions as noise vectors
+    assert doc["config"]["statistic"] == "logit" and doc["config"]["random_null"] == 5
     assert doc["config"]["test"].startswith("prediction-interval t")
     scores = np.array([[np.nan if v is None else v for v in row] for row in doc["score"]])
     assert np.nanmax(np.abs(scores)) > 1.0  # a log-odds contrast, not a mean sign

@@ -159,7 +159,7 @@ def test_influence_api_is_frozen_and_round_trips():
     import unveil
     assert unveil.influence is influence
     X, y, pairs, head = planted()
-    res = unveil.influence(head, X, y, pairs, n_null=20, epochs=20, random_state=0)
+    res = unveil.influence(head, X, y, pairs, n_null=20, epochs=20, random_state=0, statistic="sign")
     assert res.score.shape == res.p_value.shape == res.significant.shape == (2, K)
     np.testing.assert_allclose(res.score, rcav(X, y, pairs, head, n_permutations=0).scores, rtol=0, atol=1e-12)
     assert res.sdc == int(res.significant.any(1).sum()) and res.scdp == int(res.significant.sum())
@@ -207,12 +207,13 @@ def test_permutation_noise_vectors_use_balanced_subsets_and_are_reproducible():
 def test_detected_shift_is_zero_where_nothing_fires_and_everywhere_where_everything_does():
     X, y, pairs, head = planted()
     off = DirectionPairs(pairs.decoders, torch.full((2,), 1e6), pairs.encoders)
-    res = influence(head, X, y, off, n_null=0, shift="detected")
+    res = influence(head, X, y, off, n_null=0, shift="detected", statistic="sign")
     np.testing.assert_allclose(res.score, 0.0, rtol=0, atol=1e-12)
     on = DirectionPairs(pairs.decoders, torch.full((2,), -1e6), pairs.encoders)
-    a = influence(head, X, y, on, n_null=0, shift="detected")
-    b = influence(head, X, y, on, n_null=0, shift="everywhere")
+    a = influence(head, X, y, on, n_null=0, shift="detected", statistic="sign")
+    b = influence(head, X, y, on, n_null=0, shift="everywhere", statistic="sign")
     np.testing.assert_allclose(a.score, b.score, rtol=0, atol=1e-12)
-    fast = influence(head, X, y, pairs, n_null=0, shift="detected", pooled_head=head.fc)
-    slow = influence(head, X, y, pairs, n_null=0, shift="detected")
-    np.testing.assert_allclose(fast.score, slow.score, rtol=0, atol=1e-12)
+    for statistic, atol in (("sign", 1e-12), ("logit", 1e-6)):  # log-odds: float32 rounding of two paths
+        fast = influence(head, X, y, pairs, n_null=0, shift="detected", pooled_head=head.fc, statistic=statistic)
+        slow = influence(head, X, y, pairs, n_null=0, shift="detected", statistic=statistic)
+        np.testing.assert_allclose(fast.score, slow.score, rtol=0, atol=atol)

@@ -61,14 +61,17 @@ def _summary(**kw):
     return d
 
 
-def _influence_doc(infl, control):
-    """The ``influence`` section the demo writes, for an Influence and its noise-direction control."""
+def _influence_doc(infl, control, control_random=None):
+    """The ``influence`` section the demo writes, for an Influence and its two controls."""
+    rand = control if control_random is None else control_random
     return {"SDC": infl.sdc, "SCDP": infl.scdp, "null": "permutation", "statistic": "logit", "test": "t",
-            "n_null": 6, "max_patches": 1000, "n_maps": int(sum(infl.class_counts)), "pooled_head_fast_path": True,
+            "n_null": 6, "random_null": 6, "max_patches": 1000, "n_maps": int(sum(infl.class_counts)), "pooled_head_fast_path": True,
             "alpha": infl.config.get("alpha"), "bonferroni_level": infl.config.get("bonferroni_level"),
             "mean_abs_score": float(np.nanmean(np.abs(infl.score))),
             "control": {"what": "noise", "SDC": control.sdc, "SCDP": control.scdp,
                         "mean_abs_score": float(np.nanmean(np.abs(control.score)))},
+            "control_random": {"what": "random", "SDC": rand.sdc, "SCDP": rand.scdp,
+                               "mean_abs_score": float(np.nanmean(np.abs(rand.score)))},
             "top_concepts": infl.top_concepts(3), "result": infl.to_dict()}
 
 
@@ -115,6 +118,8 @@ def report_inputs():
     infl = influence(head, val.maps(), labels, pairs, **kw)
     noise = DirectionPairs(pairs.decoders, pairs.biases, torch.eye(2).flip(0), names=["n0", "n1"])
     control = influence(head, val.maps(), labels, noise, **kw)
+    rand = DirectionPairs(pairs.decoders, pairs.biases, torch.tensor([[0.6, 0.8], [0.8, -0.6]]), names=["r0", "r1"])
+    control_random = influence(head, val.maps(), labels, rand, **kw)
     masks = lambda ds: np.stack([x.masks for x in ds.samples])  # noqa: E731
     cmp = compare_with_pattern_cavs(train.maps(), masks(train), val.maps(), masks(val), pairs, res.iou_train,
                                     res.iou_val, concept_names=[c.name for c in train.concepts], min_cells=5)
@@ -126,10 +131,19 @@ def report_inputs():
         detection_rules={"eddp": "sigmoid > 0.5", "pca": "<i>quantile</i>"},
         eddp={"n_concepts": 2, "levels": [2], "layer": "layer<4>", "map_shape": [2, 16, 16],
               "detectors": res.table(), "history_seconds": None},
-        influence=_influence_doc(infl, control), pattern_cav=cmp.to_dict())
+        influence=_influence_doc(infl, control, control_random), pattern_cav=cmp.to_dict(),
+        layers={"layer<4>": {**{k: res.summary[k] for k in keys}, "category_counts": {}, "map_shape": [2, 16, 16],
+                             "main": True, "influence": _layer_influence(infl, control, control_random)},
+                "layer3": {**_summary(), "category_counts": {}, "map_shape": [2, 32, 32], "main": False}})
     results = json.loads(json.dumps(results))  # JSON types, as read from results.json
     return dict(results=DemoResults.from_dict(results), dissections={"eddp": res}, train=train, val=val,
-                detector_maps={"train": det_tr, "val": det_va}), res, infl, control
+                detector_maps={"train": det_tr, "val": det_va}), res, infl, control, control_random
+
+
+def _layer_influence(infl, control, control_random):
+    return {"SDC": infl.sdc, "SCDP": infl.scdp, "n_maps": int(sum(infl.class_counts)), "n_null": 6, "random_null": 6,
+            "control_SDC": control.sdc, "control_SCDP": control.scdp, "control_random_SDC": control_random.sdc,
+            "control_random_SCDP": control_random.scdp}
 
 
 def test_report_escapes_every_name(report_inputs):
@@ -308,16 +322,25 @@ def test_duplicates_note_names_the_own_rule_s1_leader():
 
 
 def test_report_renders_influence_against_noise_and_class_diagrams(report_inputs):
-    kwargs, _, infl, control = report_inputs
+    kwargs, _, infl, control, control_random = report_inputs
     kwargs = dict(kwargs)
     page = build_report(kwargs.pop("results"), kwargs.pop("dissections"), **kwargs)
     sec = page[page.index("<h2>Concept → class influence (RCAV)</h2>"):page.index("<h2>EDDP against supervised")]
     assert "could not be drawn" not in page
-    # EDDP's row and the noise directions' row, with their own SDC / SCDP
+    # EDDP's row and the two controls' rows, with their own SDC / SCDP
     assert (f"<td class=\"l\">EDDP signal vectors</td><td class=\"\">{infl.sdc}</td>"
             f"<td class=\"\">{infl.scdp}</td>") in sec
     assert (f"permuted-label noise vectors)</td><td class=\"\">{control.sdc}</td>"
             f"<td class=\"\">{control.scdp}</td>") in sec
+    assert (f"random unit vectors)</td><td class=\"\">{control_random.sdc}</td>"
+            f"<td class=\"\">{control_random.scdp}</td>") in sec
+    assert "6 random unit directions per direction" in sec
+    # the layer table: RCAV of EDDP and both controls at the layer that has it, a dash where it was not run
+    lay = page[page.index("<h2>EDDP at other layers</h2>"):]
+    lay = lay[:lay.index("</table>")]
+    assert (f"<td class=\"\">{infl.sdc} / {infl.scdp}</td><td class=\"\">{control.sdc} / {control.scdp}</td>"
+            f"<td class=\"\">{control_random.sdc} / {control_random.scdp}</td>") in lay
+    assert lay.count("<td class=\"\">–</td>") == 3
     assert "class-specific change of the log-odds" in sec and "prediction-interval t-test" in sec
     assert "<h3>Concept → class diagrams</h3>" in sec
     assert len(re.findall(r'src="data:image/png;base64,', sec)) == 2  # heatmap + per-class diagrams

@@ -36,7 +36,7 @@ def _write(tmp_path, doc):
 def test_round_trip_equals_the_original(demo_out):
     out, doc = demo_out
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["schema"] == RESULTS_SCHEMA == "unveil.demo-results/2" and "format" not in on_disk
+    assert on_disk["schema"] == RESULTS_SCHEMA == "unveil.demo-results/3" and "format" not in on_disk
     res = load_results(out / "results.json")
     assert isinstance(res, DemoResults)
     assert res.to_dict() == on_disk == doc  # key for key, value for value
@@ -62,8 +62,8 @@ def test_frozen(demo_out):
 
 @pytest.mark.parametrize("schema, match", [
     ("unveil.demo-results/1", "older than this unveil reads"),
-    ("unveil.demo-results/3", "newer than this unveil reads.*upgrade unveil"),
-    ("something.else/2", "key 'schema' must be 'unveil.demo-results/2'"),
+    ("unveil.demo-results/4", "newer than this unveil reads.*upgrade unveil"),
+    ("something.else/2", "key 'schema' must be 'unveil.demo-results/3'"),
     (2, "key 'schema' must be"),
 ])
 def test_wrong_schema_version(demo_out, tmp_path, schema, match):

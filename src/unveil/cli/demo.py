@@ -48,9 +48,14 @@ def run(args) -> int:
     for m, s in res.dissection.items():
         vals = [getattr(s, c) for c in cols]
         print(f"{m:<8}" + "".join(f"{v:>16.3f}" if isinstance(v, float) else f"{v:>16}" for v in vals))
-    inf, ctrl = res.influence, res.influence.control
-    print(f"influence (RCAV, {inf.statistic} + {inf.test} test, permuted-label null): SDC {inf.SDC}, "
-          f"SCDP {inf.SCDP}; noise directions SDC {ctrl.SDC}, SCDP {ctrl.SCDP}")
+    inf = res.influence
+    print(f"influence (RCAV, {inf.statistic} + {inf.test} test, permuted-label null + {inf.random_null} random "
+          f"directions), SDC / SCDP:")
+    for name, lay in res.layers.items():
+        li = lay.influence
+        if li is not None:
+            print(f"  {name}: EDDP {li.SDC} / {li.SCDP}; noise directions {li.control_SDC} / {li.control_SCDP}; "
+                  f"random directions {li.control_random_SDC} / {li.control_random_SCDP} ({li.n_maps} images)")
     pc = res.pattern_cav
     if pc is not None:
         print(f"S3 over {len(pc.concepts)} concepts: EDDP {pc.s3_eddp:.2f}, supervised Pattern-CAV "

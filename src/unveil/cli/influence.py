@@ -24,11 +24,15 @@ def register(subparsers) -> None:
     p.add_argument("--n-null", type=int, default=100, help="noise vectors per direction (default 100; 0: no test)")
     p.add_argument("--shift", choices=("everywhere", "detected"), default="everywhere",
                    help="add the shift at every position, or weighted by the concept's detector")
-    p.add_argument("--statistic", choices=("sign", "logit"), default="sign",
-                   help="per-image effect: sign of the change of p(class) (the paper's RCAV score, default), or the "
-                        "class-specific change of the log-odds (not saturated; has power where the sign has none)")
-    p.add_argument("--test", choices=("empirical", "t"), default="empirical",
-                   help="p-value: permutation rank against the pooled null (default) or the prediction-interval t")
+    p.add_argument("--statistic", choices=("logit", "sign"), default="logit",
+                   help="per-image effect: the class-specific change of the log-odds (default; not saturated), or "
+                        "the sign of the change of p(class) (the paper's RCAV score)")
+    p.add_argument("--test", choices=("t", "empirical"), default="t",
+                   help="p-value: the prediction-interval t against the direction's null (default) or the "
+                        "permutation rank against the pooled null")
+    p.add_argument("--random-null", type=int, default=None, metavar="N",
+                   help="random unit directions per direction as a second reference: a pair must be significant "
+                        "against both (default: as many as --n-null; 0: the paper's null alone)")
     p.add_argument("--significance", type=float, default=0.05, help="family-wise level (default 0.05)")
     p.add_argument("--top", type=int, default=3, help="concepts per sign and class in the figure (default 3)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -54,6 +58,8 @@ def _influence(args) -> int:
     from .apply import _class_names, _folder
     check_positive_int(args.batch_size, "--batch-size")
     check_positive_int(args.n_null, "--n-null", minimum=0)
+    if args.random_null is not None:
+        check_positive_int(args.random_null, "--random-null", minimum=0)
     check_positive_int(args.top, "--top")
     check_in_range(args.alpha, "--alpha")
     check_in_range(args.significance, "--significance", 0.0, 1.0, low_inclusive=False)
@@ -68,7 +74,7 @@ def _influence(args) -> int:
     maps = capture(model, args.layer, images, batch_size=args.batch_size)
     head = make_head(model, args.layer, input_size=pre.size)
     res = influence(head, maps, labels, pairs, alpha=args.alpha, null=args.null, n_null=args.n_null,
-                    shift=args.shift, statistic=args.statistic, test=args.test,
+                    shift=args.shift, statistic=args.statistic, test=args.test, random_null=args.random_null,
                     significance=args.significance, random_state=args.seed,
                     batch_size=args.batch_size, class_names=names, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)

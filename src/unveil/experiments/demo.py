@@ -70,15 +70,21 @@ class DemoConfig:
     decomposition_max_iter: int = 300
     max_baseline_patches: int = 20_000
     quantile: float = 0.995
-    # influence (unveil.influence): the statistic and test the calibration benchmark supports (class-specific
-    # log-odds change, per-direction t-test against the paper's permuted-label null), n_null noise classifiers
+    # influence (unveil.influence, its defaults): the class-specific log-odds change, the per-direction t-test,
+    # significant against the paper's permuted-label null and as many random unit directions (the calibration
+    # benchmark: the one configuration that keeps the error rate on both kinds of noise); n_null noise classifiers
     # per direction on balanced subsets of <= influence_max_patches patches (the paper: 100 and 5000; 1000 keeps
-    # the stage at about half a minute on one thread)
+    # the stage short on one thread)
     influence_statistic: str = "logit"
     influence_test: str = "t"
     influence_null: int = 100
+    influence_random_null: int = 100
     influence_max_patches: int = 1000
-    rcav_max_maps_full_head: int = 400  # influence maps when the head is not pool -> linear (other layers)
+    # RCAV where the head is not pool -> linear (other layers): the whole head runs on every shifted map, so a
+    # class-balanced subset of the validation maps and at most rcav_null_full_head vectors in each reference
+    rcav_max_maps_full_head: int = 70
+    rcav_null_full_head: int = 20
+    influence_extra_layers: bool = True  # RCAV at the extra layers too (the whole head runs on every shifted map)
     pattern_cav: bool = True  # the S³ table: EDDP's detectors against supervised Pattern-CAVs
     pattern_cav_cover: float = 0.5
     top_k: int = 8
@@ -86,7 +92,7 @@ class DemoConfig:
     # torch threads of the dissection stages (torch-only, integer counts: the results do not depend on it;
     # 2 threads cut them by about a third on an idle 2-core machine); capped at the CPU count
     dissect_threads: int = 2
-    extra_layers: tuple = ("layer3",)  # EDDP + dissection only (no baselines, no RCAV), for a layer table
+    extra_layers: tuple = ("layer3",)  # EDDP, dissection and RCAV (no baselines), for a layer table
     n_explanations: int = 4  # explanation gallery (validation images)
     n_counterfactuals: int = 2  # of the gallery images: the top concept removed
     # --shortcut only: keyword arguments of unveil.experiments.shortcut.run_shortcut_experiment (the layer and
@@ -99,7 +105,8 @@ class DemoConfig:
     def fast_config(cls) -> "DemoConfig":
         return cls(n_train=56, n_val=28, n_concepts=8, eddp_steps={"b": 5, "d": 5}, eddp_n_init=1,
                    eddp_init_rounds=1, eddp_max_init_patches=2000, kmeans_n_init=1, sae_epochs=2,
-                   decomposition_max_iter=100, max_baseline_patches=2000, influence_null=10, top_k=4,
+                   decomposition_max_iter=100, max_baseline_patches=2000, influence_null=10,
+                   influence_random_null=10, top_k=4,
                    n_report_detectors=6, extra_layers=(), n_explanations=3,
                    shortcut_experiment={"layer": "layer2", "n_concepts": 4, "n_fit": 28, "n_val": 14, "n_test": 14,
                                         "n_random": 2, "actmax_steps": 2,
@@ -290,49 +297,59 @@ def _explanations(net, layer, pairs, val, x_val, cfg: DemoConfig, shortcut: bool
 
 
 def _influence(net, head, layer_name, m_val, val, pairs, names, cfg: DemoConfig, seed: int, progress: bool):
-    """RCAV of the EDDP directions and of permuted-label noise directions on the same detectors.
+    """RCAV of the EDDP directions and of two controls on the same detectors.
 
-    The control replaces each signal vector by one more noise classifier's pattern, trained with the null's:
-    it is exchangeable with the null, so its significant pairs are false positives. Both tests share the one
-    null. Returns the two :class:`~unveil.evaluate.influence.Influence` results and the ``results.json``
-    section.
+    The controls replace each signal vector by (a) one more noise classifier's pattern, trained with the
+    null's (exchangeable with the null) and (b) a random unit vector: no concept in either, so their
+    significant pairs are false positives. All three share the one null. Returns the EDDP and the two
+    control :class:`~unveil.evaluate.influence.Influence` results and the ``results.json`` section.
     """
-    from ..directions.pairs import DirectionPairs
-    from ..evaluate.influence import influence, permutation_noise_vectors
+    from ..evaluate.influence import influence_with_controls, permutation_noise_vectors
     # above layer4 WorldNet is global average pool -> fc, so the pooled fast path applies
     pooled = net.fc if layer_name == "layer4" else None
-    r_maps, r_labels = m_val, val.labels
-    if pooled is None:  # the whole head runs on every shifted map: a class-balanced subset
+    r_maps, r_labels, n_null, n_rand = m_val, val.labels, cfg.influence_null, cfg.influence_random_null
+    if pooled is None:  # the whole head runs on every shifted map: a class-balanced subset, smaller references
         keep = _balanced_subset(val.labels, cfg.rcav_max_maps_full_head)
         r_maps, r_labels = m_val[torch.as_tensor(keep)], val.labels[keep]
-    # one set of noise classifiers: n_null noise vectors per detector form the null of both tests, one more per
+        n_null, n_rand = min(n_null, cfg.rcav_null_full_head), min(n_rand, cfg.rcav_null_full_head)
+    # one set of noise classifiers: n_null noise vectors per detector form the null of every test, one more per
     # detector (drawn with them, so exchangeable with them) is the control's encoder
-    vec, _ = permutation_noise_vectors(r_maps, pairs, cfg.influence_null + 1, random_state=seed,
+    vec, _ = permutation_noise_vectors(r_maps, pairs, n_null + 1, random_state=seed,
                                        max_patches=cfg.influence_max_patches)
+    g = torch.Generator().manual_seed(seed + 1)
     noise = vec[-1].clone()
     bad = ~torch.isfinite(noise).all(1)
     if bad.any():  # a detector that fires on < 2 patches has no noise vector (and no null: never significant)
-        g = torch.Generator().manual_seed(seed + 1)
         fill = torch.randn(int(bad.sum()), noise.shape[1], generator=g)
         noise[bad] = (fill / fill.norm(dim=1, keepdim=True)).to(noise.dtype)
+    rand = torch.randn(pairs.n_concepts, pairs.n_features, generator=g)
     common = dict(statistic=cfg.influence_statistic, test=cfg.influence_test, null="permutation",
-                  n_null=cfg.influence_null, null_vectors=vec[:-1], pooled_head=pooled, random_state=seed,
-                  class_names=val.class_names, progress=progress)
-    infl = influence(head, r_maps, r_labels, pairs, concept_names=names, **common)
-    control_pairs = DirectionPairs(pairs.decoders, pairs.biases, noise, pairs.mean,
-                                   names=[f"noise{i}" for i in range(pairs.n_concepts)])
-    control = influence(head, r_maps, r_labels, control_pairs, **common)
+                  n_null=n_null, null_vectors=vec[:-1], random_null=n_rand,
+                  pooled_head=pooled, random_state=seed, class_names=val.class_names, progress=progress)
+    encoders = {"control": noise, "control_random": rand / rand.norm(dim=1, keepdim=True)}
+    infl, controls = influence_with_controls(head, r_maps, r_labels, pairs, encoders, concept_names=names, **common)
+    what = {"control": "the same detectors, each signal vector replaced by one more permuted-label noise vector "
+                       "(exchangeable with the null: its significant pairs are false positives)",
+            "control_random": "the same detectors, each signal vector replaced by a random unit vector (no concept: "
+                              "its significant pairs are false positives)"}
     doc = {"SDC": infl.sdc, "SCDP": infl.scdp, "null": "permutation", "statistic": cfg.influence_statistic,
-           "test": cfg.influence_test, "n_null": cfg.influence_null, "max_patches": cfg.influence_max_patches,
+           "test": cfg.influence_test, "n_null": n_null, "random_null": n_rand,
+           "max_patches": cfg.influence_max_patches,
            "n_maps": int(len(r_labels)), "pooled_head_fast_path": pooled is not None,
            "alpha": infl.config.get("alpha"), "bonferroni_level": infl.config.get("bonferroni_level"),
            "mean_abs_score": float(np.nanmean(np.abs(infl.score))),
-           "control": {"what": "the same detectors, each signal vector replaced by one more permuted-label noise "
-                               "vector (exchangeable with the null: its significant pairs are false positives)",
-                       "SDC": control.sdc, "SCDP": control.scdp,
-                       "mean_abs_score": float(np.nanmean(np.abs(control.score)))},
+           **{key: {"what": what[key], "SDC": c.sdc, "SCDP": c.scdp,
+                    "mean_abs_score": float(np.nanmean(np.abs(c.score)))} for key, c in controls.items()},
            "top_concepts": infl.top_concepts(3), "result": infl.to_dict()}
-    return infl, control, doc
+    return infl, controls["control"], doc
+
+
+def _layer_influence(doc: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``layers[layer].influence`` summary of an :func:`_influence` section."""
+    return {"SDC": doc["SDC"], "SCDP": doc["SCDP"], "n_maps": doc["n_maps"], "n_null": doc["n_null"],
+            "random_null": doc["random_null"], "control_SDC": doc["control"]["SDC"],
+            "control_SCDP": doc["control"]["SCDP"], "control_random_SDC": doc["control_random"]["SDC"],
+            "control_random_SCDP": doc["control_random"]["SCDP"]}
 
 
 def _pattern_cav(m_train, m_val, train, val, pairs, eddp_res, cfg: DemoConfig) -> Optional[Dict[str, Any]]:
@@ -526,7 +543,7 @@ def _run_demo(out, model_name, shortcut, layer, n_concepts, fast, progress, seed
     base_pairs = _fit_baselines(maps.train, I, cfg, seed, progress, run.timer)  # 5. baselines
     diss = _dissect_methods(run, data, maps, est, base_pairs, I)                # 6. dissection
     found = _influence_stages(run, model, data, maps, est, diss)                # 7. influence, 7b. S³, 8. shortcut
-    found.layers_doc = _layer_table(run, model, data, maps, diss, I)            # 9. other layers
+    found.layers_doc = _layer_table(run, model, data, maps, diss, found, I)     # 9. other layers
     if efficientnet:                                                            # 10. EfficientNet
         with run.timer.stage("efficientnet"):
             found.effnet = compare_pretrained_random(n_train=min(cfg.n_train, 400), n_val=min(cfg.n_val, 200),
@@ -706,25 +723,33 @@ def _watermark_detector(train: _Materialized, results: Dict[str, Any], infl) -> 
 
 
 def _layer_table(run: _Run, model: _LoadedModel, data: _WorldData, maps: _LayerMaps, diss: _Dissection,
-                 I: int) -> Dict[str, Any]:
-    """The main layer's dissection summary, then EDDP + dissection (nothing else) at every extra layer."""
+                 found: _Findings, I: int) -> Dict[str, Any]:
+    """The main layer's dissection summary and RCAV, then EDDP, dissection and RCAV at every extra layer."""
     from ..capture import capture, make_head
     eddp_res = diss.results["eddp"]
     train, val = data.train, data.val
     layers_doc = {model.layer: {**_dissect_summary(eddp_res), "category_counts": _category_counts(eddp_res),
-                                "map_shape": maps.shape, "main": True}}
+                                "map_shape": maps.shape, "main": True,
+                                "influence": _layer_influence(found.influence_doc)}}
     for extra in run.cfg.extra_layers:
         if extra == model.layer:
             continue
         with run.timer.stage(f"layer_{extra}"):
             e_tr = capture(model.net, extra, data.x_train, progress=run.progress)
             e_va = capture(model.net, extra, data.x_val, progress=run.progress)
-            e_pairs = _eddp(run.cfg, I, run.seed, run.progress).fit(e_tr, head=make_head(model.net, extra)).pairs_
+            e_head = make_head(model.net, extra)
+            e_pairs = _eddp(run.cfg, I, run.seed, run.progress).fit(e_tr, head=e_head).pairs_
             with _dissect_threads(run.cfg):
                 e_res = _dissect_pairs(e_pairs, e_tr, e_va, train, val, top_k=0, progress=run.progress)[0]
             layers_doc[extra] = {**_dissect_summary(e_res), "category_counts": _category_counts(e_res),
                                  "map_shape": [int(x) for x in e_tr.shape[1:]], "main": False}
-            del e_tr, e_va
+        if run.cfg.influence_extra_layers:
+            with run.timer.stage(f"influence_{extra}"):
+                e_names = [f"d{i}:{lab}" if lab is not None else f"d{i}" for i, lab in enumerate(e_res.label_names())]
+                doc = _influence(model.net, e_head, extra, e_va, val, e_pairs, e_names, run.cfg, run.seed,
+                                 run.progress)[2]
+                layers_doc[extra]["influence"] = _layer_influence(doc)
+        del e_tr, e_va
     return layers_doc
 
 

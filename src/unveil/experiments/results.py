@@ -33,14 +33,14 @@ from ..evaluate.influence import Influence
 from ..evaluate.pattern_cav import PatternCAVComparison
 
 __all__ = ["RESULTS_SCHEMA", "RESULTS_SCHEMA_VERSION", "DemoResults", "DemoSettings", "ModelInfo", "DataInfo",
-           "DissectionSummary", "NativeRuleSummary", "LayerSummary", "DetectorRow", "EDDPInfo", "InfluenceControl",
+           "DissectionSummary", "NativeRuleSummary", "LayerSummary", "LayerInfluence", "DetectorRow", "EDDPInfo", "InfluenceControl",
            "InfluenceSummary", "WatermarkDetector", "ExplanationRecord", "CounterfactualRecord", "Applications",
            "Correction", "ActivationMaximization", "ShortcutSetup", "Timing", "Machine", "load_results",
            "is_demo_results"]
 
 #: the ``schema`` field of ``results.json``: name and version (version 1 was ``"format": "unveil.demo_results"``)
 RESULTS_SCHEMA_NAME = "unveil.demo-results"
-RESULTS_SCHEMA_VERSION = 2
+RESULTS_SCHEMA_VERSION = 3
 RESULTS_SCHEMA = f"{RESULTS_SCHEMA_NAME}/{RESULTS_SCHEMA_VERSION}"
 _V1_FORMAT = "unveil.demo_results"
 
@@ -236,12 +236,28 @@ class NativeRuleSummary(DissectionSummary):
 
 
 @dataclass(frozen=True)
+class LayerInfluence(_Record):
+    """RCAV at one layer (``layers[layer].influence``): the EDDP directions and the two controls."""
+
+    SDC: int
+    SCDP: int
+    n_maps: int
+    n_null: int
+    random_null: int
+    control_SDC: int
+    control_SCDP: int
+    control_random_SDC: int
+    control_random_SCDP: int
+
+
+@dataclass(frozen=True)
 class LayerSummary(DissectionSummary):
-    """EDDP's dissection at one layer (``layers[layer]``)."""
+    """EDDP's dissection at one layer (``layers[layer]``), and its RCAV when it was measured there."""
 
     category_counts: Dict[str, int]
     map_shape: List[int]
     main: bool
+    influence: Optional[LayerInfluence] = _omit()
 
 
 @dataclass(frozen=True)
@@ -322,6 +338,7 @@ class InfluenceSummary(_Record):
     statistic: str
     test: str
     n_null: int
+    random_null: int
     max_patches: int
     n_maps: int
     pooled_head_fast_path: bool
@@ -329,6 +346,7 @@ class InfluenceSummary(_Record):
     bonferroni_level: Optional[float]
     mean_abs_score: float
     control: InfluenceControl
+    control_random: InfluenceControl
     top_concepts: Dict[str, Any]
     result: Influence
 

@@ -296,12 +296,21 @@ def _influence_section(summary, max_rows: int = 40) -> str:
            f"{_e(cfg.get('n_null', '?'))} linear noise classifiers trained on permutations of its detector's labels, "
            f"and their positive-only signal vectors, scored the same way; {_e(test)}; <b>*</b> = significant, "
            f"Bonferroni over {_e(cfg.get('n_tests', '?'))} tests (level {_fmt(cfg.get('bonferroni_level'), 6)}).</p>"]
+    rand = summary.control_random
+    n_rand = int(cfg.get("random_null") or 0)
+    if n_rand:
+        out.append(f"<p>A pair must also be significant against {n_rand} random unit directions per direction "
+                   "scored the same way (an intersection–union test: the false-positive rate stays at the level on "
+                   "both kinds of noise direction, see <code>benchmarks/influence_calibration.py</code>).</p>")
     rows = [[_txt("EDDP signal vectors"), summary.SDC, summary.SCDP, summary.mean_abs_score],
             [_txt("noise directions (the same detectors, permuted-label noise vectors)"), control.SDC,
-             control.SCDP, control.mean_abs_score]]
+             control.SCDP, control.mean_abs_score],
+            [_txt("random directions (the same detectors, random unit vectors)"), rand.SDC, rand.SCDP,
+             rand.mean_abs_score]]
     out.append(_table(("directions", "SDC (directions)", "SCDP (class, direction pairs)", "mean |score|"), rows))
-    out.append('<p class="muted">The noise directions are exchangeable with the null by construction, so their '
-               "significant pairs are false positives: they show what the test flags when there is no concept.</p>")
+    out.append('<p class="muted">Neither control carries a concept (the noise directions are exchangeable with the '
+               "null by construction), so their significant pairs are false positives: they show what the test "
+               "flags when there is no concept.</p>")
     strength = np.nan_to_num(np.abs(scores), nan=0.0).max(axis=1)
     pick = np.flatnonzero(sig.any(axis=1))
     what = "directions with at least one significant class"
@@ -439,14 +448,24 @@ def _layers_section(results: DemoResults) -> str:
     if len(layers) < 2:
         return ""
     cats = _categories(c for v in layers.values() for c in v.category_counts)
+    def infl(v, which):
+        li = v.influence
+        if li is None:
+            return _txt("–")
+        sdc, scdp = {"eddp": (li.SDC, li.SCDP), "noise": (li.control_SDC, li.control_SCDP),
+                     "random": (li.control_random_SDC, li.control_random_SCDP)}[which]
+        return _txt(f"{sdc} / {scdp}")
     rows = [[_txt(f"{name} (main)" if v.main else name), _txt(" x ".join(map(str, v.map_shape)))]
             + [getattr(v, k) for k in ("S1", "S2", "n_interpretable", "n_distinct", "mF1")]
+            + [infl(v, w) for w in ("eddp", "noise", "random")]
             + [v.category_counts.get(c, 0) for c in cats] for name, v in layers.items()]
-    return ("<h2>EDDP at other layers</h2><p>The same EDDP fit and dissection at other layers of the network "
-            "(same number of directions; no baselines and no RCAV there). Interpretable detectors per category on "
-            "the right.</p>"
-            + _table(("layer", "maps (D x H x W)", "S1", "S2", "n_interpretable", "n_distinct", "mF1") + cats, rows,
-                     left=2))
+    return ("<h2>EDDP at other layers</h2><p>The same EDDP fit, dissection and RCAV at other layers of the network "
+            "(same number of directions; no baselines there). RCAV: SDC / SCDP of the EDDP directions and of the "
+            "two controls on the same detectors (noise: permuted-label noise vectors; random: random unit "
+            "vectors), with the test of the influence section. Interpretable detectors per category on the "
+            "right.</p>"
+            + _table(("layer", "maps (D x H x W)", "S1", "S2", "n_interpretable", "n_distinct", "mF1",
+                      "RCAV EDDP", "RCAV noise", "RCAV random") + cats, rows, left=2))
 
 
 def _duplicates_note(native) -> str:

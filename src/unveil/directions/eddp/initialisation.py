@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..._device import limit_threads
 from ..._errors import ValidationError
 from .refinement import _activation_terms
 from .statistics import _Stats
@@ -17,21 +18,68 @@ from .statistics import _Stats
 logger = logging.getLogger("unveil")
 
 
-def _kmeans(Z: torch.Tensor, k: int, n_init: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ / Lloyd (scikit-learn), the best of ``n_init`` runs by inertia; labels as a tensor.
+def _kmeans(Z: torch.Tensor, k: int, n_init: int, seed: int,
+            start: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, float]:
+    """k-means (scikit-learn Lloyd) on the rows of ``Z``: labels as a tensor and the inertia.
 
-    The seed is drawn from ``gen`` so the result is reproducible from ``random_state``."""
+    Without ``start``: k-means++ seeding from ``seed``, the best of ``n_init`` runs by inertia.
+    With ``start`` (labels of a first partition, every cluster non-empty): one run from its centroids.
+    """
     from sklearn.cluster import KMeans
 
     from threadpoolctl import threadpool_limits
 
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, max_iter=100)
+    Zn = Z.detach().cpu().numpy().astype(np.float32)
+    if start is not None:
+        onehot = nn.functional.one_hot(start.cpu(), k).double()
+        centres = (onehot.T @ Z.detach().cpu().double()) / onehot.sum(0)[:, None]
+        km = KMeans(n_clusters=k, init=centres.numpy().astype(np.float32), n_init=1, max_iter=100)
+    else:
+        km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, max_iter=100)
     # one thread: scikit-learn's k-means gives other clusters under other thread counts (measured),
     # and results must not depend on them (torchrun runs one thread per process)
     with threadpool_limits(limits=1, user_api="openmp"):
-        labels = km.fit_predict(Z.detach().cpu().numpy().astype(np.float32))
-    return torch.as_tensor(labels, dtype=torch.long, device=Z.device)
+        labels = km.fit_predict(Zn)
+    return torch.as_tensor(labels, dtype=torch.long, device=Z.device), float(km.inertia_)
+
+
+def _skew_ica_labels(Z: torch.Tensor, k: int, gen: torch.Generator, max_iter: int = 200,
+                     tol: float = 1e-6) -> Optional[torch.Tensor]:
+    """A first partition from the ``k`` most skewed directions of ``Z`` (n, d): skewness FastICA.
+
+    A concept that is present in few patches and absent (or weak) in the rest makes the patches'
+    projection on its direction strongly skewed; noise, and a factor spread evenly over the
+    patches, are not. On the whitened patches the fixed point ``w ← E[z (wᵀz)²]`` with symmetric
+    decorrelation (FastICA with the contrast u³) finds such directions all at once. Each patch is
+    labelled by the direction it lies furthest along (projections oriented to positive skew).
+
+    Why: k-means++ seeds land in local optima when there are many clusters in many noisy
+    dimensions (the ``scale`` setting, D = 512, 64 concepts: k-means++ 0.295 matched IoU against a
+    supervised ceiling of 0.634; k-means started from this partition 0.587). Returns None when the
+    data have fewer than ``k`` non-degenerate dimensions (then k-means++ seeds instead).
+    """
+    Z = Z.double()
+    Z = Z - Z.mean(0)
+    ev, U = torch.linalg.eigh(Z.T @ Z / max(1, Z.shape[0] - 1))
+    keep = ev > 1e-9 * ev.max().clamp_min(1e-300)
+    if int(keep.sum()) < k:
+        return None
+    Zw = Z @ (U[:, keep] / ev[keep].sqrt()[None, :])  # exactly white
+    W = torch.linalg.qr(torch.randn(Zw.shape[1], k, generator=gen, dtype=torch.float64).to(Z.device))[0].T
+    for _ in range(max_iter):
+        P = Zw @ W.T
+        Wn = (P * P).T @ Zw / Zw.shape[0]
+        s, V = torch.linalg.eigh(Wn @ Wn.T)  # symmetric decorrelation: (W Wᵀ)^(-1/2) W
+        Wn = (V * s.clamp_min(1e-300).rsqrt()[None, :]) @ V.T @ Wn
+        change = float(1 - (Wn * W).sum(1).abs().min())
+        W = Wn
+        if change < tol:
+            break
+    P = Zw @ W.T
+    sgn = torch.sign((P ** 3).mean(0))
+    P = P * torch.where(sgn == 0, torch.ones_like(sgn), sgn)[None, :]
+    labels = P.argmax(1)
+    return labels if bool((torch.bincount(labels, minlength=k) > 0).all()) else None
 
 
 def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps: int = 60,
@@ -164,9 +212,60 @@ def noise_bulk(ev: torch.Tensor, width: float = 1.5, share: float = 0.4):
     return med if float(inside) >= share else None
 
 
+def _seeded_kmeans(Zk: torch.Tensor, I: int, n_init: int, gen: torch.Generator, seeding: str) -> torch.Tensor:
+    """k-means labels of the rows of ``Zk`` under a seeding rule (see :func:`cluster_init`)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    if seeding == "kmeans++":
+        return _kmeans(Zk, I, n_init, seed)[0]
+    # ICA's cost grows with the dimension: at most max(8I, 256) components, the largest of the layer
+    # (a skewed concept need not carry much variance: a smaller cap missed concepts in measured data)
+    # the fixed point amplifies rounding, which depends on the thread count: it runs on one thread, on the
+    # patches rounded to float32 (as k-means sees them), so the last bits of the whitening do not reach it
+    with limit_threads(1, blas=False):
+        start = _skew_ica_labels(Zk[:, -min(Zk.shape[1], max(8 * I, 256)):].float(), I,
+                                 torch.Generator().manual_seed(seed + 1))
+    if start is None:
+        logger.info("EDDP init: ICA cannot seed %d clusters here (too few dimensions); k-means++ seeds", I)
+        return _kmeans(Zk, I, n_init, seed)[0]
+    # the ICA components come in an arbitrary order (it moves with the rounding of the input): clusters are
+    # numbered by their first sample, so the same partition gives the same labels whatever the thread count
+    from_ica = _first_seen_order(_kmeans(Zk, I, n_init, seed, start=start)[0], I)
+    if seeding == "ica":
+        return from_ica
+    from_pp = _kmeans(Zk, I, n_init, seed)[0]
+    # the inertias recomputed in float64 from the labels (the same partition in any cluster order gives the same
+    # number); the ICA start replaces k-means++ only when it is clearly lower: on a tie k-means++ keeps its place
+    inertia_ica, inertia_pp = _inertia(Zk, from_ica, I), _inertia(Zk, from_pp, I)
+    logger.info("EDDP init: k-means inertia %.6g from the ICA partition, %.6g from k-means++ (the lower wins)",
+                inertia_ica, inertia_pp)
+    return from_ica if inertia_ica < inertia_pp * (1 - 1e-6) else from_pp
+
+
+def _first_seen_order(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Renumber clusters 0..k-1 in the order of their first member."""
+    first = torch.full((k,), labels.numel(), dtype=torch.long, device=labels.device)
+    first.scatter_reduce_(0, labels, torch.arange(labels.numel(), device=labels.device), reduce="amin")
+    rank = torch.empty(k, dtype=torch.long, device=labels.device)
+    rank[torch.argsort(first)] = torch.arange(k, device=labels.device)
+    return rank[labels]
+
+
+def _inertia(Z: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """The k-means objective of a partition: squared distances to the cluster means, in float64."""
+    Z = Z.double()
+    onehot = nn.functional.one_hot(labels.to(Z.device), k).double()
+    centres = (onehot.T @ Z) / onehot.sum(0).clamp_min(1)[:, None]
+    return float(((Z - centres[labels.to(Z.device)]) ** 2).sum())
+
+
 def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_rounds: int, gen,
-                 labeler=None, noise_floor: Optional[float] = 30.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                 labeler=None, noise_floor: Optional[float] = 30.0,
+                 seeding: str = "best") -> Tuple[torch.Tensor, torch.Tensor]:
     """k-means on soft-whitened patches, then one-vs-rest max-margin detectors.
+
+    ``seeding``: ``"kmeans++"``: the best of ``n_init`` k-means++ runs; ``"ica"``: one run started
+    from the partition of :func:`_skew_ica_labels`; ``"best"``: both, the lower k-means inertia
+    wins. ICA falls back to k-means++ when the space has fewer than ``I`` dimensions.
 
     ``noise_floor``: when the spectrum has a flat noise bulk (:func:`noise_bulk`), the whitening
     floor is raised to this multiple of the bulk's level (None: never).
@@ -198,7 +297,7 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
             logger.warning("a merged group holds fewer than 2 sampled patches; this level starts from k-means")
             labeler = None
     if labeler is None:
-        labels = _kmeans(Z[:, -n_keep:].float(), I, n_init, gen)  # eigh sorts ascending
+        labels = _seeded_kmeans(Z[:, -n_keep:], I, n_init, gen, seeding)  # eigh sorts ascending
     counts = torch.bincount(labels, minlength=I)
     if (counts == 0).any():
         raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "
