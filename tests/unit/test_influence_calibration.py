@@ -284,5 +284,32 @@ def test_controls_share_the_null_and_equal_separate_runs():
         np.testing.assert_allclose(a.p_value, b.p_value, rtol=1e-5, atol=1e-9)
         assert np.array_equal(a.significant, b.significant)
     assert ctrl["random"].concept_names == ("random0", "random1", "random2")
-    with pytest.raises(Exception, match="control encoders 0"):
+    with pytest.raises(Exception, match="control .bad.: must be finite"):
         influence_with_controls(head, X, y, pairs, {"bad": torch.randn(2, 6)}, **kw)
+
+
+def test_random_reference_steps_as_far_as_the_tested_direction_without_normalisation():
+    """normalize=False: the random directions of the second reference step alpha * |s_i| (as the direction
+    they are a reference for), not alpha * |randn(D)|; a direction the head reads strongly stays significant."""
+    import torch
+
+    from unveil import DirectionPairs, influence
+    from unveil.data.synthetic import PoolLinearHead
+    g = torch.Generator().manual_seed(0)
+    D = 64
+    X = torch.relu(torch.randn(80, D, 2, 2, generator=g))
+    head = PoolLinearHead(D, 2)
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[0, :2] = 3.0
+        head.fc.weight[1, :2] = -3.0
+    y = torch.arange(80) % 2
+    pairs = DirectionPairs(torch.eye(D)[:2], torch.full((2,), 0.5), torch.eye(D)[:2])
+    kw = dict(n_null=30, epochs=20, alpha=1.0, normalize=False, random_state=0)
+    base = influence(head, X, y, pairs, random_null=0, **kw)
+    both = influence(head, X, y, pairs, **kw)
+    assert both.config["random_null"] == 30
+    assert base.significant.all() and both.significant.all()
+    # and with encoders 10x longer the reference scales with them: the same decisions
+    long = influence(head, X, y, DirectionPairs(pairs.decoders, pairs.biases, 10 * pairs.encoders), **kw)
+    assert np.array_equal(long.significant, both.significant)

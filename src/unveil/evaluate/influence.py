@@ -41,26 +41,27 @@ a balanced random subset of its detector's patches (≤ ``max_patches``: as many
 positives), ``n_null`` random permutations of those labels, one logistic "noise classifier" per
 permutation (full-batch Adam, one step per epoch, all permutations trained as one (n_null, D)
 parameter tensor) and its positive-only signal vector over the patches it calls positive
-(:func:`permutation_noise_vectors`). :func:`influence` decides with ``test="empirical"`` by
-default: the two-sided permutation p-value of the score against the class's null scores pooled
-over all directions (I · n_null of them; the noise vectors of different directions differ only
-through their subsets), valid whenever the direction is exchangeable with the noise vectors, and
-able to reach ``2/(I·n_null + 1)`` (a warning says when that is above the Bonferroni level).
-``test="t"`` is the per-direction prediction-interval t-test described above. Measured on pure
-noise (benchmarks/influence_calibration.py, 150 repetitions, 20 tests each, 200 noise vectors per
-direction): family-wise false-positive rate at 0.05 of 0.000 (empirical) and 0.047 / 0.007 (t) for
-random / permuted-label directions; the filter-over-random-subsets null: 1.00 / 0.90. With few
-noise vectors the t-test is liberal (0.10 with 60). Sign scores against this null have little
-power: a noise vector moves p(k) the same way on nearly all class-k images however weakly the head
-reads it, so null scores of ±1 are common (planted truth: no pair significant).
+(:func:`permutation_noise_vectors`). ``test="empirical"`` is the two-sided permutation p-value of
+the score against the class's null scores pooled over all directions (I · n_null of them; the noise
+vectors of different directions differ only through their subsets), valid whenever the direction is
+exchangeable with the noise vectors, and able to reach ``2/(I·n_null + 1)`` (a warning says when
+that is above the Bonferroni level). ``test="t"`` is the per-direction prediction-interval t-test
+described above. Measured on pure noise (benchmarks/influence_calibration.py, 600 repetitions, 20
+tests each, 200 noise vectors per direction): family-wise false-positive rate at 0.05 of 0.000
+(sign, empirical) and 0.080 / 0.020 (sign, t) for random / permuted-label directions; the
+filter-over-random-subsets null: 1.00 / 0.90. With few noise vectors the t-test is liberal (0.10
+with 60). Sign scores against this null have little power: a noise vector moves p(k) the same way
+on nearly all class-k images however weakly the head reads it, so null scores of ±1 are common
+(planted truth: no pair significant).
 
 ``statistic="logit"`` replaces sign(Δp_k) by the class-specific change of the log-odds,
 ``Δℓ_k − mean_{j≠k} Δℓ_j`` (ℓ = log-softmax), averaged over the class-k images: it keeps the size of
 the effect, so a direction the head reads strongly stands out from noise vectors it barely reads.
 Measured (benchmarks/influence_calibration.py, same setting as above): family-wise rate at 0.05 of
-0.007 with ``test="t"`` on permuted-label directions, 0.067 on random unit vectors (0.07 over 300
-further repetitions: random unit vectors lack the component along the data mean that every
-positive-only pattern of relu'd data has, so they are not exchangeable with the noise vectors); the
+0.013 with ``test="t"`` on permuted-label directions, 0.073 on random unit vectors (the head reads
+a random unit direction more strongly than the noise classifiers' patterns, so the two are not
+exchangeable; the second reference of random unit directions, ``random_null``, the default of
+:func:`influence`, brings both to 0.003); the
 pooled empirical test is not valid for it (0.16 on random unit vectors). Power
 (benchmarks/influence_planted.py, classes a=(0,1), b=(0,2), c=(1,2), α = 1): where the planted
 concepts are a small part of the variance (D = 32, 12 distractors with spread U(0, 15)) all 9 pairs of
@@ -759,7 +760,7 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
         raise ValidationError(f"labels must lie in [0, {n_classes - 1}] (the head gives {n_classes} logits), "
                               f"got values in [{int(y.min())}, {int(y.max())}].")
     n_det = pairs.n_concepts
-    S = pairs.encoders.double()
+    S = pairs.encoders.detach().double().cpu()
     norms = S.norm(dim=1)
     if normalize and (norms < 1e-12).any():
         raise ValidationError(f"encoders {torch.nonzero(norms < 1e-12).flatten().tolist()} are zero vectors; "
@@ -799,8 +800,11 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
                                "constant); they are never significant.", bad.nonzero().flatten().tolist())
     n_rand = check_positive_int(random_null, "random_null", minimum=0)
     if n_rand:  # the reference of random unit directions: n_rand per direction, after the noise rows
-        U.append(scale(torch.randn(n_rand * n_det, pairs.n_features, generator=_random_null_generator(random_state),
-                                   dtype=torch.float64)))
+        R = torch.randn(n_rand * n_det, pairs.n_features, generator=_random_null_generator(random_state),
+                        dtype=torch.float64)
+        R = R / R.norm(dim=1, keepdim=True)
+        # a random direction steps as far as the direction it is a reference for (alpha, or alpha * |s_i|)
+        U.append(alpha * R if normalize else alpha * R * norms.repeat(n_rand)[:, None])
     U = torch.cat(U, 0).float()
     if pooled_head is not None:
         _check_pooled_head(head, pooled_head, first_batch, U)
@@ -1097,7 +1101,7 @@ def influence(head, maps, labels, pairs, *, alpha: float = 5.0, null: str = "per
     random_null : int or None
         Random unit directions per direction, scored like the noise vectors: a pair is significant only
         when it is significant against the noise vectors and against these. None (default): as many
-        as ``n_null``; 0: the paper's null alone.
+        as ``n_null`` (``null="pooled"``: ``n_null`` in all); 0: the paper's null alone.
 
     Returns
     -------
@@ -1155,17 +1159,37 @@ def influence_with_controls(head, maps, labels, pairs, controls: Mapping[str, An
     opts.update(kwargs)
     if not isinstance(controls, Mapping):
         raise ValidationError(f"controls must be a mapping name -> (I, D) encoders, got {type(controls).__name__}.")
-    opts["random_null"] = opts["n_null"] if opts["random_null"] is None else opts["random_null"]
-    names = [str(k) for k in controls]
-    core = _compute(maps, labels, pairs, head, extra_encoders=[controls[k] for k in controls], **opts)
+    names = list(controls)
+    if any(not isinstance(k, str) or not k for k in names):
+        raise ValidationError(f"control names must be non-empty strings, got {names}.")
+    encoders = []
+    for k in names:
+        try:
+            encoders.append(torch.as_tensor(controls[k]))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValidationError(f"control {k!r}: expected an (I, D) tensor of encoders, got "
+                                  f"{type(controls[k]).__name__} ({exc}).") from None
+    if opts["random_null"] is None:  # as many random directions as noise vectors (pooled: n_null in all)
+        n_null = check_positive_int(opts["n_null"], "n_null (n_permutations)", minimum=0)
+        opts["random_null"] = math.ceil(n_null / max(1, pairs.n_concepts)) if opts["null"] == "pooled" else n_null
+    check_positive_int(opts["random_null"], "random_null", minimum=0)
+    try:
+        core = _compute(maps, labels, pairs, head, extra_encoders=encoders, **opts)
+    except ValidationError as exc:
+        msg = str(exc)
+        if msg.startswith("control encoders "):  # name the control, not its position
+            j = int(msg.split()[2])
+            raise ValidationError(f"control {names[j]!r}: " + msg.split(" ", 3)[3]) from None
+        raise
 
-    def typed(part, concept_names):
+    def typed(part, concept_names, control=None):
+        config = dict(core["config"], **({"control": control} if control is not None else {}))
         return Influence(score=part["score"], p_value=part["p_value"], significant=part["significant"],
                          null_mean=part["null_mean"], null_std=part["null_std"], class_counts=core["class_counts"],
-                         concept_names=concept_names, class_names=core["class_names"], config=core["config"])
+                         concept_names=concept_names, class_names=core["class_names"], config=config)
     main = typed(core, core["concept_names"])
     n = len(core["concept_names"])
-    return main, {k: typed(part, [f"{k}{i}" for i in range(n)]) for k, part in zip(names, core["extra"])}
+    return main, {k: typed(part, [f"{k}{i}" for i in range(n)], k) for k, part in zip(names, core["extra"])}
 
 
 def plot_influence_diagram(result: "Influence", n: int = 3, ax=None):

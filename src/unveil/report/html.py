@@ -297,7 +297,8 @@ def _influence_section(summary, max_rows: int = 40) -> str:
            f"and their positive-only signal vectors, scored the same way; {_e(test)}; <b>*</b> = significant, "
            f"Bonferroni over {_e(cfg.get('n_tests', '?'))} tests (level {_fmt(cfg.get('bonferroni_level'), 6)}).</p>"]
     rand = summary.control_random
-    n_rand = int(cfg.get("random_null") or 0)
+    n_rand = cfg.get("random_null")
+    n_rand = n_rand if isinstance(n_rand, int) and not isinstance(n_rand, bool) and n_rand > 0 else 0
     if n_rand:
         out.append(f"<p>A pair must also be significant against {n_rand} random unit directions per direction "
                    "scored the same way (an intersection–union test: the false-positive rate stays at the level on "

@@ -33,7 +33,7 @@ def _kmeans(Z: torch.Tensor, k: int, n_init: int, seed: int,
     if start is not None:
         onehot = nn.functional.one_hot(start.cpu(), k).double()
         centres = (onehot.T @ Z.detach().cpu().double()) / onehot.sum(0)[:, None]
-        km = KMeans(n_clusters=k, init=centres.numpy().astype(np.float32), n_init=1, max_iter=100)
+        km = KMeans(n_clusters=k, init=centres.numpy().astype(np.float32), n_init=1, max_iter=100, random_state=seed)
     else:
         km = KMeans(n_clusters=k, n_init=n_init, random_state=seed, max_iter=100)
     # one thread: scikit-learn's k-means gives other clusters under other thread counts (measured),
@@ -214,6 +214,8 @@ def noise_bulk(ev: torch.Tensor, width: float = 1.5, share: float = 0.4):
 
 def _seeded_kmeans(Zk: torch.Tensor, I: int, n_init: int, gen: torch.Generator, seeding: str) -> torch.Tensor:
     """k-means labels of the rows of ``Zk`` under a seeding rule (see :func:`cluster_init`)."""
+    if seeding not in ("best", "ica", "kmeans++"):
+        raise ValidationError(f"seeding must be 'best', 'ica' or 'kmeans++', got {seeding!r}.")
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     if seeding == "kmeans++":
         return _kmeans(Zk, I, n_init, seed)[0]
@@ -222,8 +224,8 @@ def _seeded_kmeans(Zk: torch.Tensor, I: int, n_init: int, gen: torch.Generator, 
     # the fixed point amplifies rounding, which depends on the thread count: it runs on one thread, on the
     # patches rounded to float32 (as k-means sees them), so the last bits of the whitening do not reach it
     with limit_threads(1, blas=False):
-        start = _skew_ica_labels(Zk[:, -min(Zk.shape[1], max(8 * I, 256)):].float(), I,
-                                 torch.Generator().manual_seed(seed + 1))
+        start = _skew_ica_labels(Zk[:, -min(Zk.shape[1], max(8 * I, 256)):].float().cpu(), I,
+                                 torch.Generator().manual_seed(seed + 1))  # on the CPU: the same start as there
     if start is None:
         logger.info("EDDP init: ICA cannot seed %d clusters here (too few dimensions); k-means++ seeds", I)
         return _kmeans(Zk, I, n_init, seed)[0]
