@@ -122,8 +122,11 @@ class EDDP(DirectionEstimator):
         detector it lies deepest inside, and the detectors are refitted (1 = k-means labels only).
     batch_patches : int
         Patches per mini-batch (whole maps are drawn until at least this many patches).
-    max_init_patches : int
-        Size of the random patch sample used for the initialisation.
+    max_init_patches : int or "auto"
+        Size of the random patch sample used for the initialisation. ``"auto"`` (default):
+        max(20 000, 1 000 × n_concepts), about a thousand patches per concept for the clustering
+        start (``scale`` setting, 64 concepts, 200k patches, seed 1, initialisation alone: matched
+        IoU 0.574 from 20 000 patches, 0.635 from 64 000).
     patience : int
         Early stopping: a schedule step ends when its smoothed criterion (the weighted total, or in
         the constrained mode the objective plus the total constraint violation) has not improved for
@@ -185,7 +188,7 @@ class EDDP(DirectionEstimator):
         "kappa": ["sequence"], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
         "seeding": [Options({"best", "ica", "kmeans++"})],
         "init_rounds": _POS_INT,
-        "batch_patches": _POS_INT, "max_init_patches": _POS_INT, "patience": _POS_INT,
+        "batch_patches": _POS_INT, "max_init_patches": [Options({"auto"})] + _POS_INT, "patience": _POS_INT,
         "init_gain": [None, Options({"auto"}), Interval(numbers.Real, 0, None, closed="neither")],
         "levels": [None, Options({"auto"}), "sequence"], "device": [None, "device"],
         "random_state": [None, "random_state"], "progress": ["boolean"],
@@ -198,7 +201,7 @@ class EDDP(DirectionEstimator):
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
                  whiten_eps: float = 1e-2, noise_floor: Optional[float] = 30.0, n_init: int = 8, seeding: str = "best",
                  init_rounds: int = 5, batch_patches: int = 2048,
-                 max_init_patches: int = 20_000, patience: int = 60, init_gain=None, levels=None,
+                 max_init_patches="auto", patience: int = 60, init_gain=None, levels=None,
                  device=None, random_state=None, progress: bool = False):
         self.n_concepts = n_concepts
         self.init = init
@@ -362,8 +365,9 @@ class EDDP(DirectionEstimator):
 
         def lap(stage: str) -> None:  # seconds since the previous stage ended
             clock[stage] = time.perf_counter() - t_start - sum(clock.values())
-        stats = _stream_stats(source, batch_maps, check_positive_int(self.max_init_patches, "max_init_patches"),
-                              gen, device)
+        n_sample = (max(20_000, 1_000 * I) if self.max_init_patches == "auto"
+                    else check_positive_int(self.max_init_patches, "max_init_patches"))
+        stats = _stream_stats(source, batch_maps, n_sample, gen, device)
         if stats.n_patches < 2 * I:
             raise ValidationError(f"only {stats.n_patches} patches for {I} concepts; expected at least "
                                   f"{2 * I}. Pass more images or ask for fewer concepts.")
