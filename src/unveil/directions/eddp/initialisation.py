@@ -56,7 +56,8 @@ def _skew_ica_labels(Z: torch.Tensor, k: int, gen: torch.Generator, max_iter: in
     Why: k-means++ seeds land in local optima when there are many clusters in many noisy
     dimensions (the ``scale`` setting, D = 512, 64 concepts, 200k patches: k-means++ 0.295 matched
     IoU against a supervised ceiling of 0.634; k-means started from this partition 0.592). Returns
-    None when the data have fewer than ``k`` non-degenerate dimensions (then k-means++ seeds instead).
+    None when the data have fewer than ``k`` non-degenerate dimensions, or when a direction labels
+    no patch (then k-means++ seeds instead).
     """
     Z = Z.double()
     Z = Z - Z.mean(0)
@@ -227,7 +228,8 @@ def _seeded_kmeans(Zk: torch.Tensor, I: int, n_init: int, gen: torch.Generator, 
         start = _skew_ica_labels(Zk[:, -min(Zk.shape[1], max(8 * I, 256)):].float().cpu(), I,
                                  torch.Generator().manual_seed(seed + 1))  # on the CPU: the same start as there
     if start is None:
-        logger.info("EDDP init: ICA cannot seed %d clusters here (too few dimensions); k-means++ seeds", I)
+        logger.info("EDDP init: ICA cannot seed %d clusters here (too few dimensions, or a direction that labels "
+                    "no patch); k-means++ seeds", I)
         return _kmeans(Zk, I, n_init, seed)[0]
     # the ICA components come in an arbitrary order (it moves with the rounding of the input): clusters are
     # numbered by their first sample, so the same partition gives the same labels whatever the thread count
