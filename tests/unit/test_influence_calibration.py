@@ -233,20 +233,24 @@ def test_paper_geometry_has_no_power_noise_vectors_are_read_as_strongly_as_conce
         assert res.config["n_tests"] == 9 and res.config["bonferroni_level"] == pytest.approx(0.05 / 9, rel=1e-12)
 
 
-def test_random_null_only_removes_significance_and_is_recorded():
-    """With a second reference of random unit directions a pair must pass both tests: p never falls,
-    so the significant pairs are a subset of those against the paper's null alone."""
-    import torch
-
-    from unveil import DirectionPairs, influence
-    from unveil.data.synthetic import PoolLinearHead
+def _small_problem(n_maps):
+    """Relu'd maps of 6 channels, a pool -> linear head over 3 classes, labels = its predictions, and 3
+    axis-aligned pairs; also the generator, for more draws."""
     g = torch.Generator().manual_seed(0)
-    X = torch.relu(torch.randn(60, 6, 3, 3, generator=g))
+    X = torch.relu(torch.randn(n_maps, 6, 3, 3, generator=g))
     head = PoolLinearHead(6, 3)
     with torch.no_grad():
         head.fc.weight.copy_(torch.randn(3, 6, generator=g))
-    y = head(X).argmax(1)
     pairs = DirectionPairs(torch.eye(6)[:3], torch.full((3,), 0.5), torch.eye(6)[:3])
+    return X, head(X).argmax(1), pairs, head, g
+
+
+def test_random_null_only_removes_significance_and_is_recorded():
+    """With a second reference of random unit directions a pair must pass both tests: p never falls,
+    so the significant pairs are a subset of those against the paper's null alone."""
+
+    from unveil import influence
+    X, y, pairs, head, _ = _small_problem(60)
     kw = dict(n_null=30, epochs=20, statistic="logit", test="t", random_state=0)
     base = influence(head, X, y, pairs, random_null=0, **kw)
     both = influence(head, X, y, pairs, random_null=30, **kw)
@@ -265,15 +269,8 @@ def test_controls_share_the_null_and_equal_separate_runs():
     import torch
 
     from unveil import DirectionPairs
-    from unveil.data.synthetic import PoolLinearHead
     from unveil.evaluate.influence import influence_with_controls
-    g = torch.Generator().manual_seed(0)
-    X = torch.relu(torch.randn(40, 6, 3, 3, generator=g))
-    head = PoolLinearHead(6, 3)
-    with torch.no_grad():
-        head.fc.weight.copy_(torch.randn(3, 6, generator=g))
-    y = head(X).argmax(1)
-    pairs = DirectionPairs(torch.eye(6)[:3], torch.full((3,), 0.5), torch.eye(6)[:3])
+    X, y, pairs, head, g = _small_problem(40)
     rand = torch.randn(3, 6, generator=g)
     kw = dict(n_null=20, epochs=20, random_state=0)
     main, ctrl = influence_with_controls(head, X, y, pairs, {"random": rand}, **kw)

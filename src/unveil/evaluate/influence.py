@@ -89,6 +89,7 @@ than one (thread synchronisation on many small ops).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import warnings
@@ -1118,11 +1119,7 @@ def influence(head, maps, labels, pairs, *, alpha: float = 5.0, null: str = "per
     >>> res.score.shape, res.significant.dtype
     ((2, 2), dtype('bool'))
     """
-    options = dict(alpha=alpha, null=null, n_null=n_null, shift=shift, normalize=normalize, significance=significance,
-                   tol=tol, test=test, statistic=statistic, max_patches=max_patches, epochs=epochs, lr=lr,
-                   pooled_head=pooled_head, random_state=random_state, batch_size=batch_size,
-                   chunk_elements=chunk_elements, concept_names=concept_names, class_names=class_names,
-                   device=device, progress=progress, null_vectors=null_vectors, random_null=random_null)
+    options = {k: v for k, v in locals().items() if k not in ("head", "maps", "labels", "pairs")}
     return influence_with_controls(head, maps, labels, pairs, {}, **options)[0]
 
 
@@ -1149,10 +1146,8 @@ def influence_with_controls(head, maps, labels, pairs, controls: Mapping[str, An
     >>> ctrl["random"].score.shape
     (2, 2)
     """
-    opts = dict(alpha=5.0, null="permutation", n_null=100, shift="everywhere", normalize=True, significance=0.05,
-                tol=1e-6, test="t", statistic="logit", max_patches=5000, epochs=100, lr=0.01, pooled_head=None,
-                random_state=0, batch_size=256, chunk_elements=2 ** 22, concept_names=None, class_names=None,
-                device=None, progress=False, null_vectors=None, random_null=None)
+    opts = {k: p.default for k, p in inspect.signature(influence).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}  # influence()'s options and defaults
     unknown = sorted(set(kwargs) - set(opts))
     if unknown:
         raise ValidationError(f"influence_with_controls got unknown options {unknown}; it takes influence()'s.")
