@@ -109,8 +109,11 @@ def _make_data(setting: str, seed: int, fast: bool, n_concepts: int = 32, patche
 
 class SupervisedCeiling:
     """A reference, not a competitor: per concept a one-vs-rest logistic regression (class-balanced,
-    weak L2) on the *true* patch labels, in the isotropically scaled space ``(x − μ)/σ``; detection
-    ``σ(wᵀx − b) > 0.5`` as for EDDP; encoders by the positive-only pattern estimator (method.md §3).
+    weak L2) on the *true* patch labels, in the isotropically scaled space ``(x − μ)/σ``, its bias then
+    set where its positives best match the concept's patches (largest IoU, as EDDP's initialisation
+    does with its groups); detection ``σ(wᵀx − b) > 0.5`` as for EDDP; encoders by the positive-only
+    pattern estimator (method.md §3). With the class-balanced bias alone a concept holding 1/64 of the
+    patches gets about as many false positives as true ones (scale setting: IoU 0.77 against 0.92).
     """
 
     def __init__(self, n_concepts: int, max_patches: int = 200_000, steps: int = 100):

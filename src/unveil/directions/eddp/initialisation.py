@@ -83,13 +83,40 @@ def _skew_ica_labels(Z: torch.Tensor, k: int, gen: torch.Generator, max_iter: in
     return labels if bool((torch.bincount(labels, minlength=k) > 0).all()) else None
 
 
+def _iou_thresholds(scores: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per column ``j`` of ``scores`` (n, k), the threshold ``t_j`` whose positive set ``{scores_j > t_j}``
+    has the largest IoU with ``{labels == j}`` (the midpoint between two consecutive scores), and that
+    IoU: ``(t, iou)``, both (k,) float64.
+
+    Computed for all columns at once from one sort: walking down the sorted scores, the IoU of the
+    top ``m`` with the group is ``tp / (m + |group| − tp)``.
+    """
+    n, k = scores.shape
+    s, order = scores.double().sort(dim=0, descending=True)
+    hit = (labels[order] == torch.arange(k, device=labels.device)[None, :]).double()  # (n, k)
+    tp = hit.cumsum(0)
+    m = torch.arange(1, n + 1, dtype=torch.float64, device=scores.device)[:, None]
+    iou = tp / (m + hit.sum(0)[None, :] - tp)
+    best = iou.argmax(0)
+    below = s.gather(0, (best + 1).clamp_max(n - 1)[None, :])[0]
+    top = s.gather(0, best[None, :])[0]
+    return torch.where(best + 1 < n, (top + below) / 2, top - 1.0), iou.gather(0, best[None, :])[0]
+
+
 def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps: int = 60,
-                            l2: float = 1e-8, start=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                            l2: float = 1e-8, start=None, threshold: str = "iou") -> Tuple[torch.Tensor, torch.Tensor]:
     """One-vs-rest logistic regressions (all k at once) in the whitened space: weights (k, d), bias (k,).
 
     Classes are balanced by weighting, so a small concept is separated as carefully as a large one.
     Solved in float64: on nearly separable clusters the weakly regularised optimum is flat, and
     float32 rounding (which depends on the thread count) would move it.
+
+    ``threshold="iou"`` (default) then moves each bias along its fixed direction to where the
+    detector's positive set best matches its group (largest IoU, :func:`_iou_thresholds`); the
+    balanced weighting puts the boundary where a positive and a negative weigh alike, so a group
+    holding 1/I of the patches gets about as many false positives as true ones (scale setting,
+    D = 512, I = 32, from the same directions: matched IoU 0.67 with the balanced bias, 0.91 with
+    this one). ``"balanced"`` keeps the logistic regression's own bias.
     """
     out_dtype = Z.dtype
     Z = Z.double()
@@ -122,7 +149,12 @@ def _fit_margin_classifiers(Z: torch.Tensor, labels: torch.Tensor, k: int, steps
         return loss
 
     opt.step(closure)
-    return W.detach().to(out_dtype), b.detach().to(out_dtype)
+    W, b = W.detach(), b.detach()
+    if threshold == "iou":
+        b = _iou_thresholds(Z @ W.T, labels)[0]
+    elif threshold != "balanced":
+        raise ValidationError(f"threshold must be 'iou' or 'balanced', got {threshold!r}.")
+    return W.to(out_dtype), b.to(out_dtype)
 
 
 def _ward_partitions(centroids: torch.Tensor, counts: torch.Tensor, sizes) -> Dict[int, list]:
@@ -213,36 +245,34 @@ def noise_bulk(ev: torch.Tensor, width: float = 1.5, share: float = 0.4):
     return med if float(inside) >= share else None
 
 
-def _seeded_kmeans(Zk: torch.Tensor, I: int, n_init: int, gen: torch.Generator, seeding: str) -> torch.Tensor:
-    """k-means labels of the rows of ``Zk`` under a seeding rule (see :func:`cluster_init`)."""
+def _candidate_partitions(Zk: torch.Tensor, I: int, n_init: int, gen: torch.Generator,
+                          seeding: str) -> Dict[str, torch.Tensor]:
+    """The first partitions of the rows of ``Zk`` a seeding rule proposes (see :func:`cluster_init`):
+    ``{"kmeans++": labels}`` and/or ``{"ica": labels}``."""
     if seeding not in ("best", "ica", "kmeans++"):
         raise ValidationError(f"seeding must be 'best', 'ica' or 'kmeans++', got {seeding!r}.")
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    if seeding == "kmeans++":
-        return _kmeans(Zk, I, n_init, seed)[0]
-    # ICA's cost grows with the dimension: at most max(8I, 256) components, the largest of the layer
-    # (a skewed concept need not carry much variance: a smaller cap missed concepts in measured data)
-    # the fixed point amplifies rounding, which depends on the thread count: it runs on one thread, on the
-    # patches rounded to float32 (as k-means sees them), so the last bits of the whitening do not reach it
-    with limit_threads(1, blas=False):
-        start = _skew_ica_labels(Zk[:, -min(Zk.shape[1], max(8 * I, 256)):].float().cpu(), I,
-                                 torch.Generator().manual_seed(seed + 1))  # on the CPU: the same start as there
-    if start is None:
-        logger.info("EDDP init: ICA cannot seed %d clusters here (too few dimensions, or a direction that labels "
-                    "no patch); k-means++ seeds", I)
-        return _kmeans(Zk, I, n_init, seed)[0]
-    # the ICA components come in an arbitrary order (it moves with the rounding of the input): clusters are
-    # numbered by their first sample, so the same partition gives the same labels whatever the thread count
-    from_ica = _first_seen_order(_kmeans(Zk, I, n_init, seed, start=start)[0], I)
-    if seeding == "ica":
-        return from_ica
-    from_pp = _kmeans(Zk, I, n_init, seed)[0]
-    # the inertias recomputed in float64 from the labels (the same partition in any cluster order gives the same
-    # number); the ICA start replaces k-means++ only when it is clearly lower: on a tie k-means++ keeps its place
-    inertia_ica, inertia_pp = _inertia(Zk, from_ica, I), _inertia(Zk, from_pp, I)
-    logger.info("EDDP init: k-means inertia %.6g from the ICA partition, %.6g from k-means++ (the lower wins)",
-                inertia_ica, inertia_pp)
-    return from_ica if inertia_ica < inertia_pp * (1 - 1e-6) else from_pp
+    out: Dict[str, torch.Tensor] = {}
+    if seeding != "kmeans++":
+        # ICA's cost grows with the dimension: at most max(8I, 256) components, the largest of the layer
+        # (a skewed concept need not carry much variance: a smaller cap missed concepts in measured data)
+        # the fixed point amplifies rounding, which depends on the thread count: it runs on one thread, on the
+        # patches rounded to float32 (as k-means sees them), so the last bits of the whitening do not reach it
+        with limit_threads(1, blas=False):
+            ica = _skew_ica_labels(Zk[:, -min(Zk.shape[1], max(8 * I, 256)):].float().cpu(), I,
+                                   torch.Generator().manual_seed(seed + 1))  # on the CPU: the same start as there
+        if ica is None:
+            logger.info("EDDP init: ICA cannot seed %d clusters here (too few dimensions, or a direction that "
+                        "labels no patch); k-means++ seeds", I)
+        else:
+            # the ICA components come in an arbitrary order (it moves with the rounding of the input): groups
+            # are numbered by their first sample, so the same partition gives the same labels whatever the
+            # thread count. No Lloyd run after it: k-means moves the patches of a rare concept into its
+            # neighbours' clusters (scale setting, D = 512, I = 64: matched IoU 0.72 without, 0.63 with)
+            out["ica"] = _first_seen_order(ica.to(Zk.device), I)
+    if seeding != "ica" or not out:
+        out["kmeans++"] = _kmeans(Zk, I, n_init, seed)[0]
+    return out
 
 
 def _first_seen_order(labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -254,22 +284,15 @@ def _first_seen_order(labels: torch.Tensor, k: int) -> torch.Tensor:
     return rank[labels]
 
 
-def _inertia(Z: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """The k-means objective of a partition: squared distances to the cluster means, in float64."""
-    Z = Z.double()
-    onehot = nn.functional.one_hot(labels.to(Z.device), k).double()
-    centres = (onehot.T @ Z) / onehot.sum(0).clamp_min(1)[:, None]
-    return float(((Z - centres[labels.to(Z.device)]) ** 2).sum())
-
-
 def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_rounds: int, gen,
                  labeler=None, noise_floor: Optional[float] = 30.0,
                  seeding: str = "best") -> Tuple[torch.Tensor, torch.Tensor]:
     """k-means on soft-whitened patches, then one-vs-rest max-margin detectors.
 
-    ``seeding``: ``"kmeans++"``: the best of ``n_init`` k-means++ runs; ``"ica"``: one run started
-    from the partition of :func:`_skew_ica_labels`; ``"best"``: both, the lower k-means inertia
-    wins. ICA falls back to k-means++ when the space has fewer than ``I`` dimensions.
+    ``seeding``: ``"kmeans++"``: the best of ``n_init`` k-means++ runs; ``"ica"``: the partition of
+    :func:`_skew_ica_labels`; ``"best"``: both, and the one whose groups the fitted detectors
+    reproduce best (mean IoU of each detector's positives with its group) wins. ICA falls back to
+    k-means++ when the space has fewer than ``I`` dimensions.
 
     ``noise_floor``: when the spectrum has a flat noise bulk (:func:`noise_bulk`), the whitening
     floor is raised to this multiple of the bulk's level (None: never).
@@ -300,14 +323,30 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
         if (torch.bincount(labels, minlength=I) < 2).any():
             logger.warning("a merged group holds fewer than 2 sampled patches; this level starts from k-means")
             labeler = None
-    if labeler is None:
-        labels = _seeded_kmeans(Z[:, -n_keep:], I, n_init, gen, seeding)  # eigh sorts ascending
-    counts = torch.bincount(labels, minlength=I)
-    if (counts == 0).any():
-        raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "
-                              f"{int((counts == 0).sum())} clusters empty); ask for fewer concepts.")
-    Zf = Z.float()
-    Wz, bz = _fit_margin_classifiers(Zf, labels, I)
+    # the detectors live where the clustering looked: with a noise bulk, its components carry no concept and a
+    # weakly regularised classifier fitted on them learns the sample's noise (scale setting, D = 512, I = 32:
+    # matched IoU 0.83 with all 512 components, 0.91 with the 48 above the bulk, same labels)
+    Zf = Z[:, -n_keep:].float()  # eigh sorts ascending
+    candidates = {"given": labels} if labeler is not None else _candidate_partitions(Z[:, -n_keep:], I, n_init,
+                                                                                   gen, seeding)
+    fits = {}
+    for name, lab in candidates.items():
+        counts = torch.bincount(lab, minlength=I)
+        if (counts == 0).any():
+            if len(candidates) > 1:
+                continue
+            raise ValidationError(f"the activations hold fewer than {I} distinct patterns (k-means left "
+                                  f"{int((counts == 0).sum())} clusters empty); ask for fewer concepts.")
+        W_, b_ = _fit_margin_classifiers(Zf, lab, I)
+        fits[name] = (lab, W_, b_, float(_iou_thresholds(Zf.double() @ W_.double().T, lab)[1].mean()))
+    # the partition the detectors reproduce best wins: a concept is a half-space of the patches, a group
+    # of a poor partition (a rare concept split among neighbours, a cluster cut along a distractor) is not
+    # (k-means inertia cannot tell them apart: scale setting, I = 32, seed 0, 1.1 × 10⁶ for both)
+    if len(fits) > 1:
+        logger.info("EDDP init: detector-group IoU %s (the higher wins)",
+                    ", ".join(f"{k} {v[3]:.4f}" for k, v in fits.items()))
+    name = max(fits, key=lambda k: (fits[k][3] - (1e-6 if k == "ica" else 0.0), k != "ica"))
+    labels, Wz, bz, _ = fits[name]
     for _ in range(init_rounds - 1):
         # discriminative re-clustering: each patch goes to the detector it is deepest inside
         # (signed distance to the hyperplane), then the detectors are refitted
@@ -318,5 +357,5 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
         Wz, bz = _fit_margin_classifiers(Zf, labels, I, steps=30, start=(Wz, bz))
     Wz, bz = Wz.double(), bz.double()
     # z-space classifier: Wz·((x−μ) @ white) − bz  ->  scaled space x̃ = (x−μ)/σ
-    Wt = (white @ Wz.T).T * sigma
+    Wt = (white[:, -n_keep:] @ Wz.T).T * sigma
     return Wt, bz
