@@ -581,3 +581,14 @@ def test_detectors_are_fitted_above_the_noise_bulk():
     rep = score_pairs(est.init_pairs_, data)
     assert rep.mean_decoder_cosine >= 0.97, rep.mean_decoder_cosine
     assert rep.mean_iou >= 0.95, rep.mean_iou
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_too_few_distinct_patterns_is_one_clear_error():
+    # two distinct patch vectors cannot seed five detectors: neither k-means++ nor ICA gives five groups
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    pick = torch.rand(200, 1, 4, 4, generator=g) > 0.5
+    X = torch.where(pick, a[None, :, None, None], b[None, :, None, None])
+    with pytest.raises(ValidationError, match="fewer than 5 distinct patterns"):
+        EDDP(n_concepts=5, random_state=0, steps={"b": 0, "d": 0}).fit(X)
