@@ -604,3 +604,23 @@ def test_train_head_learns_on_wide_offset_features():
     assert acc >= 0.5, acc
     with torch.no_grad():  # the head acts on the raw maps: the centring is inside its bias
         assert float((head(data.X).argmax(1) == data.y).float().mean()) == acc
+
+
+@pytest.mark.parametrize("size,batches", [(50, [7] * 20), (50, [80, 3, 40]), (500, [7] * 20), (13, [13, 13])])
+def test_reservoir_keeps_the_rows_of_the_smallest_keys(size, batches):
+    from unveil.directions.eddp.statistics import _Reservoir, _bottom_k
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(b, 3, generator=g, dtype=torch.float64) for b in batches]
+    ks = [torch.rand(b, generator=g) for b in batches]
+    ks[-1][0] = ks[0][0]  # a tied key: broken by the patch index
+    res = _Reservoir(size)
+    for x, k in zip(xs, ks):
+        res.add(x, k)
+    X, K = torch.cat(xs), torch.cat(ks)
+    if X.shape[0] <= size:
+        expect = X
+    else:
+        expect = X[_bottom_k(K, torch.arange(X.shape[0]), size)]
+        assert torch.equal(torch.sort(K[_bottom_k(K, torch.arange(X.shape[0]), size)]).values,
+                           torch.sort(K).values[:size])
+    assert torch.equal(res.result(), expect)
