@@ -2,7 +2,11 @@
 
 Variants (every one from the same clustering initialisation, same seed):
 
-- ``init only``: the clustering initialisation, no refinement (``steps={"b": 0, "d": 0}``);
+- ``init only, no passes``: the clustering initialisation on the sample alone;
+- ``init only``: the clustering initialisation with its discriminant passes over every patch, no
+  refinement (``steps={"b": 0, "d": 0}``); the passes run only where the sample does not hold every
+  patch (the ``scale`` setting), elsewhere the two rows are the same fit;
+- ``full, no passes``: the default refinement with the head, from the initialisation without passes;
 - ``detector losses``: the default refinement without a head (no URA term);
 - ``full``: the default refinement with the head (URA);
 - ``gain=auto`` (with and without the head): the refinement starts from gains chosen by the detector
@@ -13,10 +17,14 @@ Variants (every one from the same clustering initialisation, same seed):
 Settings: ``paper`` (method.md §6), ``hard`` (:func:`~unveil.data.synthetic.make_hard_synthetic`,
 default size) and ``ura``: 12 planted concepts of which the class rules use 6 (2 rule patches + 2
 patches of the other 6 concepts per image, independent of the class), EDDP with 6 concepts, scored
-on the 6 concepts the head uses (``used dets``: detectors whose best-IoU concept is a used one).
+on the 6 concepts the head uses (``used dets``: detectors whose best-IoU concept is a used one);
+``scale``: D = 512, 64 concepts, 32 distractors, 64 classes, 200k patches (about a minute per fit:
+run it alone, with a few variants).
 
     python benchmarks/eddp_ablation.py                         # all settings, seeds 0 1 2
     python benchmarks/eddp_ablation.py --settings paper --seeds 0
+    python benchmarks/eddp_ablation.py --settings scale --name eddp_ablation_scale \
+        --variants "init only, no passes" "init only" "detector losses (head=None)" "full (head, URA)" "full, no passes"
 
 Writes ``benchmarks/results/eddp_ablation.{json,md}`` (or ``--out``) and prints the tables.
 """
@@ -31,15 +39,20 @@ import numpy as np
 import torch
 
 VARIANTS = {
+    "init only, no passes": (dict(steps={"b": 0, "d": 0}, discriminant_passes=0), False),
     "init only": (dict(steps={"b": 0, "d": 0}), False),
     "detector losses (head=None)": (dict(), False),
     "full (head, URA)": (dict(), True),
+    "full, no passes": (dict(discriminant_passes=0), True),
     "gain=auto, head=None": (dict(init_gain="auto"), False),
     "gain=auto, full (head)": (dict(init_gain="auto"), True),
     "constrained (head)": (dict(mode="constrained"), True),
     "constrained, gain=auto (head)": (dict(mode="constrained", init_gain="auto"), True),
 }
 URA_SETTING = dict(n_concepts=12, n_used=6, patches=2, free_patches=2, n_classes=8)
+# the scale setting of benchmarks/eddp_scale.py at 200k patches and 64 concepts (the passes run only where the
+# initialisation's sample does not hold every patch, i.e. here); its head is trained for 20 epochs
+SCALE_SETTING = dict(dim=512, n_concepts=64, n_distractors=32, n_classes=64, patches=4, n_per_class=200_000 // 256)
 
 
 def make_data(setting: str, seed: int):
@@ -48,6 +61,8 @@ def make_data(setting: str, seed: int):
         return make_synthetic(random_state=seed), None
     if setting == "hard":
         return make_hard_synthetic(random_state=seed), None
+    if setting == "scale":
+        return make_hard_synthetic(random_state=seed, **SCALE_SETTING), None
     data = make_hard_synthetic(random_state=seed, **URA_SETTING)
     return data, sorted({c for rule in data.classes for c in rule})
 
@@ -75,7 +90,7 @@ def run(settings, seeds, variants):
         res[setting] = {"heads": [], "variants": {v: [] for v in variants}}
         for seed in seeds:
             data, used = make_data(setting, seed)
-            head, acc = train_head(data, random_state=seed)
+            head, acc = train_head(data, random_state=seed, **({"epochs": 20} if setting == "scale" else {}))
             res[setting]["heads"].append({"seed": seed, "accuracy": acc})
             I = len(used) if used is not None else data.n_concepts
             for name in variants:
@@ -132,11 +147,13 @@ def table(setting: str, block: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", choices=["paper", "hard", "ura"], default=["paper", "hard", "ura"])
+    ap.add_argument("--settings", nargs="+", choices=["paper", "hard", "ura", "scale"], default=["paper", "hard", "ura"],
+                    help="'scale' (D = 512, 64 concepts, 200k patches) takes about a minute per fit")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--name", default="eddp_ablation", help="file name of the results (NAME.json, NAME.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from unveil._io import atomic_write_bytes, atomic_write_json, versions
@@ -145,7 +162,7 @@ def main(argv=None) -> int:
     res = run(args.settings, args.seeds, args.variants)
     command = "python benchmarks/eddp_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {"benchmark": "eddp_ablation", "command": command.strip(), "seeds": args.seeds,
-           "ura_setting": URA_SETTING, "versions": versions(), "seconds": time.perf_counter() - t0,
+           "ura_setting": URA_SETTING, "scale_setting": SCALE_SETTING, "versions": versions(), "seconds": time.perf_counter() - t0,
            "variants": {k: {"params": v[0], "head": v[1]} for k, v in VARIANTS.items() if k in args.variants},
            "settings": res}
     tables = "\n\n".join(table(s, res[s]) for s in args.settings)
@@ -154,10 +171,10 @@ def main(argv=None) -> int:
           "along unit encoders, |cos| of encoders to S and of decoders to the ideal filters "
           "(rows of pinv([S | Dist]), over all planted concepts in the `ura` setting).\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "eddp_ablation.json", doc)
-    atomic_write_bytes(args.out / "eddp_ablation.md", md.encode())
+    atomic_write_json(args.out / f"{args.name}.json", doc)
+    atomic_write_bytes(args.out / f"{args.name}.md", md.encode())
     print(tables)
-    print(f"wrote {args.out / 'eddp_ablation.json'} and eddp_ablation.md")
+    print(f"wrote {args.out / args.name}.json and {args.name}.md")
     return 0
 
 

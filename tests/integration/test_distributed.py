@@ -40,6 +40,7 @@ from unveil.capture import ActivationStore
 from unveil.cli import main
 from unveil.data.synthetic import PoolLinearHead, make_synthetic
 from unveil.directions.eddp._source import _as_source, _RankSource
+from unveil.directions.eddp.discriminant import ZSpace, discriminant_passes
 from unveil.directions.eddp.refinement import PAPER_WEIGHTS, DataSpec, PhaseSpec, final_terms, run_phase
 from unveil.directions.eddp.statistics import _stream_stats
 
@@ -185,6 +186,13 @@ def _stages(ranks: bool) -> dict:
     g = torch.Generator().manual_seed(1)
     W, b = torch.randn(3, 16, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
     out["pattern"] = EDDP._pattern(source, W, b, 11, CPU)
+    # the discriminant passes: group counts and sums added over the ranks, the same logistic regression after
+    proj = torch.linalg.qr(torch.randn(16, 6, generator=g, dtype=torch.float64))[0]
+    space = ZSpace(mu=st.mean, proj=proj, sample=((st.sample - st.mean) @ proj).float())
+    z = (st.sample - st.mean) @ proj
+    W0 = torch.stack([z[i::3].mean(0) for i in range(3)])  # a start whose groups are all populated
+    Wp, bp, info = discriminant_passes(source, 11, space, proj.T @ st.cov @ proj, W0, torch.zeros(3), 2, CPU)
+    out.update(passes_W=Wp, passes_b=bp, passes_changed=torch.tensor(info["changed"]))
     # the refinement kernel from one start per phase: 13-map batches (uneven slices, a short last batch), the
     # constrained mode, the URA terms through the head; the optimiser records the gradients it steps with
     mu, sigma = data.X.mean(dim=(0, 2, 3)), float(data.X.std())
@@ -270,6 +278,9 @@ def test_fit_stages_on_two_processes_equal_one(two_process_stages, one_process_s
     assert torch.equal(got["gen_after_stats"], ref["gen_after_stats"])
     # the pattern pass
     assert _rel(got["pattern"], ref["pattern"]) <= 1e-10
+    # the discriminant passes: both ran, with the same groups
+    assert len(ref["passes_changed"]) >= 1 and torch.equal(got["passes_changed"], ref["passes_changed"])
+    assert _rel(got["passes_W"], ref["passes_W"]) <= 1e-5 and _rel(got["passes_b"], ref["passes_b"]) <= 1e-5
     # the refinement from one start: the same batches and the whole batch's gradient on every step
     for k in ("loss_b", "loss_d", "final_terms"):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7)

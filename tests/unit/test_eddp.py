@@ -624,3 +624,27 @@ def test_reservoir_keeps_the_rows_of_the_smallest_keys(size, batches):
         assert torch.equal(torch.sort(K[_bottom_k(K, torch.arange(X.shape[0]), size)]).values,
                            torch.sort(K).values[:size])
     assert torch.equal(res.result(), expect)
+
+
+def test_discriminant_passes_learn_from_every_patch():
+    """The initialisation fits its detectors on a sample (here 4000 patches for 16 concepts); the passes
+    re-estimate them as discriminants from every patch (25 600), then sharpen them on the sample. Measured:
+    matched IoU 0.886 without passes, 0.921 with two; encoding cosine 0.959 and 0.970."""
+    data = make_hard_synthetic(dim=128, n_concepts=16, n_distractors=8, n_classes=16, patches=4, n_per_class=400,
+                               random_state=0)
+    common = dict(n_concepts=16, random_state=0, steps={"b": 0, "d": 0}, n_init=2, init_rounds=1,
+                  max_init_patches=4000)
+    without = score_pairs(EDDP(discriminant_passes=0, **common).fit(data.X).init_pairs_, data)
+    est = EDDP(discriminant_passes=2, **common).fit(data.X)
+    with_ = score_pairs(est.init_pairs_, data)
+    assert with_.mean_iou >= 0.91 and with_.mean_iou >= without.mean_iou + 0.02, (with_.mean_iou, without.mean_iou)
+    assert with_.mean_encoder_cosine >= without.mean_encoder_cosine, (with_.mean_encoder_cosine,
+                                                                      without.mean_encoder_cosine)
+    info = est.history_["discriminant_passes"]
+    assert len(info["changed"]) == 2 and info["logistic"]
+    assert "discriminant_passes" in est.history_["stage_seconds"]
+
+
+def test_discriminant_passes_bad_value():
+    with pytest.raises(ValidationError, match="discriminant_passes"):
+        EDDP(n_concepts=2, discriminant_passes=-1).fit(torch.randn(4, 3, 2, 2))

@@ -18,7 +18,8 @@ from .._base import DirectionEstimator, Interval, Options
 from ..pairs import DirectionPairs
 from ..pattern import PositivePattern
 from ._source import _as_source, _patches, _RankSource
-from .initialisation import _calibrate_gains, _ward_partitions, cluster_init
+from .discriminant import ZSpace, discriminant_passes
+from .initialisation import _calibrate_gains, _ward_partitions, cluster_init, to_scaled
 from .refinement import PAPER_CONSTRAINTS, PAPER_WEIGHTS, DataSpec, PhaseSpec, final_terms, run_phase
 from .statistics import _soft_standard_scale, _stream_stats
 
@@ -123,6 +124,17 @@ class EDDP(DirectionEstimator):
     init_rounds : int
         Rounds of discriminative re-clustering after k-means: every patch is reassigned to the
         detector it lies deepest inside, and the detectors are refitted (1 = k-means labels only).
+        Skipped when discriminant passes run (they do the same on every patch).
+    discriminant_passes : int
+        Passes over every patch after the initialisation (0: none). Each assigns every patch to the
+        detector it lies deepest inside and re-estimates the detectors as linear discriminants of
+        those groups (group means over every patch, the covariance of the statistics pass); a
+        logistic regression on the sample, started from the discriminants, ends them (see
+        :mod:`unveil.directions.eddp.discriminant`). The initialisation sees a sample of about a
+        thousand patches per concept; these passes see them all (they are skipped when the sample
+        holds every patch). ``scale`` setting (D = 512, 64
+        concepts, 200k patches, seed 0, initialisation alone): matched IoU 0.859 without, 0.892
+        with 2 passes (supervised ceiling 0.920).
     batch_patches : int
         Patches per mini-batch (whole maps are drawn until at least this many patches).
     max_init_patches : int or "auto"
@@ -184,13 +196,14 @@ class EDDP(DirectionEstimator):
 
     _POS_INT = [Interval(numbers.Integral, 1, None, closed="left")]
     _POS_REAL = [Interval(numbers.Real, 0, None, closed="neither")]
+    _NONNEG_INT = [Interval(numbers.Integral, 0, None, closed="left")]
     _parameter_constraints = {
         "n_concepts": _POS_INT, "init": [Options({"cluster", "random"})], "steps": [None, "dict"],
         "weights": [None, "dict"], "mode": [Options({"weighted", "constrained"})], "lr": [None, "dict"],
         "lr_scale": [Options({"auto"})] + _POS_REAL, "gamma": _POS_REAL, "tau": [None, "dict"], "rho": [None, "dict"],
         "kappa": ["sequence"], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
         "seeding": [Options({"best", "ica", "kmeans++"})],
-        "init_rounds": _POS_INT,
+        "init_rounds": _POS_INT, "discriminant_passes": _NONNEG_INT,
         "batch_patches": _POS_INT, "max_init_patches": [Options({"auto"})] + _POS_INT, "patience": _POS_INT,
         "init_gain": [None, Options({"auto"}), Interval(numbers.Real, 0, None, closed="neither")],
         "levels": [None, Options({"auto"}), "sequence"], "device": [None, "device"],
@@ -203,7 +216,7 @@ class EDDP(DirectionEstimator):
                  lr_scale="auto", gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
                  whiten_eps: float = 1e-2, noise_floor: Optional[float] = 30.0, n_init: int = 8, seeding: str = "best",
-                 init_rounds: int = 5, batch_patches: int = 2048,
+                 init_rounds: int = 5, discriminant_passes: int = 2, batch_patches: int = 2048,
                  max_init_patches="auto", patience: int = 60, init_gain=None, levels=None,
                  device=None, random_state=None, progress: bool = False):
         self.n_concepts = n_concepts
@@ -222,6 +235,7 @@ class EDDP(DirectionEstimator):
         self.n_init = n_init
         self.seeding = seeding
         self.init_rounds = init_rounds
+        self.discriminant_passes = discriminant_passes
         self.batch_patches = batch_patches
         self.max_init_patches = max_init_patches
         self.patience = patience
@@ -383,10 +397,27 @@ class EDDP(DirectionEstimator):
         # ---- initialisation
         eps = check_in_range(self.whiten_eps, "whiten_eps", 0, None, low_inclusive=False)
         r_std = _soft_standard_scale(stats.cov, eps).to(device)  # x̃ -> soft-standardised, for step (a)
+        passes_info = None
         if self.init == "cluster":
-            Wt, bt = cluster_init(stats, I, whiten_eps=eps, n_init=check_positive_int(self.n_init, "n_init"),
-                                  init_rounds=self.init_rounds, gen=gen, noise_floor=self.noise_floor,
-                                  labeler=getattr(self, "_init_labeler", None), seeding=self.seeding)  # scaled-space decoders, thresholds
+            # the passes add the patches the sample left out; when it holds them all they have nothing to add
+            # (the hard setting, 16 000 patches all sampled: matched IoU 0.959 with two passes, 0.962 without).
+            # When they run, the re-clustering rounds on the sample are skipped: the passes redo them on every
+            # patch (scale setting, 64 concepts, 200k patches, seed 0: IoU 0.892 after 1 or 5 rounds, 7 s less)
+            passes = check_positive_int(self.discriminant_passes, "discriminant_passes", minimum=0)
+            passes = passes if stats.sample.shape[0] < int(stats.n_patches) else 0
+            Wt, bt, space = cluster_init(stats, I, whiten_eps=eps, n_init=check_positive_int(self.n_init, "n_init"),
+                                         init_rounds=1 if passes else self.init_rounds, gen=gen,
+                                         noise_floor=self.noise_floor, labeler=getattr(self, "_init_labeler", None),
+                                         seeding=self.seeding)
+            lap("initialisation")
+            if passes:
+                z = ZSpace(mu=mu.to(device), proj=space["proj"].to(device), sample=space["sample"])
+                cov_z = space["proj"].T @ stats.cov @ space["proj"]
+                Wz, bz, info = discriminant_passes(source, batch_maps, z, cov_z, space["Wz"], space["bz"], passes,
+                                                   device, progress_bar=self.progress)
+                Wt, bt = to_scaled(Wz, bz, space["proj"], sigma)
+                passes_info = info
+                lap("discriminant_passes")
         else:  # random unit filters in the soft-standardised space of step (a)
             v = torch.randn(I, D, generator=gen).double().to(device)
             Wt = 4.0 * v / v.norm(dim=1, keepdim=True) * r_std.double()[None, :]
@@ -399,7 +430,7 @@ class EDDP(DirectionEstimator):
         gains["start"] = Wt.norm(dim=1).tolist()
         dec0, bias0 = self._to_original(Wt, bt, mu, sigma)
         S0 = self._pattern(source, dec0, bias0, batch_maps, device)
-        lap("initialisation")
+        lap("initial_signal_vectors")
         self.init_pairs_ = self._make_pairs(dec0, bias0, S0, mu, stage="init")
 
         # ---- refinement with the paper's losses
@@ -407,6 +438,8 @@ class EDDP(DirectionEstimator):
         params, history, constraints = self._refine(Wt, bt, S0, data, mu, head, (steps, weights, lr, tau, rho),
                                                     r_std, gen)
         history = {"gains": gains, **history}
+        if passes_info is not None:
+            history["discriminant_passes"] = passes_info
 
         lap("refinement")
         dec, bias = self._to_original(self._decoders_t(params).double(), params["b"].double(), mu, sigma)

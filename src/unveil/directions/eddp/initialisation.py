@@ -295,7 +295,7 @@ def _first_seen_order(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_rounds: int, gen,
                  labeler=None, noise_floor: Optional[float] = 30.0,
-                 seeding: str = "best") -> Tuple[torch.Tensor, torch.Tensor]:
+                 seeding: str = "best") -> Tuple[torch.Tensor, torch.Tensor, dict]:
     """k-means on soft-whitened patches, then one-vs-rest max-margin detectors.
 
     ``seeding``: ``"kmeans++"``: the best of ``n_init`` k-means++ runs; ``"ica"``: the partition of
@@ -308,7 +308,9 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
 
     ``labeler``, optional: a function patches -> group labels that replaces k-means (the coarse
     levels of a hierarchy start from the finest level's Ward groups). Returns decoders with
-    magnitude and thresholds in the scaled space ``(x − μ)/σ``.
+    magnitude and thresholds in the scaled space ``(x − μ)/σ``, and the space they were fitted in:
+    ``{"proj": (D, k), "Wz": (I, k), "bz": (I,), "sample": (n, k)}`` with ``z = (x − μ) @ proj``
+    (for :func:`~unveil.directions.eddp.discriminant.discriminant_passes`).
     """
     mu, cov = stats.mean, stats.cov
     sigma = math.sqrt(max(float(torch.trace(cov)) / cov.shape[0], 1e-30))
@@ -366,7 +368,10 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
             break
         labels = new
         Wz, bz = _fit_margin_classifiers(Zf, labels, I, steps=30, start=(Wz, bz))
-    Wz, bz = Wz.double(), bz.double()
-    # z-space classifier: Wz·((x−μ) @ white) − bz  ->  scaled space x̃ = (x−μ)/σ
-    Wt = (white[:, -n_keep:] @ Wz.T).T * sigma
-    return Wt, bz
+    space = {"proj": white[:, -n_keep:], "Wz": Wz, "bz": bz, "sample": Zf}
+    return to_scaled(Wz, bz, space["proj"], sigma) + (space,)
+
+
+def to_scaled(Wz: torch.Tensor, bz: torch.Tensor, proj: torch.Tensor, sigma: float):
+    """z-space detectors ``Wz·((x−μ) @ proj) − bz`` in the scaled space ``x̃ = (x−μ)/σ``: ``(Wt, bt)``."""
+    return (proj @ Wz.double().T).T * sigma, bz.double()
