@@ -420,8 +420,10 @@ def test_fit_leaves_the_users_head_untouched(paper_small):
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
-def test_same_pairs_whatever_the_thread_count():
-    """Results must not depend on the thread count (torchrun sets one thread per process)."""
+@pytest.mark.parametrize("sample", ["auto", 1500])
+def test_same_pairs_whatever_the_thread_count(sample):
+    """Results must not depend on the thread count (torchrun sets one thread per process). With a sample of
+    1500 of the 3600 patches the discriminant passes run too."""
     from unveil.data.synthetic import make_hard_synthetic
     data = make_hard_synthetic(dim=32, n_concepts=6, n_distractors=4, n_classes=6, n_per_class=150, random_state=1)
     torch.manual_seed(0)  # the same head on every run (an unseeded one made this test pass or fail by chance)
@@ -431,7 +433,9 @@ def test_same_pairs_whatever_the_thread_count():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            est = EDDP(n_concepts=6, random_state=0, steps={"b": 40, "d": 40}).fit(data.X, head=head)
+            est = EDDP(n_concepts=6, random_state=0, steps={"b": 40, "d": 40}, max_init_patches=sample).fit(
+                data.X, head=head)
+            assert ("discriminant_passes" in est.history_) == (sample != "auto")
             fits.append(est.pairs_)
     finally:
         torch.set_num_threads(old)
