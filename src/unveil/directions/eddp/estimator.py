@@ -399,25 +399,7 @@ class EDDP(DirectionEstimator):
         r_std = _soft_standard_scale(stats.cov, eps).to(device)  # x̃ -> soft-standardised, for step (a)
         passes_info = None
         if self.init == "cluster":
-            # the passes add the patches the sample left out; when it holds them all they have nothing to add
-            # (the hard setting, 16 000 patches all sampled: matched IoU 0.959 with two passes, 0.962 without).
-            # When they run, the re-clustering rounds on the sample are skipped: the passes redo them on every
-            # patch (scale setting, 64 concepts, 200k patches, seed 0: IoU 0.892 after 1 or 5 rounds, 7 s less)
-            passes = check_positive_int(self.discriminant_passes, "discriminant_passes", minimum=0)
-            passes = passes if stats.sample.shape[0] < int(stats.n_patches) else 0
-            Wt, bt, space = cluster_init(stats, I, whiten_eps=eps, n_init=check_positive_int(self.n_init, "n_init"),
-                                         init_rounds=1 if passes else self.init_rounds, gen=gen,
-                                         noise_floor=self.noise_floor, labeler=getattr(self, "_init_labeler", None),
-                                         seeding=self.seeding)
-            lap("initialisation")
-            if passes:
-                z = ZSpace(mu=mu.to(device), proj=space["proj"].to(device), sample=space["sample"])
-                cov_z = space["proj"].T @ stats.cov @ space["proj"]
-                Wz, bz, info = discriminant_passes(source, batch_maps, z, cov_z, space["Wz"], space["bz"], passes,
-                                                   device, progress_bar=self.progress)
-                Wt, bt = to_scaled(Wz, bz, space["proj"], sigma)
-                passes_info = info
-                lap("discriminant_passes")
+            Wt, bt, passes_info = self._cluster_detectors(stats, source, batch_maps, I, eps, gen, device, lap)
         else:  # random unit filters in the soft-standardised space of step (a)
             v = torch.randn(I, D, generator=gen).double().to(device)
             Wt = 4.0 * v / v.norm(dim=1, keepdim=True) * r_std.double()[None, :]
@@ -458,6 +440,30 @@ class EDDP(DirectionEstimator):
         logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, stats.n_patches, D,
                     history["seconds"])
         return self
+
+    def _cluster_detectors(self, stats, source, batch_maps: int, I: int, eps: float, gen, device, lap):
+        """Steps 2–4 of the fit: the clustering initialisation on the sample, then the discriminant passes
+        over every patch. Returns scaled-space detectors ``(Wt, bt)`` and the passes' record (or None)."""
+        # the passes add the patches the sample left out; when it holds them all they have nothing to add
+        # (the hard setting, 16 000 patches all sampled: matched IoU 0.959 with two passes, 0.962 without).
+        # When they run, the re-clustering rounds on the sample are skipped: the passes redo them on every
+        # patch (scale setting, 64 concepts, 200k patches, seed 0: IoU 0.892 after 1 or 5 rounds, 7 s less)
+        passes = check_positive_int(self.discriminant_passes, "discriminant_passes", minimum=0)
+        passes = passes if stats.sample.shape[0] < int(stats.n_patches) else 0
+        Wt, bt, space = cluster_init(stats, I, whiten_eps=eps, n_init=check_positive_int(self.n_init, "n_init"),
+                                     init_rounds=1 if passes else self.init_rounds, gen=gen,
+                                     noise_floor=self.noise_floor, labeler=getattr(self, "_init_labeler", None),
+                                     seeding=self.seeding)
+        lap("initialisation")
+        if not passes:
+            return Wt, bt, None
+        z = ZSpace(mu=stats.mean.to(device), proj=space["proj"].to(device), sample=space["sample"])
+        cov_z = space["proj"].T @ stats.cov @ space["proj"]
+        Wz, bz, info = discriminant_passes(source, batch_maps, z, cov_z, space["Wz"], space["bz"], passes, device,
+                                           progress_bar=self.progress)
+        lap("discriminant_passes")
+        sigma = math.sqrt(max(float(torch.trace(stats.cov)) / stats.cov.shape[0], 1e-30))
+        return to_scaled(Wz, bz, space["proj"], sigma) + (info,)
 
     def _refine(self, Wt, bt, S0, data: DataSpec, mu, head, schedule, r_std, gen):
         """The paper's schedule steps (a), (b), (d) from scaled-space detectors ``Wt``, ``bt`` and signal
