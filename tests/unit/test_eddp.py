@@ -747,3 +747,20 @@ def test_sparsity_bound_loss_keeps_the_worst_patches_sparse():
     params = {"v": _random_unit(3, 16), "log_g": torch.full((3,), math.log(2.0)), "b": torch.zeros(3)}
     hist, _ = _phase_on_paper_data(params, "b", 300, weights={"s": 0.0})
     assert hist["sb"][-1] <= 1.3 < hist["sb"][0]
+
+
+def test_discriminant_passes_leave_the_detectors_alone_when_a_group_empties():
+    """A pass whose groups leave one detector without patches is not kept: the detectors come back as they were
+    (no discriminant, no logistic regression), and the record says so."""
+    from unveil.directions.eddp._source import _as_source
+    from unveil.directions.eddp.discriminant import ZSpace, discriminant_passes
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 4, 2, 2, generator=g)
+    x = X.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    mu = x.mean(0)
+    space = ZSpace(mu=mu, proj=torch.eye(4, dtype=torch.float64), sample=(x - mu).float())
+    W = torch.randn(3, 4, generator=g)
+    b = torch.tensor([0.0, 0.0, 1e6])  # detector 2 is never the deepest: its group is empty
+    W2, b2, info = discriminant_passes(_as_source(X)[0], 8, space, torch.cov(x.T), W, b, 2, torch.device("cpu"))
+    assert torch.equal(W2, W) and torch.equal(b2, b)
+    assert info == {"changed": [], "logistic": False}

@@ -80,7 +80,8 @@ def discriminant_passes(source, batch_maps: int, space: ZSpace, cov_z: torch.Ten
             counts, sums = _group_sums(source, batch_maps, space, Wc, bc, device)
             bar.update(1)
             if bool((counts < 2).any()):
-                logger.info("EDDP passes: a group holds fewer than 2 patches; the detectors stay as they were")
+                logger.info("EDDP passes: a group holds fewer than 2 patches; the detectors of the last pass "
+                            "are kept")
                 break
             n = counts.sum()
             m = sums.sum(0) / n
@@ -98,8 +99,10 @@ def discriminant_passes(source, batch_maps: int, space: ZSpace, cov_z: torch.Ten
                 break
     finally:
         bar.close()
-    if (torch.bincount(labels, minlength=I) < 2).any():
+    if not changes:  # no pass kept: the detectors as they came
         return W, b, {"changed": changes, "logistic": False}
+    if (torch.bincount(labels, minlength=I) < 2).any():  # the last discriminants leave a group (almost) empty
+        return Wc.float(), bc.float(), {"changed": changes, "logistic": False}
     Wl, bl = _fit_margin_classifiers(zs.float(), labels, I, steps=logistic_steps,
                                      start=(Wc.float(), bc.float()))
     return Wl, bl, {"changed": changes, "logistic": True}
