@@ -31,6 +31,7 @@ Writes ``benchmarks/results/eddp_ablation.{json,md}`` (or ``--out``) and prints 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -147,7 +148,8 @@ def table(setting: str, block: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", nargs="+", choices=["paper", "hard", "ura", "scale"], default=["paper", "hard", "ura"],
+    ap.add_argument("--settings", nargs="+", choices=["paper", "hard", "ura", "scale"],
+                    default=["paper", "hard", "ura"],
                     help="'scale' (D = 512, 64 concepts, 200k patches) takes about a minute per fit")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="VARIANT")
@@ -160,9 +162,10 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     res = run(args.settings, args.seeds, args.variants)
-    command = "python benchmarks/eddp_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/eddp_ablation.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     doc = {"benchmark": "eddp_ablation", "command": command.strip(), "seeds": args.seeds,
-           "ura_setting": URA_SETTING, "scale_setting": SCALE_SETTING, "versions": versions(), "seconds": time.perf_counter() - t0,
+           "ura_setting": URA_SETTING, "scale_setting": SCALE_SETTING, "versions": versions(),
+           "seconds": time.perf_counter() - t0,
            "variants": {k: {"params": v[0], "head": v[1]} for k, v in VARIANTS.items() if k in args.variants},
            "settings": res}
     tables = "\n\n".join(table(s, res[s]) for s in args.settings)

@@ -15,6 +15,7 @@ Writes ``benchmarks/results/eddp_paper_path.{json,md}`` (or ``--out``/``--name``
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ def paper_path_params(n_concepts: int, steps_a: int, steps_d: int, patience: int
     return dict(init="random", mode="constrained", gamma=1.1, patience=patience,
                 steps={"a": steps_a, "b": 0, "d": steps_d},
                 tau={"a": tau, "b": tau, "d": tau},
-                # the estimator's ρ is a multiple of τ/I (the paper's real-data rule, method.md §5): ρ = 0.5 is r·τ/I
+                # the estimator's ρ is a multiple of τ/I (the paper's real-data rule, method.md §5):
+                # ρ = 0.5 is r·τ/I
                 rho={k: rho * n_concepts / tau for k in "abd"})
 
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
                   f"RMSE {rec['rmse']:.3f} enc {rec['enc_cos']:.3f} dec {rec['dec_cos']:.3f} "
                   f"steps {rec['steps_run']} constraints hold {rec['constraints_hold']} "
                   f"{rec['fit_seconds']:.0f} s  meets the paper's numbers: {rec['meets_paper']}", flush=True)
-    command = "python benchmarks/eddp_paper_path.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/eddp_paper_path.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = ["# EDDP: the paper's path on its synthetic recipe", "", f"`{command.strip()}`", "",
              f"Paper: matched IoU {' / '.join(map(str, PAPER['iou']))}, RMSE {PAPER['rmse']}. Parameters of the "
              f"paper's path: `{params}`.", "",
