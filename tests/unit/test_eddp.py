@@ -764,3 +764,28 @@ def test_discriminant_passes_leave_the_detectors_alone_when_a_group_empties():
     W2, b2, info = discriminant_passes(_as_source(X)[0], 8, space, torch.cov(x.T), W, b, 2, torch.device("cpu"))
     assert torch.equal(W2, W) and torch.equal(b2, b)
     assert info == {"changed": [], "logistic": False}
+
+
+def test_a_pass_that_would_empty_a_group_is_not_kept(monkeypatch):
+    """Discriminants whose groups leave a detector without sampled patches are not kept (here the first pass's
+    threshold for detector 2 is pushed above every score): the starting detectors come back, none is dead."""
+    import unveil.directions.eddp.discriminant as disc
+    from unveil.directions.eddp._source import _as_source
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 4, 2, 2, generator=g)
+    z = X.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    z = z - z.mean(0)
+    space = disc.ZSpace(mu=torch.zeros(4, dtype=torch.float64), proj=torch.eye(4, dtype=torch.float64),
+                        sample=z.float())
+    W, b = torch.stack([z[i::3].mean(0) for i in range(3)]).float(), torch.zeros(3)
+    assert (torch.bincount((z @ W.double().T).argmax(1), minlength=3) >= 2).all()
+    real = disc._iou_thresholds
+
+    def empties_group_2(scores, labels):
+        t, iou = real(scores, labels)
+        return torch.cat([t[:2], t.new_tensor([1e9])]), iou
+    monkeypatch.setattr(disc, "_iou_thresholds", empties_group_2)
+    W2, b2, info = disc.discriminant_passes(_as_source(X)[0], 8, space, torch.cov(z.T, correction=0), W, b, 2,
+                                            torch.device("cpu"))
+    assert info == {"changed": [], "logistic": False}
+    assert torch.equal(W2, W) and torch.equal(b2, b)

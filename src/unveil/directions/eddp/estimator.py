@@ -127,7 +127,7 @@ class EDDP(DirectionEstimator):
         Skipped when discriminant passes run (they do the same on every patch).
     discriminant_passes : int
         Passes over every patch after the initialisation (0: none). Each assigns every patch to the
-        detector it lies deepest inside and re-estimates the detectors as linear discriminants of
+        detector of largest score and re-estimates the detectors as linear discriminants of
         those groups (group means over every patch, the covariance of the statistics pass); a
         logistic regression on the sample, started from the discriminants, ends them (see
         :mod:`unveil.directions.eddp.discriminant`). The initialisation sees a sample of about a
@@ -404,6 +404,7 @@ class EDDP(DirectionEstimator):
             v = torch.randn(I, D, generator=gen).double().to(device)
             Wt = 4.0 * v / v.norm(dim=1, keepdim=True) * r_std.double()[None, :]
             bt = torch.zeros(I, dtype=torch.float64, device=device)
+            lap("initialisation")
         gains = {"init": Wt.norm(dim=1).tolist()}
         if self.init_gain is not None:
             first = next(p for p in "bda" if steps[p] > 0) if any(steps.values()) else "b"
