@@ -789,3 +789,22 @@ def test_a_pass_that_would_empty_a_group_is_not_kept(monkeypatch):
                                             torch.device("cpu"))
     assert info == {"changed": [], "logistic": False}
     assert torch.equal(W2, W) and torch.equal(b2, b)
+
+
+def test_rounds_run_when_no_discriminant_pass_can_be_kept(monkeypatch):
+    """When the passes are due the re-clustering rounds on the sample are skipped; if no pass can be kept (the
+    starting detectors leave a group empty over every patch) the rounds run after all."""
+    import unveil.directions.eddp.estimator as est_mod
+    data = make_hard_synthetic(dim=32, n_concepts=6, n_distractors=4, n_classes=6, n_per_class=150, random_state=1)
+    calls = []
+    real = est_mod.recluster_rounds
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+    monkeypatch.setattr(est_mod, "recluster_rounds", spy)
+    monkeypatch.setattr(est_mod, "discriminant_passes",
+                        lambda source, bm, z, cov, W, b, passes, device, progress_bar: (W, b, {"changed": [],
+                                                                                          "logistic": False}))
+    est = EDDP(n_concepts=6, random_state=0, steps={"b": 0, "d": 0}, init_rounds=4, max_init_patches=1500).fit(data.X)
+    assert calls == [3] and est.history_["discriminant_passes"]["rounds_instead"]

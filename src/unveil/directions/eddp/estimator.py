@@ -19,7 +19,7 @@ from ..pairs import DirectionPairs
 from ..pattern import PositivePattern
 from ._source import _as_source, _patches, _RankSource
 from .discriminant import ZSpace, discriminant_passes
-from .initialisation import _calibrate_gains, _ward_partitions, cluster_init, to_scaled
+from .initialisation import _calibrate_gains, _ward_partitions, cluster_init, recluster_rounds, to_scaled
 from .refinement import PAPER_CONSTRAINTS, PAPER_WEIGHTS, DataSpec, PhaseSpec, final_terms, run_phase
 from .statistics import _soft_standard_scale, _stream_stats
 
@@ -124,7 +124,8 @@ class EDDP(DirectionEstimator):
     init_rounds : int
         Rounds of discriminative re-clustering after k-means: every patch is reassigned to the
         detector it lies deepest inside, and the detectors are refitted (1 = k-means labels only).
-        Skipped when discriminant passes run (they do the same on every patch).
+        Skipped when discriminant passes run (they do the same on every patch), unless no pass can be
+        kept.
     discriminant_passes : int
         Passes over every patch after the initialisation (0: none). Each assigns every patch to the
         detector of largest score and re-estimates the detectors as linear discriminants of
@@ -448,7 +449,8 @@ class EDDP(DirectionEstimator):
         # the passes add the patches the sample left out; when it holds them all they have nothing to add
         # (the hard setting, 16 000 patches all sampled: matched IoU 0.959 with two passes, 0.962 without).
         # When they run, the re-clustering rounds on the sample are skipped: the passes redo them on every
-        # patch (scale setting, 64 concepts, 200k patches, seed 0: IoU 0.892 after 1 or 5 rounds, 7 s less)
+        # patch (scale setting, 64 concepts, 200k patches, seed 0: IoU 0.892 after 1 or 5 rounds, 7 s less);
+        # when no pass can be kept, the rounds run after all
         passes = check_positive_int(self.discriminant_passes, "discriminant_passes", minimum=0)
         passes = passes if stats.sample.shape[0] < int(stats.n_patches) else 0
         Wt, bt, space = cluster_init(stats, I, whiten_eps=eps, n_init=check_positive_int(self.n_init, "n_init"),
@@ -462,6 +464,10 @@ class EDDP(DirectionEstimator):
         cov_z = space["proj"].T @ stats.cov @ space["proj"]
         Wz, bz, info = discriminant_passes(source, batch_maps, z, cov_z, space["Wz"], space["bz"], passes, device,
                                            progress_bar=self.progress)
+        if not info["changed"] and self.init_rounds > 1:
+            # no pass could be kept (the starting detectors leave a group empty): the rounds on the sample instead
+            Wz, bz, _ = recluster_rounds(space["sample"], space["labels"], Wz, bz, I, self.init_rounds - 1)
+            info["rounds_instead"] = True
         lap("discriminant_passes")
         sigma = math.sqrt(max(float(torch.trace(stats.cov)) / stats.cov.shape[0], 1e-30))
         return to_scaled(Wz, bz, space["proj"], sigma) + (info,)

@@ -309,7 +309,7 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
     ``labeler``, optional: a function patches -> group labels that replaces k-means (the coarse
     levels of a hierarchy start from the finest level's Ward groups). Returns decoders with
     magnitude and thresholds in the scaled space ``(x − μ)/σ``, and the space they were fitted in:
-    ``{"proj": (D, k), "Wz": (I, k), "bz": (I,), "sample": (n, k)}`` with ``z = (x − μ) @ proj``
+    ``{"proj": (D, k), "Wz": (I, k), "bz": (I,), "sample": (n, k), "labels": (n,)}`` with ``z = (x − μ) @ proj``
     (for :func:`~unveil.directions.eddp.discriminant.discriminant_passes`).
     """
     mu, cov = stats.mean, stats.cov
@@ -360,16 +360,23 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
                     ", ".join(f"{k} {v[3]:.4f}" for k, v in fits.items()))
     name = max(fits, key=lambda k: (fits[k][3] - (1e-6 if k == "ica" else 0.0), k != "ica"))
     labels, Wz, bz, _ = fits[name]
-    for _ in range(init_rounds - 1):
-        # discriminative re-clustering: each patch goes to the detector it is deepest inside
-        # (signed distance to the hyperplane), then the detectors are refitted
+    Wz, bz, labels = recluster_rounds(Zf, labels, Wz, bz, I, init_rounds - 1)
+    space = {"proj": white[:, -n_keep:], "Wz": Wz, "bz": bz, "sample": Zf, "labels": labels}
+    return to_scaled(Wz, bz, space["proj"], sigma) + (space,)
+
+
+def recluster_rounds(Zf: torch.Tensor, labels: torch.Tensor, Wz: torch.Tensor, bz: torch.Tensor, I: int,
+                     rounds: int):
+    """Up to ``rounds`` rounds of discriminative re-clustering of the sample ``Zf``: each patch goes to the
+    detector it is deepest inside (signed distance to the hyperplane), then the detectors are refitted.
+    Stops when the groups no longer change or one would hold fewer than 2 patches. Returns ``(Wz, bz, labels)``."""
+    for _ in range(rounds):
         new = ((Zf @ Wz.T - bz) / Wz.norm(dim=1).clamp_min(1e-12)).argmax(1)
         if torch.equal(new, labels) or (torch.bincount(new, minlength=I) < 2).any():
             break
         labels = new
         Wz, bz = _fit_margin_classifiers(Zf, labels, I, steps=30, start=(Wz, bz))
-    space = {"proj": white[:, -n_keep:], "Wz": Wz, "bz": bz, "sample": Zf}
-    return to_scaled(Wz, bz, space["proj"], sigma) + (space,)
+    return Wz, bz, labels
 
 
 def to_scaled(Wz: torch.Tensor, bz: torch.Tensor, proj: torch.Tensor, sigma: float):
