@@ -128,14 +128,14 @@ class EDDP(DirectionEstimator):
         kept.
     discriminant_passes : int
         Passes over every patch after the initialisation (0: none). Each assigns every patch to the
-        detector of largest score and re-estimates the detectors as linear discriminants of
-        those groups (group means over every patch, the covariance of the statistics pass); a
-        logistic regression on the sample, started from the discriminants, ends them (see
+        detector of largest score and re-estimates the detectors as linear discriminants of those
+        groups (group means over every patch, the covariance of the statistics pass); a logistic
+        regression on the sample, started from the discriminants, ends them (see
         :mod:`unveil.directions.eddp.discriminant`). The initialisation sees a sample of about a
         thousand patches per concept; these passes see them all (they are skipped when the sample
-        holds every patch). ``scale`` setting (D = 512, 64
-        concepts, 200k patches, seed 0, initialisation alone): matched IoU 0.859 without, 0.892
-        with 2 passes (supervised ceiling 0.920).
+        holds every patch). ``scale`` setting (D = 512, 64 concepts, 200k patches, seed 0,
+        initialisation alone): matched IoU 0.859 without, 0.892 with 2 passes (supervised ceiling
+        0.920).
     batch_patches : int
         Patches per mini-batch (whole maps are drawn until at least this many patches).
     max_init_patches : int or "auto"
