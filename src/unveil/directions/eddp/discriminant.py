@@ -72,10 +72,11 @@ def discriminant_passes(source, batch_maps: int, space: ZSpace, cov_z: torch.Ten
     I, k = W.shape
     Wc, bc = W.double().to(device), b.double().to(device)
     zs = space.sample.to(device)
+    zd = zs.double()
     ridge = 1e-6 * float(torch.trace(cov_z)) / k
     eye = torch.eye(k, dtype=torch.float64, device=device)
     changes = []
-    labels = (zs.double() @ Wc.T - bc).argmax(1)
+    labels = (zd @ Wc.T - bc).argmax(1)
     bar = progress(total=passes, enabled=progress_bar, desc="EDDP passes")
     try:
         for _ in range(passes):
@@ -91,7 +92,7 @@ def discriminant_passes(source, batch_maps: int, space: ZSpace, cov_z: torch.Ten
             B = ((M - m).T * counts) @ (M - m) / n  # between-group covariance
             Sw = cov_z.to(device) - B  # within-group covariance of every patch
             W_new = torch.linalg.solve(Sw + ridge * eye, (M - m).T).T
-            scores = zs.double() @ W_new.T
+            scores = zd @ W_new.T
             # thresholds at the best IoU with the groups this pass used (on the sample); then the sample is relabelled
             t, _ = _iou_thresholds(scores, labels)
             new = (scores - t).argmax(1)

@@ -400,7 +400,7 @@ class EDDP(DirectionEstimator):
         r_std = _soft_standard_scale(stats.cov, eps).to(device)  # x̃ -> soft-standardised, for step (a)
         passes_info = None
         if self.init == "cluster":
-            Wt, bt, passes_info = self._cluster_detectors(stats, source, batch_maps, I, eps, gen, device, lap)
+            Wt, bt, passes_info = self._cluster_detectors(stats, source, batch_maps, I, eps, sigma, gen, device, lap)
         else:  # random unit filters in the soft-standardised space of step (a)
             v = torch.randn(I, D, generator=gen).double().to(device)
             Wt = 4.0 * v / v.norm(dim=1, keepdim=True) * r_std.double()[None, :]
@@ -443,7 +443,8 @@ class EDDP(DirectionEstimator):
                     history["seconds"])
         return self
 
-    def _cluster_detectors(self, stats, source, batch_maps: int, I: int, eps: float, gen, device, lap):
+    def _cluster_detectors(self, stats, source, batch_maps: int, I: int, eps: float, sigma: float, gen, device,
+                           lap):
         """Steps 2–4 of the fit: the clustering initialisation on the sample, then the discriminant passes
         over every patch. Returns scaled-space detectors ``(Wt, bt)`` and the passes' record (or None)."""
         # the passes add the patches the sample left out; when it holds them all they have nothing to add
@@ -469,7 +470,6 @@ class EDDP(DirectionEstimator):
             Wz, bz, _ = recluster_rounds(space["sample"], space["labels"], Wz, bz, I, self.init_rounds - 1)
             info["rounds_instead"] = True
         lap("discriminant_passes")
-        sigma = math.sqrt(max(float(torch.trace(stats.cov)) / stats.cov.shape[0], 1e-30))
         return to_scaled(Wz, bz, space["proj"], sigma) + (info,)
 
     def _refine(self, Wt, bt, S0, data: DataSpec, mu, head, schedule, r_std, gen):
