@@ -122,19 +122,73 @@ def _scaled(maps: torch.Tensor, data: DataSpec, feat_scale) -> torch.Tensor:
     return xs
 
 
+class _Objective:
+    """What a phase minimises, from its terms: the weighted sum (``mode="weighted"``) or, in the
+    constrained mode, L_s (+ L_sb) + L_ura with an augmented Lagrangian on :data:`PAPER_CONSTRAINTS`
+    (multipliers updated every ``every`` steps). :meth:`total` also returns the early-stopping
+    criterion: the weighted total, or the objective plus the total constraint violation (not the
+    augmented Lagrangian, which grows with the multipliers)."""
+
+    def __init__(self, spec: PhaseSpec, penalty: float = 10.0, every: int = 10):
+        self.weights, self.ura_key = spec.weights, spec.ura_key
+        self.constrained = spec.mode == "constrained"
+        self.penalty, self.every = penalty, every
+        self.lam = {k: 0.0 for k in PAPER_CONSTRAINTS}
+
+    def total(self, terms: Dict[str, torch.Tensor], hist: Dict[str, list]) -> Tuple[torch.Tensor, float]:
+        if not self.constrained:
+            total = sum(self.weights.get(k, 0.0) * t for k, t in terms.items())
+            return total, float(total.detach())
+        obj = terms["s"] + terms.get("sb", 0.0) + terms.get(self.ura_key, 0.0)
+        aug = 0.0
+        violation = 0.0
+        for k, bound in PAPER_CONSTRAINTS.items():
+            if k in terms:
+                c = terms[k] - bound
+                lam = self.lam[k]
+                aug = aug + (torch.relu(lam + self.penalty * c) ** 2 - lam ** 2) / (2 * self.penalty)
+                violation += max(0.0, float(c.detach()))
+        hist.setdefault("objective", []).append(float(obj.detach()))
+        hist.setdefault("violation", []).append(violation)
+        return obj + aug, float(obj.detach()) + violation
+
+    def after_step(self, step: int, terms: Dict[str, torch.Tensor]) -> None:
+        """The multipliers' update (constrained mode, every ``every`` steps)."""
+        if self.constrained and (step + 1) % self.every == 0:
+            for k, bound in PAPER_CONSTRAINTS.items():
+                if k in terms:
+                    self.lam[k] = max(0.0, self.lam[k] + self.penalty * (float(terms[k].detach()) - bound))
+
+
+def _phase_terms(spec: PhaseSpec, data: DataSpec, params, xs, orthogonal: bool, head, model_map, gen
+                 ) -> Dict[str, torch.Tensor]:
+    """The losses of one mini-batch ``xs``: the detector terms and, with a head, the URA term."""
+    ranks = isinstance(data.source, _RankSource)  # several processes: see _rank_gather, _ura_ranks
+    w, ura_key = spec.weights, spec.ura_key
+    wbar, g = _filters(params, orthogonal)
+    terms = _detector_terms(_patches(xs), wbar, g, params["b"], params.get("S"), w, spec.tau, spec.rho,
+                            spec.gamma, _rank_gather(data, xs) if ranks else None)
+    if head is not None and w.get(ura_key, 0) > 0:
+        S = params["S"] if spec.phase == "d" else None
+        if ranks:
+            terms[ura_key] = _ura_ranks(xs, head, wbar * g[:, None], params["b"], S, spec.kappa, gen, model_map,
+                                        data.source.sizes)
+        else:
+            terms[ura_key] = L.ura_loss(xs, head, wbar * g[:, None], params["b"], S, spec.kappa, gen, model_map)
+    if ranks:
+        _share_direct_terms(terms)
+    return terms
+
+
 def run_phase(spec: PhaseSpec, data: DataSpec, params: Dict[str, torch.Tensor], S_init, head, to_model, gen,
               bar) -> Dict[str, list]:
     """One schedule step: Adam on the phase's losses, early stopping, the best state restored.
 
     ``params`` (``v``, ``log_g``, ``b``; ``S`` is added from ``S_init`` in step (d)) is updated in place.
-    The early-stopping criterion is the weighted total (``mode="weighted"``) or, in the constrained
-    mode, the objective plus the total constraint violation (not the augmented Lagrangian, which
-    grows with the multipliers). The parameters saved as "best" are the ones the loss was computed
-    for (before that step's update).
+    The early-stopping criterion is :class:`_Objective`'s. The parameters saved as "best" are the
+    ones the loss was computed for (before that step's update).
     """
     device = data.device
-    I = params["v"].shape[0]
-    w = spec.weights
     for k in list(params):
         params[k] = params[k].detach().to(device).requires_grad_(True)
     if S_init is not None:
@@ -142,53 +196,21 @@ def run_phase(spec: PhaseSpec, data: DataSpec, params: Dict[str, torch.Tensor], 
     trainable = list(params.values())
     opt = torch.optim.Adam(trainable, lr=spec.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(5, spec.patience // 4))
-    use_head = head is not None
-    ura_key = spec.ura_key
-    orthogonal = spec.phase == "a" and I <= data.source.n_features
-    constrained = spec.mode == "constrained"
+    orthogonal = spec.phase == "a" and params["v"].shape[0] <= data.source.n_features
     if spec.feat_scale is not None and to_model is not None:
         r4 = spec.feat_scale.float().to(device)[None, :, None, None]
         model_map = lambda m: to_model(m / r4)  # noqa: E731
     else:
         model_map = to_model
+    objective = _Objective(spec)
     hist: Dict[str, list] = {}
-    lam = {k: 0.0 for k in PAPER_CONSTRAINTS}
-    penalty = 10.0
     best, best_step, best_state = math.inf, 0, None
     batches = _batches(data, gen)
-    ranks = isinstance(data.source, _RankSource)  # several processes: see _rank_gather, _ura_ranks
     stopped = False
     for step in range(spec.n_steps):
         xs = _scaled(next(batches), data, spec.feat_scale)
-        wbar, g = _filters(params, orthogonal)
-        terms = _detector_terms(_patches(xs), wbar, g, params["b"], params.get("S"), w, spec.tau, spec.rho,
-                                spec.gamma, _rank_gather(data, xs) if ranks else None)
-        if use_head and w.get(ura_key, 0) > 0:
-            S = params["S"] if spec.phase == "d" else None
-            if ranks:
-                terms[ura_key] = _ura_ranks(xs, head, wbar * g[:, None], params["b"], S, spec.kappa, gen, model_map,
-                                            data.source.sizes)
-            else:
-                terms[ura_key] = L.ura_loss(xs, head, wbar * g[:, None], params["b"], S, spec.kappa, gen,
-                                            model_map)
-        if ranks:
-            _share_direct_terms(terms)
-        if not constrained:
-            total = sum(w.get(k, 0.0) * t for k, t in terms.items())
-            criterion = float(total.detach())
-        else:
-            obj = terms["s"] + terms.get("sb", 0.0) + terms.get(ura_key, 0.0)
-            aug = 0.0
-            violation = 0.0
-            for k, bound in PAPER_CONSTRAINTS.items():
-                if k in terms:
-                    c = terms[k] - bound
-                    aug = aug + (torch.relu(lam[k] + penalty * c) ** 2 - lam[k] ** 2) / (2 * penalty)
-                    violation += max(0.0, float(c.detach()))
-            total = obj + aug
-            criterion = float(obj.detach()) + violation
-            hist.setdefault("objective", []).append(float(obj.detach()))
-            hist.setdefault("violation", []).append(violation)
+        terms = _phase_terms(spec, data, params, xs, orthogonal, head, model_map, gen)
+        total, criterion = objective.total(terms, hist)
         for k, t in terms.items():
             hist.setdefault(k, []).append(float(t.detach()))
         hist.setdefault("total", []).append(float(total.detach()))
@@ -207,15 +229,12 @@ def run_phase(spec: PhaseSpec, data: DataSpec, params: Dict[str, torch.Tensor], 
         grads = torch.autograd.grad(total, trainable, allow_unused=True)
         for p, gr in zip(trainable, grads):
             p.grad = gr
-        if ranks:  # every rank's share of the whole batch's gradient, added: the same step on every rank
+        if isinstance(data.source, _RankSource):  # every rank's share of the batch's gradient, added
             Dist.all_reduce_grads(trainable, op="sum", what="adding the gradients")
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step(criterion)
-        if constrained and (step + 1) % 10 == 0:
-            for k, bound in PAPER_CONSTRAINTS.items():
-                if k in terms:
-                    lam[k] = max(0.0, lam[k] + penalty * (float(terms[k].detach()) - bound))
+        objective.after_step(step, terms)
         bar.update(1)
     if best_state is not None:
         for k in params:
