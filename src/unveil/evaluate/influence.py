@@ -723,29 +723,24 @@ def _t_against(scores: np.ndarray, null_s: np.ndarray, ok: np.ndarray, has_class
     return m, sd, p, p_emp
 
 
-def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, significance, tol, pooled_head,
-             random_state, batch_size, chunk_elements, concept_names, class_names, device, progress,
-             shift="everywhere", max_patches=5000, epochs=100, lr=0.01, test="t",
-             statistic="sign", null_vectors=None, random_null=0, extra_encoders=()) -> Dict[str, Any]:
-    """Scores, null scores and p-values as plain arrays (shared by :func:`rcav` and :func:`influence`).
-
-    ``extra_encoders``: more (I, D) sets of encoders on the same detectors, scored in the same pass and
-    tested against the same null (scored once); their results are under ``"extra"``, in order."""
+def _check_options(alpha, significance, tol, n_null, null, shift, test, statistic, batch_size, chunk_elements):
+    """The scalar options of :func:`_compute`, checked: ``(alpha, significance, tol, n_perm, batch_size,
+    chunk_elements)``."""
     alpha = check_in_range(alpha, "alpha")
     significance = check_in_range(significance, "significance", 0.0, 1.0, low_inclusive=False)
     tol = check_in_range(tol, "tol", 0.0)
     n_perm = check_positive_int(n_null, "n_null (n_permutations)", minimum=0)
-    if null not in _NULLS:
-        raise ValidationError(f"null must be one of {_NULLS}, got {null!r}.")
-    if shift not in _SHIFTS:
-        raise ValidationError(f"shift must be one of {_SHIFTS}, got {shift!r}.")
-    if test not in _TESTS:
-        raise ValidationError(f"test must be one of {_TESTS}, got {test!r}.")
-    if statistic not in _STATISTICS:
-        raise ValidationError(f"statistic must be one of {_STATISTICS}, got {statistic!r}.")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
-    src = _Maps(maps, batch_size, pairs.n_features, device)
+    for name, value, allowed in (("null", null, _NULLS), ("shift", shift, _SHIFTS), ("test", test, _TESTS),
+                                 ("statistic", statistic, _STATISTICS)):
+        if value not in allowed:
+            raise ValidationError(f"{name} must be one of {allowed}, got {value!r}.")
+    return (alpha, significance, tol, n_perm, check_positive_int(batch_size, "batch_size"),
+            check_positive_int(chunk_elements, "chunk_elements"))
+
+
+def _checked_labels(src: "_Maps", labels, head) -> Tuple[torch.Tensor, int, torch.Tensor]:
+    """The labels as a long tensor, the head's number of classes (one head call on the first map) and
+    the first batch of maps."""
     y = torch.as_tensor(np.asarray(labels))
     if y.dim() != 1 or y.is_floating_point() and not torch.equal(y, y.round()):
         raise ValidationError(f"labels must be a 1-D sequence of integer classes, got shape {tuple(y.shape)} "
@@ -753,14 +748,18 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
     y = y.long()
     if src.n is not None and y.shape[0] != src.n:
         raise ValidationError(f"labels has {y.shape[0]} entries for {src.n} maps; pass one label per map.")
-    # the number of classes from one head call on the first map
     first_batch = next(iter(src))[1]
     with torch.no_grad():
         n_classes = int(_head_probs(head, first_batch[:1], None).shape[1])
     if y.numel() and (y.min() < 0 or y.max() >= n_classes):
         raise ValidationError(f"labels must lie in [0, {n_classes - 1}] (the head gives {n_classes} logits), "
                               f"got values in [{int(y.min())}, {int(y.max())}].")
-    n_det = pairs.n_concepts
+    return y, n_classes, first_batch
+
+
+def _tested_rows(pairs, extra_encoders, alpha: float, normalize: bool):
+    """The shifts of the tested directions, the pairs' encoders then each control's, as a list of
+    (I, D) float64 tensors; with the scaling rule and the encoders' norms."""
     S = pairs.encoders.detach().double().cpu()
     norms = S.norm(dim=1)
     if normalize and (norms < 1e-12).any():
@@ -774,51 +773,126 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
             raise ValidationError(f"control encoders {j} must be finite, non-zero ({S.shape[0]}, {S.shape[1]}) "
                                   f"vectors like the pairs' encoders; got shape {tuple(E.shape)}.")
         U.append(scale(E))
-    n_sets = 1 + len(extra_encoders)
+    return U, scale, norms
+
+
+def _noise_rows(src: "_Maps", pairs, scale, n_perm: int, null: str, normalize: bool, null_vectors, random_state,
+                max_patches: int, epochs: int, lr: float, chunk_elements: int):
+    """The shifts of the null's noise directions (``n_rows``, D) and which rows are usable."""
+    n_det = pairs.n_concepts
     n_rows = n_perm if null == "pooled" else n_perm * n_det  # noise directions to score
-    row_ok = torch.zeros(n_rows, dtype=torch.bool)
-    if n_perm:
-        per_det = math.ceil(n_perm / n_det) if null == "pooled" else n_perm
-        if null_vectors is not None:
-            noise = _check_null_vectors(null_vectors, null, n_perm, n_det, pairs.n_features)
-        elif null == "permutation":
-            noise, _ = permutation_noise_vectors(src, pairs, per_det, random_state=random_state,
-                                                 max_patches=max_patches, epochs=epochs, lr=lr)
-        else:
-            noise, _ = noise_signal_vectors(src, pairs, per_det, random_state=random_state,
-                                            max_elements=4 * chunk_elements)
-        # pooled: permutation p uses detector p mod I (each detector's rule in turn), shared by all directions
-        noise = noise.double().reshape(-1, pairs.n_features)[:n_rows]
-        row_ok = torch.isfinite(noise).all(-1)
-        if normalize:
-            row_ok &= noise.nan_to_num(0.0).norm(dim=-1) > 1e-12
-        safe = torch.where(row_ok[:, None], noise, torch.ones(()).double())
-        U.append(torch.where(row_ok[:, None], scale(safe), torch.zeros(()).double()))
-        if null != "pooled":
-            bad = (~row_ok.reshape(n_perm, n_det)).all(0)
-            if bad.any():
-                logger.warning("rcav: no null for directions %s (their detectors fire on < 2 patches or z is "
-                               "constant); they are never significant.", bad.nonzero().flatten().tolist())
+    if not n_perm:
+        return torch.zeros(0, pairs.n_features, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
+    per_det = math.ceil(n_perm / n_det) if null == "pooled" else n_perm
+    if null_vectors is not None:
+        noise = _check_null_vectors(null_vectors, null, n_perm, n_det, pairs.n_features)
+    elif null == "permutation":
+        noise, _ = permutation_noise_vectors(src, pairs, per_det, random_state=random_state,
+                                             max_patches=max_patches, epochs=epochs, lr=lr)
+    else:
+        noise, _ = noise_signal_vectors(src, pairs, per_det, random_state=random_state,
+                                        max_elements=4 * chunk_elements)
+    # pooled: permutation p uses detector p mod I (each detector's rule in turn), shared by all directions
+    noise = noise.double().reshape(-1, pairs.n_features)[:n_rows]
+    row_ok = torch.isfinite(noise).all(-1)
+    if normalize:
+        row_ok &= noise.nan_to_num(0.0).norm(dim=-1) > 1e-12
+    safe = torch.where(row_ok[:, None], noise, torch.ones(()).double())
+    if null != "pooled":
+        bad = (~row_ok.reshape(n_perm, n_det)).all(0)
+        if bad.any():
+            logger.warning("rcav: no null for directions %s (their detectors fire on < 2 patches or z is "
+                           "constant); they are never significant.", bad.nonzero().flatten().tolist())
+    return torch.where(row_ok[:, None], scale(safe), torch.zeros(()).double()), row_ok
+
+
+def _random_rows(pairs, n_rand: int, alpha: float, normalize: bool, norms, random_state) -> torch.Tensor:
+    """The reference of random unit directions: ``n_rand`` per direction (n_rand · I, D), each stepping
+    as far as the direction it is a reference for (alpha, or alpha · ‖ŝ_i‖)."""
+    R = torch.randn(n_rand * pairs.n_concepts, pairs.n_features, generator=_random_null_generator(random_state),
+                    dtype=torch.float64)
+    R = R / R.norm(dim=1, keepdim=True)
+    return alpha * R if normalize else alpha * R * norms.repeat(n_rand)[:, None]
+
+
+def _detected_rows(n_det: int, n_sets: int, n_rows: int, n_perm: int, null: str, n_rand: int) -> torch.Tensor:
+    """``shift="detected"``: the direction each row of the shifts belongs to (its shift goes where that
+    detector fires)."""
+    rows = torch.arange(n_det).repeat(n_sets)
+    if n_rows:
+        rows = torch.cat([rows, (torch.arange(n_rows) % n_det) if null == "pooled" else
+                          torch.arange(n_perm * n_det) % n_det])
+    if n_rand:
+        rows = torch.cat([rows, torch.arange(n_rand * n_det) % n_det])
+    return rows
+
+
+def _null_scores(noise_s: np.ndarray, row_ok: torch.Tensor, n_perm: int, n_det: int, n_classes: int, null: str):
+    """The null's scores as (n_perm, I, K), NaN where a noise row is unusable, and the usable mask."""
+    if not n_perm:
+        return np.zeros((0, n_det, n_classes)), None
+    if null == "pooled":
+        null_s = np.broadcast_to(noise_s[:, None, :], (n_perm, n_det, n_classes))
+        ok = np.broadcast_to(row_ok.numpy()[:, None, None], null_s.shape)
+    else:
+        null_s = noise_s.reshape(n_perm, n_det, n_classes)
+        ok = np.broadcast_to(row_ok.numpy().reshape(n_perm, n_det)[..., None], null_s.shape)
+    return np.where(ok, null_s, np.nan), ok
+
+
+def _decide(scores, null_s, ok, rand_s, has_class, step, test: str, level: float) -> Dict[str, np.ndarray]:
+    """p-values and decisions of one set of (I, K) scores against the null (and the random reference)."""
+    n_det, n_classes = scores.shape
+    if null_s.shape[0]:
+        m, sd, p, p_emp = _t_against(scores, null_s, ok, has_class, step)
+        p_pooled = _pooled_empirical_p(scores, null_s)
+    else:
+        m = sd = p = p_emp = p_pooled = np.full((n_det, n_classes), np.nan)
+    if rand_s is not None:  # significant only against both references (an intersection-union test: valid under either)
+        _, _, p_r, _ = _t_against(scores, rand_s, np.ones(rand_s.shape, dtype=bool), has_class, step)
+        p = np.maximum(p, p_r) if null_s.shape[0] else p_r  # NaN (no null) stays NaN: never significant
+        p_pooled = np.maximum(p_pooled, _pooled_empirical_p(scores, rand_s)) if null_s.shape[0] else \
+            _pooled_empirical_p(scores, rand_s)
+    if test == "empirical":
+        p = p_pooled
+    significant = np.nan_to_num(p, nan=1.0) < level
+    return {"score": scores, "p_value": p, "p_empirical": p_emp, "significant": significant,
+            "null_mean": m, "null_std": sd}
+
+
+def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, significance, tol, pooled_head,
+             random_state, batch_size, chunk_elements, concept_names, class_names, device, progress,
+             shift="everywhere", max_patches=5000, epochs=100, lr=0.01, test="t",
+             statistic="sign", null_vectors=None, random_null=0, extra_encoders=()) -> Dict[str, Any]:
+    """Scores, null scores and p-values as plain arrays (shared by :func:`rcav` and :func:`influence`).
+
+    ``extra_encoders``: more (I, D) sets of encoders on the same detectors, scored in the same pass and
+    tested against the same null (scored once); their results are under ``"extra"``, in order."""
+    alpha, significance, tol, n_perm, batch_size, chunk_elements = _check_options(
+        alpha, significance, tol, n_null, null, shift, test, statistic, batch_size, chunk_elements)
+    src = _Maps(maps, batch_size, pairs.n_features, device)
+    y, n_classes, first_batch = _checked_labels(src, labels, head)
+    n_det = pairs.n_concepts
+    # the rows to score: the tested directions (pairs, then each control), the null's noise directions,
+    # the random reference
+    U, scale, norms = _tested_rows(pairs, extra_encoders, alpha, normalize)
+    n_sets = len(U)
+    noise, row_ok = _noise_rows(src, pairs, scale, n_perm, null, normalize, null_vectors, random_state,
+                                max_patches, epochs, lr, chunk_elements)
+    n_rows = noise.shape[0]
+    if n_rows:
+        U.append(noise)
     n_rand = check_positive_int(random_null, "random_null", minimum=0)
-    if n_rand:  # the reference of random unit directions: n_rand per direction, after the noise rows
-        R = torch.randn(n_rand * n_det, pairs.n_features, generator=_random_null_generator(random_state),
-                        dtype=torch.float64)
-        R = R / R.norm(dim=1, keepdim=True)
-        # a random direction steps as far as the direction it is a reference for (alpha, or alpha * |s_i|)
-        U.append(alpha * R if normalize else alpha * R * norms.repeat(n_rand)[:, None])
+    if n_rand:
+        U.append(_random_rows(pairs, n_rand, alpha, normalize, norms, random_state))
     U = torch.cat(U, 0).float()
     if pooled_head is not None:
         _check_pooled_head(head, pooled_head, first_batch, U)
     bar = _progress(total=src.n, enabled=progress, desc="rcav", unit="map")
     detector = None
-    if shift == "detected":  # row j of U belongs to direction rows[j]; its shift goes where that detector fires
-        rows = torch.arange(n_det).repeat(n_sets)
-        if n_rows:
-            rows = torch.cat([rows, (torch.arange(n_rows) % n_det) if null == "pooled" else
-                              torch.arange(n_perm * n_det) % n_det])
-        if n_rand:
-            rows = torch.cat([rows, torch.arange(n_rand * n_det) % n_det])
-        detector = (pairs.decoders.float(), pairs.biases.float(), rows)
+    if shift == "detected":
+        detector = (pairs.decoders.float(), pairs.biases.float(),
+                    _detected_rows(n_det, n_sets, n_rows, n_perm, null, n_rand))
     sums = _sign_sums(src, y, U, head, n_classes, tol, chunk_elements, bar, pooled_head=pooled_head,
                       detector=detector, statistic=statistic)
     bar.close()
@@ -831,17 +905,7 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
     k_eval = int(has_class.sum())
     step = np.where(has_class, 1.0 / np.maximum(counts.numpy(), 1) if statistic == "sign" else 1e-12, np.nan)
     base = n_det * n_sets  # the rows of the tested directions come first
-    if n_perm:
-        noise_s = all_scores[base:base + n_rows]
-        if null == "pooled":
-            null_s = np.broadcast_to(noise_s[:, None, :], (n_perm, n_det, n_classes))
-            ok = np.broadcast_to(row_ok.numpy()[:, None, None], null_s.shape)
-        else:
-            null_s = noise_s.reshape(n_perm, n_det, n_classes)
-            ok = np.broadcast_to(row_ok.numpy().reshape(n_perm, n_det)[..., None], null_s.shape)
-        null_s = np.where(ok, null_s, np.nan)
-    else:
-        null_s = np.zeros((0, n_det, n_classes))
+    null_s, ok = _null_scores(all_scores[base:base + n_rows], row_ok, n_perm, n_det, n_classes, null)
     rand_s = all_scores[base + n_rows:].reshape(n_rand, n_det, n_classes) if n_rand else None
     level = significance / max(1, n_det * k_eval)
     n_ref = int(np.isfinite(null_s).sum(axis=(0, 1)).min()) if n_perm and k_eval else 0
@@ -849,27 +913,9 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
         logger.warning("influence: the smallest attainable p-value, 2/(%d + 1), is not below the Bonferroni "
                        "level %.3g: nothing can be significant. Raise n_null to at least %d.", n_ref, level,
                        math.ceil((2.0 / level - 1) / max(1, n_det)))
-
-    def decide(scores):
-        if n_perm:
-            m, sd, p, p_emp = _t_against(scores, null_s, ok, has_class, step)
-            p_pooled = _pooled_empirical_p(scores, null_s)
-        else:
-            m = sd = p = p_emp = p_pooled = np.full((n_det, n_classes), np.nan)
-        if n_rand:  # significant only against both references (an intersection-union test: valid under either)
-            _, _, p_r, _ = _t_against(scores, rand_s, np.ones(rand_s.shape, dtype=bool), has_class, step)
-            p = np.maximum(p, p_r) if n_perm else p_r  # NaN (no null) stays NaN: never significant
-            p_pooled = np.maximum(p_pooled, _pooled_empirical_p(scores, rand_s)) if n_perm else \
-                _pooled_empirical_p(scores, rand_s)
-        if test == "empirical":
-            p = p_pooled
-        significant = np.nan_to_num(p, nan=1.0) < level
-        return {"score": scores, "p_value": p, "p_empirical": p_emp, "significant": significant,
-                "null_mean": m, "null_std": sd}
-
-    sets = [decide(all_scores[j * n_det:(j + 1) * n_det]) for j in range(n_sets)]
-    scores, p, p_emp, significant, m, sd = (sets[0][k] for k in ("score", "p_value", "p_empirical", "significant",
-                                                                  "null_mean", "null_std"))
+    sets = [_decide(all_scores[j * n_det:(j + 1) * n_det], null_s, ok, rand_s, has_class, step, test, level)
+            for j in range(n_sets)]
+    significant = sets[0]["significant"]
     sdc = int(significant.any(axis=1).sum())
     scdp = int(significant.sum())
     names = list(pairs.names if concept_names is None else concept_names)
@@ -893,8 +939,8 @@ def _compute(maps, labels, pairs, head, *, alpha, normalize, n_null, null, signi
     config["n_permutations"] = n_perm
     config["random_null"] = n_rand
     logger.info("influence: SDC=%d SCDP=%d (Bonferroni level %.3g over %d tests)", sdc, scdp, level, n_det * k_eval)
-    return {"score": scores, "p_value": p, "p_empirical": p_emp, "significant": significant, "null_mean": m,
-            "null_std": sd, "null_scores": np.ascontiguousarray(null_s), "class_counts": counts.numpy().astype(np.int64),
+    return {**{k: sets[0][k] for k in ("score", "p_value", "p_empirical", "significant", "null_mean", "null_std")},
+            "null_scores": np.ascontiguousarray(null_s), "class_counts": counts.numpy().astype(np.int64),
             "concept_names": [str(x) for x in names], "class_names": [str(c) for c in cnames], "config": config,
             "extra": sets[1:]}
 
