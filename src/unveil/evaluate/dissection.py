@@ -587,70 +587,112 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
     if annotated is not None and not callable(annotated):
         annotated = np.asarray(annotated, dtype=bool)
     names, cats = _concept_info(dataset)
-    n_con = len(names)
-    if annotated is not None and not callable(annotated) and annotated.shape != (n_data, n_con):
-        raise ValidationError(f"annotated must have shape (len(dataset), n_concepts) = {(n_data, n_con)}, "
+    if annotated is not None and not callable(annotated) and annotated.shape != (n_data, len(names)):
+        raise ValidationError(f"annotated must have shape (len(dataset), n_concepts) = {(n_data, len(names))}, "
                               f"got {annotated.shape}.")
-    source = _Source(detector, n_data, preprocess)
-    vsource = source
-    if val_dataset is not None:
-        if _concept_info(val_dataset) != (names, cats):
-            raise ValidationError("val_dataset has other concepts than dataset (names or categories differ); "
-                                  "both splits must share one concept list.")
-        if annotated is not None and not callable(annotated):
-            raise ValidationError("with a separate val_dataset, annotated must be None or a callable "
-                                  "(index, sample) -> mask; an array cannot say which data set it covers.")
-        if not source.callable:
-            if val_maps is None:
-                raise ValidationError("precomputed maps cover `dataset` only; pass val_maps= with one map per "
-                                      "val_dataset image (or a callable detector).")
-            vsource = _Source(val_maps, len(vds), preprocess)
-    elif val_maps is not None:
-        raise ValidationError("val_maps is only used together with val_dataset; put all maps in `detector`.")
-
-    state: Dict[str, Any] = {}
-
-    def init(n_det: int):
-        state["thr"] = _threshold_vector(threshold, n_det)
-        state["train"] = _Acc(n_det, n_con)
-        state["val"] = _Acc(n_det, n_con)
-        state["top"] = _TopK(n_det, top_k)
-        state["lo"] = torch.full((n_det,), math.inf, dtype=torch.float64)
-        state["hi"] = torch.full((n_det,), -math.inf, dtype=torch.float64)
+    source, vsource = _sources(detector, dataset, val_dataset, val_maps, annotated, preprocess, (names, cats))
 
     bar = _progress(total=len(tr) + len(va), enabled=progress, desc="dissect", unit="img")
+    opts = dict(threshold=threshold, upsample=upsample, max_elements=max_elements, n_con=len(names), cats=cats,
+                annotated=annotated, batch_size=batch_size)
     # pass 1: train split -> IoU per (detector, concept), labels, score ranges
-    for idx, images, masks, ann in _batches(dataset, tr, batch_size, source, annotated, n_con, cats):
-        maps = source.maps(idx, images)
-        if not state:
-            init(maps.shape[1])
-        _accumulate(state["train"], maps, masks, ann, state["thr"], upsample, max_elements,
-                    ranges=(state["lo"], state["hi"]))
-        state["top"].update(maps, idx)
-        bar.update(len(idx))
+    state = _label_pass(dataset, tr, source, top_k, bar, **opts)
     n_det = source.n_detectors
     iou_train = state["train"].iou()
     best = iou_train.argmax(axis=1)
     labels = np.where(iou_train[np.arange(n_det), best] > 0, best, -1)
-
     # pass 2: validation split -> IoU, pixel precision/recall, AP histograms
+    hist = _validation_pass(vds, va, vsource, state, labels, n_bins, 1 if val_dataset is not None else 0, bar,
+                            **opts)
+    bar.close()
+    scores = _validation_scores(state["val"], labels, hist, iou_threshold)
+    summary = scores.pop("summary")
+    if detector_names is None:
+        detector_names = [f"detector_{i}" for i in range(n_det)]
+    elif len(detector_names) != n_det:
+        raise ValidationError(f"detector_names has {len(detector_names)} entries for {n_det} detectors.")
+    thr = state["thr"]
+    config = {"threshold": float(thr[0]) if bool((thr == thr[0]).all()) else thr.tolist(),
+              "upsample": upsample, "iou_threshold": iou_threshold, "n_bins": n_bins, "top_k": top_k,
+              "n_train": len(tr), "n_val": len(va), "separate_val_dataset": val_dataset is not None}
+    top = state["top"]
+    logger.info("dissection: S1=%.3f S2=%.3f interpretable=%d/%d distinct=%d", summary["S1"], summary["S2"],
+                summary["n_interpretable"], n_det, summary["n_distinct"])
+    return DissectionResult(
+        detector_names=list(map(str, detector_names)), concept_names=names, concept_categories=cats,
+        labels=labels.astype(np.int64), iou_train=iou_train, summary=summary, **scores,
+        top_values=top.values.numpy(), top_indices=top.index.numpy(), top_rows=top.rows.numpy(),
+        top_cols=top.cols.numpy(), top_map_h=top.h.numpy(), top_map_w=top.w.numpy(),
+        top_split=top.split.numpy(), config=config)
+
+
+def _sources(detector, dataset, val_dataset, val_maps, annotated, preprocess, concepts):
+    """The detector's maps for the train and the validation images (:class:`_Source` each), checked."""
+    source = _Source(detector, len(dataset), preprocess)
+    if val_dataset is None:
+        if val_maps is not None:
+            raise ValidationError("val_maps is only used together with val_dataset; put all maps in `detector`.")
+        return source, source
+    if _concept_info(val_dataset) != concepts:
+        raise ValidationError("val_dataset has other concepts than dataset (names or categories differ); "
+                              "both splits must share one concept list.")
+    if annotated is not None and not callable(annotated):
+        raise ValidationError("with a separate val_dataset, annotated must be None or a callable "
+                              "(index, sample) -> mask; an array cannot say which data set it covers.")
+    if source.callable:
+        return source, source
+    if val_maps is None:
+        raise ValidationError("precomputed maps cover `dataset` only; pass val_maps= with one map per "
+                              "val_dataset image (or a callable detector).")
+    return source, _Source(val_maps, len(val_dataset), preprocess)
+
+
+def _label_pass(dataset, indices, source, top_k: int, bar, *, threshold, upsample, max_elements, n_con, cats,
+                annotated, batch_size) -> Dict[str, Any]:
+    """Pass 1 over the train split: IoU per (detector, concept), the score ranges, the top images.
+    Returns the state both passes share (thresholds, accumulators, top-k)."""
+    state: Dict[str, Any] = {}
+    for idx, images, masks, ann in _batches(dataset, indices, batch_size, source, annotated, n_con, cats):
+        maps = source.maps(idx, images)
+        if not state:
+            n_det = maps.shape[1]
+            state = {"thr": _threshold_vector(threshold, n_det), "train": _Acc(n_det, n_con),
+                     "val": _Acc(n_det, n_con), "top": _TopK(n_det, top_k),
+                     "lo": torch.full((n_det,), math.inf, dtype=torch.float64),
+                     "hi": torch.full((n_det,), -math.inf, dtype=torch.float64)}
+        _accumulate(state["train"], maps, masks, ann, state["thr"], upsample, max_elements,
+                    ranges=(state["lo"], state["hi"]))
+        state["top"].update(maps, idx)
+        bar.update(len(idx))
+    return state
+
+
+def _validation_pass(vds, indices, vsource, state, labels, n_bins: int, split: int, bar, *, threshold, upsample,
+                     max_elements, n_con, cats, annotated, batch_size) -> Dict[str, torch.Tensor]:
+    """Pass 2 over the validation split: IoU, pixel precision / recall (into ``state["val"]``) and the
+    AP histograms of each detector against its label (returned)."""
+    n_det = len(labels)
     lo = torch.where(torch.isfinite(state["lo"]), state["lo"], torch.zeros(()))
     hi = torch.where(torch.isfinite(state["hi"]), state["hi"], torch.ones(()))
     hist = {"lo": lo, "hi": torch.maximum(hi, lo),
             "pos": torch.zeros(n_det, n_bins, dtype=torch.float64),
             "neg": torch.zeros(n_det, n_bins, dtype=torch.float64)}
     lab_t = torch.as_tensor(labels, dtype=torch.long)
-    for idx, images, masks, ann in _batches(vds, va, batch_size, vsource, annotated, n_con, cats):
+    for idx, images, masks, ann in _batches(vds, indices, batch_size, vsource, annotated, n_con, cats):
         maps = vsource.maps(idx, images)
         if maps.shape[1] != n_det:
             raise ValidationError(f"the validation maps have {maps.shape[1]} detectors, the train maps {n_det}.")
         _accumulate(state["val"], maps, masks, ann, state["thr"], upsample, max_elements,
                     hist=hist, labels=lab_t, n_bins=n_bins)
-        state["top"].update(maps, idx, split=1 if val_dataset is not None else 0)
+        state["top"].update(maps, idx, split=split)
         bar.update(len(idx))
-    bar.close()
+    return hist
 
-    val = state["val"]
+
+def _validation_scores(val: "_Acc", labels: np.ndarray, hist, iou_threshold: float) -> Dict[str, Any]:
+    """Per detector, against its label on the validation split: IoU, precision, recall, F1, AP; and the
+    summary (S1, S2, interpretable and distinct counts, means)."""
+    n_det = len(labels)
     iou_val = val.iou()
     has = labels >= 0
     lab = np.clip(labels, 0, None)
@@ -670,24 +712,8 @@ def dissect(detector, dataset, train_indices: Sequence[int], val_indices: Sequen
                "mPrecision": float(precision.mean()), "mRecall": float(recall.mean()),
                "mAP": float(ap.mean()), "mF1": float(f1.mean()),
                "n_detectors": int(n_det), "n_labelled": int(has.sum())}
-    if detector_names is None:
-        detector_names = [f"detector_{i}" for i in range(n_det)]
-    elif len(detector_names) != n_det:
-        raise ValidationError(f"detector_names has {len(detector_names)} entries for {n_det} detectors.")
-    thr = state["thr"]
-    config = {"threshold": float(thr[0]) if bool((thr == thr[0]).all()) else thr.tolist(),
-              "upsample": upsample, "iou_threshold": iou_threshold, "n_bins": n_bins, "top_k": top_k,
-              "n_train": len(tr), "n_val": len(va), "separate_val_dataset": val_dataset is not None}
-    top = state["top"]
-    logger.info("dissection: S1=%.3f S2=%.3f interpretable=%d/%d distinct=%d", summary["S1"], summary["S2"],
-                summary["n_interpretable"], n_det, summary["n_distinct"])
-    return DissectionResult(
-        detector_names=list(map(str, detector_names)), concept_names=names, concept_categories=cats,
-        labels=labels.astype(np.int64), iou_train=iou_train, iou_val=iou_val, val_iou=val_iou,
-        precision=precision, recall=recall, f1=f1, ap=ap, summary=summary,
-        top_values=top.values.numpy(), top_indices=top.index.numpy(), top_rows=top.rows.numpy(),
-        top_cols=top.cols.numpy(), top_map_h=top.h.numpy(), top_map_w=top.w.numpy(),
-        top_split=top.split.numpy(), config=config)
+    return {"iou_val": iou_val, "val_iou": val_iou, "precision": precision, "recall": recall, "f1": f1, "ap": ap,
+            "summary": summary}
 
 
 def fit_thresholds_on_train(detector, dataset, train_indices: Sequence[int], *, quantile: float = 0.995,
