@@ -398,20 +398,8 @@ class EDDP(DirectionEstimator):
         # ---- initialisation
         eps = check_in_range(self.whiten_eps, "whiten_eps", 0, None, low_inclusive=False)
         r_std = _soft_standard_scale(stats.cov, eps).to(device)  # x̃ -> soft-standardised, for step (a)
-        passes_info = None
-        if self.init == "cluster":
-            Wt, bt, passes_info = self._cluster_detectors(stats, source, batch_maps, I, eps, sigma, gen, device, lap)
-        else:  # random unit filters in the soft-standardised space of step (a)
-            v = torch.randn(I, D, generator=gen).double().to(device)
-            Wt = 4.0 * v / v.norm(dim=1, keepdim=True) * r_std.double()[None, :]
-            bt = torch.zeros(I, dtype=torch.float64, device=device)
-            lap("initialisation")
-        gains = {"init": Wt.norm(dim=1).tolist()}
-        if self.init_gain is not None:
-            first = next(p for p in "bda" if steps[p] > 0) if any(steps.values()) else "b"
-            Wt, bt = _calibrate_gains(Wt, bt, (stats.sample - mu) / sigma, self.init_gain, weights[first],
-                                      tau[first], min(0.95, rho[first] * tau[first] / I), self.gamma)
-        gains["start"] = Wt.norm(dim=1).tolist()
+        Wt, bt, passes_info, gains = self._initial_detectors(stats, source, batch_maps, I, eps, sigma, r_std,
+                                                             (steps, weights, tau, rho), gen, device, lap)
         dec0, bias0 = self._to_original(Wt, bt, mu, sigma)
         S0 = self._pattern(source, dec0, bias0, batch_maps, device)
         lap("initial_signal_vectors")
@@ -431,10 +419,7 @@ class EDDP(DirectionEstimator):
         self.pairs_ = self._make_pairs(dec, bias, S, mu, stage="final")
         if self.mode == "constrained":
             history["constraints"] = constraints
-            self.constraints_hold_ = all(c["all_hold"] for c in constraints.values()) if constraints else None
-            self.pairs_ = self.pairs_.with_meta(
-                constraints_hold=self.constraints_hold_,
-                constraints={p: {k: c["holds"] for k, c in v["terms"].items()} for p, v in constraints.items()})
+            self._record_constraints(constraints)
         lap("signal_vectors")
         history["seconds"] = sum(clock.values())
         history["stage_seconds"] = clock
@@ -442,6 +427,36 @@ class EDDP(DirectionEstimator):
         logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, stats.n_patches, D,
                     history["seconds"])
         return self
+
+    def _initial_detectors(self, stats, source, batch_maps: int, I: int, eps: float, sigma: float, r_std, schedule,
+                           gen, device, lap):
+        """Where the refinement starts, in the scaled space: the clustering initialisation and its passes
+        (``init="cluster"``) or random unit filters in the soft-standardised space of step (a); then,
+        with ``init_gain``, the gains calibrated. ``schedule`` is ``(steps, weights, tau, rho)``.
+        Returns ``(Wt, bt, passes_info or None, gains record)``."""
+        steps, weights, tau, rho = schedule
+        passes_info = None
+        if self.init == "cluster":
+            Wt, bt, passes_info = self._cluster_detectors(stats, source, batch_maps, I, eps, sigma, gen, device, lap)
+        else:
+            v = torch.randn(I, r_std.shape[0], generator=gen).double().to(device)
+            Wt = 4.0 * v / v.norm(dim=1, keepdim=True) * r_std.double()[None, :]
+            bt = torch.zeros(I, dtype=torch.float64, device=device)
+            lap("initialisation")
+        gains = {"init": Wt.norm(dim=1).tolist()}
+        if self.init_gain is not None:
+            first = next(p for p in "bda" if steps[p] > 0) if any(steps.values()) else "b"
+            Wt, bt = _calibrate_gains(Wt, bt, (stats.sample - stats.mean) / sigma, self.init_gain, weights[first],
+                                      tau[first], min(0.95, rho[first] * tau[first] / I), self.gamma)
+        gains["start"] = Wt.norm(dim=1).tolist()
+        return Wt, bt, passes_info, gains
+
+    def _record_constraints(self, constraints) -> None:
+        """Constrained mode: whether every bound holds at the end, on the estimator and in the pairs' meta."""
+        self.constraints_hold_ = all(c["all_hold"] for c in constraints.values()) if constraints else None
+        self.pairs_ = self.pairs_.with_meta(
+            constraints_hold=self.constraints_hold_,
+            constraints={p: {k: c["holds"] for k, c in v["terms"].items()} for p, v in constraints.items()})
 
     def _cluster_detectors(self, stats, source, batch_maps: int, I: int, eps: float, sigma: float, gen, device,
                            lap):
