@@ -263,19 +263,10 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _write_export(ds, folder: Path, indices, split, image_folder: str, progress: bool) -> Tuple[int, int, int]:
-    """The export itself, into the (new, empty) ``folder``; returns (images, labels, categories)."""
-    from .._progress import progress as _progress
-
-    concepts: List[Concept] = list(ds.concepts)
-    class_names: List[str] = list(getattr(ds, "class_names", []) or [])
-    split = split if split is not None else str(getattr(ds, "split", "train") or "train")
-    idx = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
-        raise ValidationError(f"indices must lie in [0, {len(ds)}) for this data set of {len(ds)} images, got "
-                              f"values from {int(idx.min())} to {int(idx.max())}.")
-
-    # global label numbers: one per distinct concept name, then the scene labels
+def _label_numbers(concepts: List[Concept], class_names: List[str]):
+    """Broden's global label numbers: one per distinct concept name, then the scene labels. Returns
+    ``(names: name -> number, cats: category -> channels, scene_numbers)``; categories must be
+    usable in file names."""
     names: "OrderedDict[str, int]" = OrderedDict()
     for c in concepts:
         names.setdefault(c.name, len(names) + 1)
@@ -294,7 +285,43 @@ def _write_export(ds, folder: Path, indices, split, image_folder: str, progress:
         nm = cname if cname not in names else f"{cname}-s"
         names[nm] = len(names) + 1
         scene_numbers.append(names[nm])
+    return names, cats, scene_numbers
 
+
+def _category_layers(masks: np.ndarray, chans: List[int], numbers: List[int], freq, cover) -> List[np.ndarray]:
+    """One category's label layers of an image: each pixel holds the number of a concept present there;
+    where concepts overlap, the later ones go to further layers. Counts each present concept into
+    ``freq`` / ``cover`` (images, mean coverage)."""
+    layers: List[np.ndarray] = []
+    for ch, number in zip(chans, numbers):
+        m = masks[ch]
+        if not m.any():
+            continue
+        freq[number] += 1
+        cover[number] += m.mean()
+        for layer in layers:
+            free = m & (layer == 0)
+            layer[free] = number
+            m = m & ~free
+            if not m.any():
+                break
+        if m.any():
+            layers.append(np.where(m, number, 0).astype(np.int32))
+    return layers
+
+
+def _write_export(ds, folder: Path, indices, split, image_folder: str, progress: bool) -> Tuple[int, int, int]:
+    """The export itself, into the (new, empty) ``folder``; returns (images, labels, categories)."""
+    from .._progress import progress as _progress
+
+    concepts: List[Concept] = list(ds.concepts)
+    class_names: List[str] = list(getattr(ds, "class_names", []) or [])
+    split = split if split is not None else str(getattr(ds, "split", "train") or "train")
+    idx = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
+        raise ValidationError(f"indices must lie in [0, {len(ds)}) for this data set of {len(ds)} images, got "
+                              f"values from {int(idx.min())} to {int(idx.max())}.")
+    names, cats, scene_numbers = _label_numbers(concepts, class_names)
     n_labels = len(names)
     freq = {cat: np.zeros(n_labels + 1) for cat in list(cats) + ["scene"]}
     cover = {cat: np.zeros(n_labels + 1) for cat in list(cats) + ["scene"]}
@@ -313,22 +340,7 @@ def _write_export(ds, folder: Path, indices, split, image_folder: str, progress:
         atomic_write_bytes(folder / "images" / f"{stem}.png", buf.getvalue())
         row = [f"{stem}.png", split, h, w, h, w]
         for cat, chans in cats.items():
-            layers: List[np.ndarray] = []
-            for ch in chans:
-                m = masks[ch]
-                if not m.any():
-                    continue
-                number = names[concepts[ch].name]
-                freq[cat][number] += 1
-                cover[cat][number] += m.mean()
-                for layer in layers:
-                    free = m & (layer == 0)
-                    layer[free] = number
-                    m = m & ~free
-                    if not m.any():
-                        break
-                if m.any():
-                    layers.append(np.where(m, number, 0).astype(np.int32))
+            layers = _category_layers(masks, chans, [names[concepts[ch].name] for ch in chans], freq[cat], cover[cat])
             files = []
             for k, layer in enumerate(layers):
                 fn = f"{stem}_{cat}.png" if k == 0 else f"{stem}_{cat}_{k}.png"
@@ -346,14 +358,21 @@ def _write_export(ds, folder: Path, indices, split, image_folder: str, progress:
             else:
                 row.append("")
         rows.append(row)
-
     all_cats = list(cats) + (["scene"] if class_names else [])
-    # per label: categories it occurs in
+    _write_tables(folder, names, {cat: [names[concepts[ch].name] for ch in chans] for cat, chans in cats.items()},
+                  scene_numbers, all_cats, freq, cover, cat_images)
+    atomic_write_bytes(folder / "index.csv", _csv_bytes(list(_META_COLUMNS) + all_cats, rows))
+    return len(rows), n_labels, len(all_cats)
+
+
+def _write_tables(folder: Path, names, cat_numbers: Dict[str, List[int]], scene_numbers: List[int],
+                  all_cats: List[str], freq, cover, cat_images) -> None:
+    """``label.csv``, one ``c_<category>.csv`` per category and ``category.csv``."""
     label_rows = []
-    number_cats: Dict[int, List[str]] = {}
-    for cat, chans in cats.items():
-        for ch in chans:
-            number_cats.setdefault(names[concepts[ch].name], []).append(cat)
+    number_cats: Dict[int, List[str]] = {}  # per label: the categories it occurs in
+    for cat, numbers in cat_numbers.items():
+        for n in numbers:
+            number_cats.setdefault(n, []).append(cat)
     for n in scene_numbers:
         number_cats.setdefault(n, []).append("scene")
     for name, number in names.items():
@@ -365,16 +384,13 @@ def _write_export(ds, folder: Path, indices, split, image_folder: str, progress:
                                                      label_rows))
     cat_rows = []
     for cat in all_cats:
-        numbers = ([names[concepts[ch].name] for ch in cats[cat]] if cat != "scene" else scene_numbers)
-        numbers = list(OrderedDict.fromkeys(numbers))
+        numbers = list(OrderedDict.fromkeys(cat_numbers[cat] if cat != "scene" else scene_numbers))
         atomic_write_bytes(folder / f"c_{cat}.csv", _csv_bytes(
             ["code", "number", "name", "frequency", "coverage"],
             [[code, n, list(names)[n - 1], int(freq[cat][n]), f"{cover[cat][n]:.6f}"]
              for code, n in enumerate(numbers, start=1)]))
         cat_rows.append([cat, min(numbers), max(numbers), len(numbers), cat_images[cat]])
     atomic_write_bytes(folder / "category.csv", _csv_bytes(["name", "first", "last", "count", "frequency"], cat_rows))
-    atomic_write_bytes(folder / "index.csv", _csv_bytes(list(_META_COLUMNS) + all_cats, rows))
-    return len(rows), n_labels, len(all_cats)
 
 
 def _unsafe_relpath(rel: str) -> Optional[str]:
