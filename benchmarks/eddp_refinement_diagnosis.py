@@ -12,7 +12,8 @@ pool → linear head) one default fit is taken apart:
 
 then the same data is fitted with variants of the refinement (``--variants``):
 
-* ``tau_b``: τ = 0.2 in step (b) as in step (d); ``tau_low``: τ = 0.05 in both; ``no_ic``: L_ic off;
+* ``tau_b``: τ = 0.2 in step (b) as in step (d); ``tau_low``: τ = 0.05 in both;
+* ``no_ic``, ``no_sb``, ``no_s``, ``no_ma``, ``no_mm``, ``no_fso``: one loss off (weight 0 in every step);
 * ``frozen``: the filter directions not trained (gains, thresholds and ŝ are);
 * ``whiten``, ``whiten1``: Adam moves the filters in softly whitened coordinates, w ∝ v·(C/c̄ + ε)^(-1/2)
   with ε = 0.01 and 1 (a step then moves the detector's score alike along every direction of the
@@ -21,6 +22,7 @@ then the same data is fitted with variants of the refinement (``--variants``):
 
     python benchmarks/eddp_refinement_diagnosis.py            # seed 0, about 12 min on one thread
     python benchmarks/eddp_refinement_diagnosis.py --seed 1 --variants frozen whiten
+    python benchmarks/eddp_refinement_diagnosis.py --name eddp_refinement_losses --variants no_sb no_s no_ma no_mm no_fso
 
 Writes ``benchmarks/results/eddp_refinement_diagnosis.{json,md}`` (or ``--out``/``--name``).
 """
@@ -40,6 +42,11 @@ VARIANTS = {
     "tau_b": {"tau": {"b": 0.2}},
     "tau_low": {"tau": {"b": 0.05, "d": 0.05}},
     "no_ic": {"weights": {"b": {"ic": 0.0}, "d": {"ic": 0.0}}},
+    "no_sb": {"weights": {"b": {"sb": 0.0}, "d": {"sb": 0.0}}},
+    "no_s": {"weights": {"b": {"s": 0.0}, "d": {"s": 0.0}}},
+    "no_ma": {"weights": {"b": {"ma": 0.0}, "d": {"ma": 0.0}}},
+    "no_mm": {"weights": {"b": {"mm": 0.0}, "d": {"mm": 0.0}}},
+    "no_fso": {"weights": {"d": {"fso": 0.0}}},
     "frozen": {},
     "whiten": {},
     "whiten1": {},
@@ -128,7 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--concepts", type=int, default=64)
     ap.add_argument("--patches", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=["tau_b", "tau_low", "no_ic", "frozen", "whiten", "whiten1"],
+                    choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="eddp_refinement_diagnosis")
