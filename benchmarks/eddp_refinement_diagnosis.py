@@ -7,8 +7,11 @@ pool → linear head) one default fit is taken apart:
   rate, and how far the filter turned (cosine of the two filters);
 * the positive-only pattern ŝ re-estimated with the initial filters on the refined positive sets and
   with the refined filters on the initial positive sets (which of the two changes costs the cosine);
-* the paper's losses (step (d) weights) over every patch, in mini-batches of the fit's size, for the
-  initial and the refined detectors (is the refined state the losses' own minimum?);
+* the paper's detector losses (step (d) weights, without the URA term) over every patch, in the same
+  mini-batches of the fit's size for the initial and the refined detectors (do the losses prefer the
+  refined state over the whole data, or only on the mini-batches the fit saw?);
+* the largest eigenvalue of the patch covariance against the variance a concept has within its
+  positives (the planted α_i·‖s_i‖ over the concept's patches), median over concepts;
 
 then the same data is fitted with variants of the refinement (``--variants``):
 
@@ -20,7 +23,7 @@ then the same data is fitted with variants of the refinement (``--variants``):
   data). An experiment of this script only (it wraps the refinement's internals); the estimator
   has no such option.
 
-    python benchmarks/eddp_refinement_diagnosis.py            # seed 0, about 12 min on one thread
+    python benchmarks/eddp_refinement_diagnosis.py            # seed 0, about 15 min on one thread
     python benchmarks/eddp_refinement_diagnosis.py --seed 1 --variants frozen whiten
     python benchmarks/eddp_refinement_diagnosis.py --name eddp_refinement_losses --variants no_sb no_s no_ma no_mm no_fso
 
@@ -175,23 +178,34 @@ def main(argv=None) -> int:
                     "encoder_cosine": [r0.encoder_cosine[c], r1.encoder_cosine[c]],
                     "rate": [float(pos0[:, i0].double().mean()), float(pos1[:, i1].double().mean())],
                     "filter_cosine": float(turn[i1])})
-    cross = {"initial filters, refined positives": float(enc(_patterns(x, W0, pos1)).mean()),
-             "refined filters, initial positives": float(enc(_patterns(x, W1, pos0)).mean())}
+    cross = {"initial filters, initial positives": float(enc(_patterns(x, W0, pos0)).mean()),
+             "initial filters, refined positives": float(enc(_patterns(x, W0, pos1)).mean()),
+             "refined filters, initial positives": float(enc(_patterns(x, W1, pos0)).mean()),
+             "refined filters, refined positives": float(enc(_patterns(x, W1, pos1)).mean())}
+    xc = x - x.mean(0)
+    lam_max = float(torch.linalg.eigvalsh(xc.T @ xc / x.shape[0])[-1])
+    alpha = data.alpha.permute(0, 2, 3, 1).reshape(-1, I).double()
+    within = [float(alpha[conc == c, c].var() * data.S[c].double().norm() ** 2) for c in range(I)]
+    spectrum = {"largest_eigenvalue": lam_max, "median_within_positive_concept_variance": float(np.median(within))}
     scale = float(fit.scale_)
-    g = torch.Generator().manual_seed(1)
-    losses = {"initialisation": full_losses(x, W0, b0, P0.encoders.double(), scale, I, fit.batch_patches, g),
-              "refined": full_losses(x, W1, b1, P1.encoders.double(), scale, I, fit.batch_patches, g)}
+    losses = {"initialisation": full_losses(x, W0, b0, P0.encoders.double(), scale, I, fit.batch_patches,
+                                            torch.Generator().manual_seed(1)),
+              "refined": full_losses(x, W1, b1, P1.encoders.double(), scale, I, fit.batch_patches,
+                                     torch.Generator().manual_seed(1))}  # the same mini-batches for both
     rows = [{"variant": "initialisation", "iou": r0.mean_iou, "enc": r0.mean_encoder_cosine},
             {"variant": "default", "iou": r1.mean_iou, "enc": r1.mean_encoder_cosine,
-             "seconds": fit.history_["seconds"]}]
+             "seconds": fit.history_["seconds"], "min_filter_cosine": float(turn.min())}]
     print(f"initialisation {r0.mean_iou:.4f} / {r0.mean_encoder_cosine:.4f}; default {r1.mean_iou:.4f} / "
           f"{r1.mean_encoder_cosine:.4f}", flush=True)
     for name in args.variants:
         with refinement_variant(name, data.X):
             t = time.perf_counter()
-            r = score_pairs(EDDP(I, random_state=seed, **VARIANTS[name]).fit(data.X, head=head).pairs_, data)
+            pv = EDDP(I, random_state=seed, **VARIANTS[name]).fit(data.X, head=head).pairs_
+            r = score_pairs(pv, data)
         rows.append({"variant": name, "iou": r.mean_iou, "enc": r.mean_encoder_cosine,
-                     "seconds": time.perf_counter() - t})
+                     "seconds": time.perf_counter() - t,
+                     "min_filter_cosine": float(torch.nn.functional.cosine_similarity(
+                         W0, pv.decoders.double(), dim=1).min())})
         print(f"{name}: {r.mean_iou:.4f} / {r.mean_encoder_cosine:.4f}", flush=True)
 
     drop = np.array([p["encoder_cosine"][0] - p["encoder_cosine"][1] for p in per])
@@ -202,8 +216,11 @@ def main(argv=None) -> int:
           f"- Filters turned by a cosine of at least {turn.min():.5f} (median {np.median(turn):.5f}).",
           f"- Concepts whose encoding cosine fell by more than 0.05: {int((drop > 0.05).sum())} of {I}; "
           f"below 0.4 after the refinement: {int(sum(p['encoder_cosine'][1] < 0.4 for p in per))}.",
-          "- ŝ re-estimated, mean encoding cosine: " + "; ".join(f"{k} {v:.3f}" for k, v in cross.items()) + ".",
-          "- Step-(d) losses over every patch, initialisation → refined: "
+          "- ŝ re-estimated, mean encoding cosine (detectors matched as in the refined fit): "
+          + "; ".join(f"{k} {v:.3f}" for k, v in cross.items()) + ".",
+          f"- Largest eigenvalue of the patch covariance {spectrum['largest_eigenvalue']:.2f}; a concept's variance "
+          f"within its positives (median) {spectrum['median_within_positive_concept_variance']:.3f}.",
+          "- Step-(d) detector losses (no URA term) over every patch, the same mini-batches, initialisation → refined: "
           + ", ".join(f"{k} {losses['initialisation'][k]:.4f} → {losses['refined'][k]:.4f}"
                       for k in ("weighted", "s", "sb", "ma", "ic", "fso")) + ".", "",
           "| concept | frequency | IoU | encoding cosine | detection rate | filter cosine |", "|---|---|---|---|---|---|"]
@@ -211,16 +228,18 @@ def main(argv=None) -> int:
         md.append(f"| {p['concept']} | {p['frequency']:.4f} | {p['iou'][0]:.3f} → {p['iou'][1]:.3f} | "
                   f"{p['encoder_cosine'][0]:.3f} → {p['encoder_cosine'][1]:.3f} | {p['rate'][0]:.4f} → "
                   f"{p['rate'][1]:.4f} | {p['filter_cosine']:.5f} |")
-    md += ["", "| variant | IoU | encoding cosine | fit s |", "|---|---|---|---|"]
+    md += ["", "| variant | IoU | encoding cosine | smallest cosine of a filter with its initial one | fit s |",
+           "|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['variant']} | {r['iou']:.4f} | {r['enc']:.4f} | "
+                  + (f"{r['min_filter_cosine']:.5f}" if "min_filter_cosine" in r else "–") + " | "
                   + (f"{r['seconds']:.0f}" if "seconds" in r else "–") + " |")
     md += ["", f"Command: `{command}`", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.name}.json",
                       {"schema": "unveil.eddp-refinement-diagnosis/1", "command": command, "seed": seed,
                        "n_concepts": I, "patches": args.patches, "head_accuracy": acc, "per_concept": per,
-                       "cross": cross, "losses": losses, "variants": rows, "versions": versions()})
+                       "cross": cross, "spectrum": spectrum, "losses": losses, "variants": rows, "versions": versions()})
     atomic_write_bytes(args.out / f"{args.name}.md", "\n".join(md).encode())
     print("\n".join(md))
     return 0

@@ -16,7 +16,7 @@ shift weighted by the detector's σ(w_iᵀx − b_i) at each position) the gradi
 detector: for each detector i and class k, g_k^(i) of the shift u·σ_i; EDDP's ŝ_i and the permuted
 pattern of detector i are compared with their own detector's gradients.
 
-    python benchmarks/influence_alignment.py      # about 1 min on one CPU thread
+    python benchmarks/influence_alignment.py      # about 30 s on one CPU thread
 
 Writes ``benchmarks/results/influence_alignment.{json,md}`` (``influence_alignment_<I>`` with
 ``--concepts I`` other than 16).
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from influence_worldnet import balanced, permuted_encoders, world_images  # noqa: E402
 
-LAYERS = {"layer3": 140, "layer4": 300}  # influence images per layer, as in influence_worldnet.py (layer3: 70)
+LAYERS = {"layer3": 140, "layer4": 300}  # class-balanced images per layer (influence_worldnet.py's RCAV uses 70 at layer3)
 
 
 def class_gradients(head, maps: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -126,13 +126,13 @@ def main(argv=None) -> int:
         md += [f"## {layer} (D = {D}, {len(keep)} class-balanced images)", "",
                f"Bound on |cos| for a significant pair ({I} × {K} tests, Bonferroni at 0.05): "
                f"{bounds[20]:.3f} with 20 random references, {bounds[100]:.3f} with 100.", "",
-               "| directions | median over directions of max_k abs(cos) | largest | pairs above the bound (100 refs) |",
+               "| directions | median over directions of max_k abs(cos) | largest | share of pairs above the bound (100 refs) |",
                "|---|---|---|---|"]
         md += [f"| {n} | {r['median_max_abs_cos']:.3f} | {r['max_abs_cos']:.3f} | "
                f"{r['share_pairs_above_bound_100']:.3f} |" for n, r in rows.items()]
         md += ["", f"Shift where the detector fires (`shift=\"detected\"`), each direction against its own detector's "
                f"gradients ({I} × {K} pairs):", "",
-               "| directions | median over directions of max_k abs(cos) | largest | pairs above the bound (100 refs) |",
+               "| directions | median over directions of max_k abs(cos) | largest | number of pairs above the bound (100 refs) |",
                "|---|---|---|---|"]
         md += [f"| {n} | {r['median_max_abs_cos']:.3f} | {r['max_abs_cos']:.3f} | {r['pairs_above_bound_100']} |"
                for n, r in detected.items()]
