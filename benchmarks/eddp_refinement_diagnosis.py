@@ -100,17 +100,6 @@ def refinement_variant(name: str, X: torch.Tensor):
         R._filters, E.run_phase = filters0, run0
 
 
-def _patterns(x, W, pos):
-    """ŝ = cov[x, z]/var[z] over each detector's positives ``pos`` (n, I), z = w_iᵀx."""
-    out = []
-    for i in range(W.shape[0]):
-        xp = x[pos[:, i]]
-        z = xp @ W[i]
-        zc, xc = z - z.mean(), xp - xp.mean(0)
-        out.append((xc * zc[:, None]).sum(0) / (zc @ zc).clamp_min(1e-300))
-    return torch.stack(out)
-
-
 def full_losses(x, W, b, S, scale, n_concepts, batch, gen):
     """The step-(d) losses of detectors (W, b) and signal vectors S over every patch of ``x``."""
     from unveil.directions import losses as L
@@ -148,6 +137,7 @@ def main(argv=None) -> int:
     from unveil import EDDP
     from unveil._io import atomic_write_bytes, atomic_write_json, versions
     from unveil.data.synthetic import make_hard_synthetic, train_head
+    from unveil.directions.pattern import positive_patterns
     from unveil.evaluate.recovery import matched_iou, score_pairs
 
     I, seed = args.concepts, args.seed
@@ -178,10 +168,13 @@ def main(argv=None) -> int:
                     "encoder_cosine": [r0.encoder_cosine[c], r1.encoder_cosine[c]],
                     "rate": [float(pos0[:, i0].double().mean()), float(pos1[:, i1].double().mean())],
                     "filter_cosine": float(turn[i1])})
-    cross = {"initial filters, initial positives": float(enc(_patterns(x, W0, pos0)).mean()),
-             "initial filters, refined positives": float(enc(_patterns(x, W0, pos1)).mean()),
-             "refined filters, initial positives": float(enc(_patterns(x, W1, pos0)).mean()),
-             "refined filters, refined positives": float(enc(_patterns(x, W1, pos1)).mean())}
+    def pattern(W, b, pos):  # ŝ of filters W over the positive sets ``pos`` (possibly another detector's)
+        return positive_patterns(x, W, b, positives=pos)[0]
+
+    cross = {"initial filters, initial positives": float(enc(pattern(W0, b0, pos0)).mean()),
+             "initial filters, refined positives": float(enc(pattern(W0, b0, pos1)).mean()),
+             "refined filters, initial positives": float(enc(pattern(W1, b1, pos0)).mean()),
+             "refined filters, refined positives": float(enc(pattern(W1, b1, pos1)).mean())}
     xc = x - x.mean(0)
     lam_max = float(torch.linalg.eigvalsh(xc.T @ xc / x.shape[0])[-1])
     alpha = data.alpha.permute(0, 2, 3, 1).reshape(-1, I).double()

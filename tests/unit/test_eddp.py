@@ -499,6 +499,15 @@ def test_positive_pattern_recovers_the_signal_and_streams_exactly():
     # a detector that fires on nothing has no pattern
     _, ok = positive_patterns(x, w, torch.tensor([1e9]).double())
     assert not bool(ok.any())
+    # positives given as a mask (another rule's decisions): the same as the threshold's when they agree,
+    # and over exactly the masked patches otherwise
+    t = w @ torch.full((6,), 5.0).double() + 0.1
+    S3, _ = positive_patterns(x + 5.0, w, t, positives=((x + 5.0) @ w.T > t))
+    torch.testing.assert_close(S3, S, rtol=1e-9, atol=1e-12)
+    half = ((x + 5.0) @ w.T > t) & (torch.arange(4000) % 2 == 0)[:, None]
+    S4, _ = positive_patterns(x + 5.0, w, t, positives=half)
+    S5, _ = positive_patterns((x + 5.0)[::2], w, t)
+    torch.testing.assert_close(S4, S5, rtol=1e-6, atol=1e-9)
 
 
 # ------------------------------------------------------------------ seeding k-means from skewness ICA

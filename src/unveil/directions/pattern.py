@@ -7,7 +7,7 @@ accumulates it over mini-batches in float64 (memory does not grow with the data)
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -34,13 +34,19 @@ class PositivePattern:
         self.sxz = torch.zeros(I, D, **kw)
         self.shift = None
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, positives: Optional[torch.Tensor] = None) -> None:
+        """Add a batch of patches ``x`` (n, D). ``positives`` (n, I) bool, optional: the patches each
+        detector counts as positive, when they come from another rule than ``z > t`` (e.g. another
+        detector's decisions); default ``wᵀx > t``."""
         x = x.to(self.W.device).double()
         if self.shift is None:
             self.shift = x.mean(0)
         x = x - self.shift
         z = x @ self.W.T  # (n, I)
-        pos = (z > (self.t - self.W @ self.shift)).double()
+        if positives is None:
+            pos = (z > (self.t - self.W @ self.shift)).double()
+        else:
+            pos = positives.to(self.W.device).double()
         pz = pos * z
         self.n += pos.sum(0)
         self.sz += pz.sum(0)
@@ -65,9 +71,10 @@ class PositivePattern:
         return S, ok
 
 
-def positive_patterns(x: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def positive_patterns(x: torch.Tensor, W: torch.Tensor, t: torch.Tensor,
+                      positives: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Positive-only patterns of detectors ``W`` (I, D), thresholds ``t`` (I,) over patches ``x`` (n, D):
-    ``(S, ok)`` as :meth:`PositivePattern.result`."""
+    ``(S, ok)`` as :meth:`PositivePattern.result`; ``positives`` as :meth:`PositivePattern.update`."""
     acc = PositivePattern(W, t)
-    acc.update(x)
+    acc.update(x, positives)
     return acc.result()
