@@ -817,3 +817,49 @@ def test_rounds_run_when_no_discriminant_pass_can_be_kept(monkeypatch):
                                                                                           "logistic": False}))
     est = EDDP(n_concepts=6, random_state=0, steps={"b": 0, "d": 0}, init_rounds=4, max_init_patches=1500).fit(data.X)
     assert calls == [3] and est.history_["discriminant_passes"]["rounds_instead"]
+
+
+def _clusters_with_a_duplicate_detector(seed=0):
+    """Six well-separated Gaussian clusters in 12 dimensions (cluster 5 rare: 80 of 1280 points) and detectors
+    fitted to the true groups, except that cluster 5 has none: its slot holds a copy of cluster 0's detector,
+    and its group is a mix of 30 patches of every cluster."""
+    from unveil.directions.eddp.initialisation import _fit_margin_classifiers
+    g = torch.Generator().manual_seed(seed)
+    centres = 6.0 * torch.randn(6, 12, generator=g)
+    sizes = [240, 240, 240, 240, 240, 80]
+    truth = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(sizes)])
+    Z = (centres[truth] + torch.randn(len(truth), 12, generator=g)).float()
+    W, b = _fit_margin_classifiers(Z, truth, 6)
+    W[5], b[5] = W[0], b[0]
+    labels = truth.clone()
+    labels[truth == 5] = 0
+    labels[torch.randperm(len(truth), generator=g)[:30]] = 5  # the duplicate's group: a mix of every cluster
+    return Z, truth, labels, W, b
+
+
+def test_a_redundant_detector_is_given_to_the_concept_no_detector_found():
+    """Planted truth: one detector duplicates another and the rare cluster has none. The duplicate shares every
+    positive, so it is replaced by a detector of the patches no detector claims: the rare cluster (IoU ≥ 0.95);
+    every other cluster keeps its detector. Fails when the replacement is skipped or scored the wrong way."""
+    from unveil.directions.eddp.initialisation import replace_redundant
+    Z, truth, labels, W, b = _clusters_with_a_duplicate_detector()
+    W2, b2, labels2, replaced = replace_redundant(Z, labels, W, b, 6, torch.Generator().manual_seed(0))
+    assert len(replaced) == 1 and replaced[0]["own_share"] < 0.5 < replaced[0]["score_new"]
+    pos = (Z @ W2.T - b2) > 0
+    for c in range(6):
+        member = truth == c
+        iou = max(float((pos[:, j] & member).sum() / (pos[:, j] | member).sum()) for j in range(6))
+        assert iou >= 0.95, (c, iou)
+
+
+def test_no_detector_is_replaced_when_none_is_redundant():
+    """With one detector per cluster nothing is replaced, the detectors come back as they were and nothing is
+    drawn from the generator (fits without a redundant detector are unchanged)."""
+    from unveil.directions.eddp.initialisation import _fit_margin_classifiers, replace_redundant
+    Z, truth, _, _, _ = _clusters_with_a_duplicate_detector()
+    W, b = _fit_margin_classifiers(Z, truth, 6)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    W2, b2, labels2, replaced = replace_redundant(Z, truth, W, b, 6, gen)
+    assert replaced == [] and torch.equal(W2, W) and torch.equal(b2, b) and torch.equal(labels2, truth)
+    assert torch.equal(gen.get_state(), state)
