@@ -9,6 +9,8 @@ Variants (every one from the same clustering initialisation, same seed):
 - ``full, no passes``: the default refinement with the head, from the initialisation without passes;
 - ``detector losses``: the default refinement without a head (no URA term);
 - ``full``: the default refinement with the head (URA);
+- ``full, batch 2048``: the same with mini-batches of 2048 patches, the default before
+  ``batch_patches="auto"`` (the same fit wherever the rule gives 2048: 8 concepts or fewer);
 - ``gain=auto`` (with and without the head): the refinement starts from gains chosen by the detector
   losses (``init_gain="auto"``) instead of the nearly hard margin detectors;
 - ``constrained`` (with the head; init gains and ``gain=auto``): the augmented-Lagrangian form; the
@@ -24,7 +26,7 @@ run it alone, with a few variants).
     python benchmarks/eddp_ablation.py                         # all settings, seeds 0 1 2
     python benchmarks/eddp_ablation.py --settings paper --seeds 0
     python benchmarks/eddp_ablation.py --settings scale --name eddp_ablation_scale \
-        --variants "init only, no passes" "init only" "detector losses (head=None)" "full (head, URA)" "full, no passes"
+        --variants "init only" "detector losses (head=None)" "full (head, URA)" "full, batch 2048"
 
 Writes ``benchmarks/results/eddp_ablation.{json,md}`` (or ``--out``) and prints the tables.
 """
@@ -45,6 +47,7 @@ VARIANTS = {
     "detector losses (head=None)": (dict(), False),
     "full (head, URA)": (dict(), True),
     "full, no passes": (dict(discriminant_passes=0), True),
+    "full, batch 2048": (dict(batch_patches=2048), True),  # the mini-batch before batch_patches="auto"
     "gain=auto, head=None": (dict(init_gain="auto"), False),
     "gain=auto, full (head)": (dict(init_gain="auto"), True),
     "constrained (head)": (dict(mode="constrained"), True),

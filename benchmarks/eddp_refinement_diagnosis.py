@@ -181,9 +181,9 @@ def main(argv=None) -> int:
     within = [float(alpha[conc == c, c].var() * data.S[c].double().norm() ** 2) for c in range(I)]
     spectrum = {"largest_eigenvalue": lam_max, "median_within_positive_concept_variance": float(np.median(within))}
     scale = float(fit.scale_)
-    losses = {"initialisation": full_losses(x, W0, b0, P0.encoders.double(), scale, I, fit.batch_patches,
+    losses = {"initialisation": full_losses(x, W0, b0, P0.encoders.double(), scale, I, fit.resolved_batch_patches(),
                                             torch.Generator().manual_seed(1)),
-              "refined": full_losses(x, W1, b1, P1.encoders.double(), scale, I, fit.batch_patches,
+              "refined": full_losses(x, W1, b1, P1.encoders.double(), scale, I, fit.resolved_batch_patches(),
                                      torch.Generator().manual_seed(1))}  # the same mini-batches for both
     rows = [{"variant": "initialisation", "iou": r0.mean_iou, "enc": r0.mean_encoder_cosine},
             {"variant": "default", "iou": r1.mean_iou, "enc": r1.mean_encoder_cosine,

@@ -863,3 +863,21 @@ def test_no_detector_is_replaced_when_none_is_redundant():
     W2, b2, labels2, replaced = replace_redundant(Z, truth, W, b, 6, gen)
     assert replaced == [] and torch.equal(W2, W) and torch.equal(b2, b) and torch.equal(labels2, truth)
     assert torch.equal(gen.get_state(), state)
+
+
+def test_auto_batch_grows_with_the_number_of_concepts():
+    """``batch_patches="auto"``: the refinement's mini-batch is max(2048, 256 × n_concepts) (each detector keeps
+    enough positives in a batch for L_ic, L_eac and L_sb to read), the streamed passes keep chunks of 2048; an
+    integer sets both."""
+    assert EDDP(n_concepts=3).resolved_batch_patches() == 2048
+    assert EDDP(n_concepts=64).resolved_batch_patches() == 16384
+    assert EDDP(n_concepts=64).resolved_batch_patches(34) == 8704
+    assert EDDP(n_concepts=64, batch_patches=1000).resolved_batch_patches() == 1000
+
+    class _Maps:
+        map_shape = (4, 4)
+    est = EDDP(n_concepts=64)
+    assert est._batch_maps(_Maps()) == 128 and est._batch_maps(_Maps(), 64) == 1024
+    assert EDDP(n_concepts=64, batch_patches=100)._batch_maps(_Maps(), 64) == 7
+    with pytest.raises(ValidationError, match="batch_patches"):
+        EDDP(n_concepts=2, batch_patches="big").fit(torch.randn(4, 3, 2, 2))
