@@ -13,11 +13,18 @@ quality in seconds by starting close to the answer and keeping the paper's losse
 3. **Max-margin detectors**: each cluster is separated from the rest by a linear classifier (logistic
    loss, weak L2) in the whitened space. Separating clusters by their *sharpest boundary* — not by
    their means (LDA), which would leak the other concepts into every filter — is what makes the
-   filters read one concept and be blind to the others and to the distractors.
+   filters read one concept and be blind to the others and to the distractors. A detector most of
+   whose positives other detectors claim too is given to a cluster of the patches no detector
+   claims, when that cluster's detector scores higher on held-out patches (a rare concept the
+   partition missed; :func:`~unveil.directions.eddp.initialisation.replace_redundant`). Then the
+   discriminant passes re-estimate the detectors from every patch
+   (:mod:`~unveil.directions.eddp.discriminant`).
 4. **Signal vectors** by the positive-only pattern estimator (method.md §3).
 5. **EDDP refinement** with the paper's losses: step (b) (L_s, L_sb, L_ma, L_mm, L_ic, L_eac, L_uur)
    then step (d) (adds free signal vectors, L_cur and L_fso), with the paper's weights, Adam and
-   ReduceLROnPlateau, for a few hundred steps with early stopping. Step (a) (the UIBE/CBE form: an
+   ReduceLROnPlateau, for a few hundred steps with early stopping, on mini-batches of
+   max(2048, 256 × n_concepts) patches (smaller batches leave a rare concept a handful of
+   positives, and the batch estimates of L_ic, L_eac and L_sb then walk its filter away). Step (a) (the UIBE/CBE form: an
    orthogonal filter basis on *soft-standardised* features ``(x − μ)/sqrt(var_k + ε·mean var)``,
    random unit filters to start) runs only with ``init="random"``, where it replaces the clustering
    start. The ε floor matters: on the paper's recipe, step (a) reached matched IoU 0.82–0.87 with it,

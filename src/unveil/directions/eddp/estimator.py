@@ -189,8 +189,11 @@ class EDDP(DirectionEstimator):
     history_ : dict
         Every loss per step (``history_["b"]["s"]`` is a list; ``"criterion"`` is what early
         stopping watched, ``"best_step"`` the step restored), ``"gains"`` (the detectors' gains
-        from the initialisation and at the start of the refinement) and ``"seconds"``; with several
-        levels, ``history_["levels"]`` holds one such dict per level.
+        from the initialisation and at the start of the refinement), ``"seconds"`` and
+        ``"stage_seconds"``; with ``init="cluster"``, ``"replaced_detectors"`` (the redundant
+        detectors the initialisation gave to a missed concept, one dict each) and, when they ran,
+        ``"discriminant_passes"``. With several levels, ``history_["levels"]`` holds one such dict
+        per level.
     constraints_hold_ : bool
         Constrained mode only: whether every constraint held at the end of every schedule step.
     levels_ : list of int
