@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -256,8 +257,18 @@ def _stage_worker(rank, world, rendezvous, result):
 
 @pytest.fixture(scope="module")
 def two_process_stages(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist_stages")
-    mp.spawn(_stage_worker, args=(2, str(tmp / "rendezvous"), str(tmp / "out.pt")), nprocs=2)
+    for attempt in range(2):
+        tmp = tmp_path_factory.mktemp("dist_stages")
+        try:
+            mp.spawn(_stage_worker, args=(2, str(tmp / "rendezvous"), str(tmp / "out.pt")), nprocs=2)
+            break
+        except mp.ProcessExitedException as exc:
+            # a worker killed by a signal before it reported anything (seen once in about 20 runs here: gloo
+            # aborting at start-up, "terminate called without an active exception"); a second start tells
+            # that apart from a crash of the code under test, which fails both times
+            if attempt or exc.signal_name is None:
+                raise
+            warnings.warn(f"two-process fixture: {exc}; starting the two processes once more")
     return torch.load(tmp / "out.pt", weights_only=True)
 
 
