@@ -44,7 +44,7 @@ def _kmeans(Z: torch.Tensor, k: int, n_init: int, seed: int,
 
 
 def _skew_ica_labels(Z: torch.Tensor, k: int, gen: torch.Generator, max_iter: int = 200,
-                     tol: float = 1e-6) -> Optional[torch.Tensor]:
+                     tol: float = 1e-12) -> Optional[torch.Tensor]:
     """A first partition from the ``k`` most skewed directions of ``Z`` (n, d): skewness FastICA.
 
     A concept that is present in few patches and absent (or weak) in the rest makes the patches'
@@ -55,7 +55,10 @@ def _skew_ica_labels(Z: torch.Tensor, k: int, gen: torch.Generator, max_iter: in
 
     Why: k-means++ seeds land in local optima when there are many clusters in many noisy
     dimensions (the ``scale`` setting, D = 512, 64 concepts, 200k patches: k-means++ 0.295 matched
-    IoU against a supervised ceiling of 0.634; k-means started from this partition 0.592). Returns
+    IoU against a supervised ceiling of 0.634; k-means started from this partition 0.592). The
+    iteration runs to ``tol`` = 1e-12 (float64 rounding), not 1e-6: where it stops must not depend
+    on the thread count (D = 512, 64 concepts, 100k patches: with 1e-6, one and two threads stopped
+    at directions 1e-6 apart and labelled 2 of 64000 patches differently). Returns
     None when the data have fewer than ``k`` non-degenerate dimensions, or when a direction labels
     no patch (then k-means++ seeds instead).
     """
@@ -314,21 +317,25 @@ def cluster_init(stats: _Stats, I: int, *, whiten_eps: float, n_init: int, init_
     """
     mu, cov = stats.mean, stats.cov
     sigma = math.sqrt(max(float(torch.trace(cov)) / cov.shape[0], 1e-30))
-    ev, U = torch.linalg.eigh(cov)
-    ev = ev.clamp_min(0)
-    floor = whiten_eps * ev.mean().clamp_min(1e-30)
-    n_keep = ev.numel()
-    bulk = noise_bulk(ev)
-    if bulk is not None and noise_floor is not None:
-        # a flat noise bulk: shrink it (whitened variance ≈ 1/noise_floor per component) instead of
-        # blowing it up to unit variance, where its many components would swamp every distance;
-        # k-means sees only the components above the bulk (its cost then scales with the signal's rank)
-        floor = torch.maximum(floor, noise_floor * bulk)
-        n_keep = max(int((ev > 2 * bulk).sum()), min(I, ev.numel()))
-        logger.info("EDDP init: a noise bulk at eigenvalue %.3g (%d of %d components above it)",
-                    float(bulk), n_keep, ev.numel())
-    white = U / torch.sqrt(ev + floor)[None, :]  # (D, D): z = (x−μ) @ white
-    Z = (stats.sample - mu) @ white
+    # the whitening and the whitened sample feed ICA's fixed point, which amplifies rounding: both are computed
+    # on one thread, so their last bits do not depend on the thread count (D = 512, 64 concepts: on two threads
+    # the whitening differed by 2e-13, enough to round some float32 inputs of ICA the other way)
+    with limit_threads(1, blas=False):
+        ev, U = torch.linalg.eigh(cov)
+        ev = ev.clamp_min(0)
+        floor = whiten_eps * ev.mean().clamp_min(1e-30)
+        n_keep = ev.numel()
+        bulk = noise_bulk(ev)
+        if bulk is not None and noise_floor is not None:
+            # a flat noise bulk: shrink it (whitened variance ≈ 1/noise_floor per component) instead of
+            # blowing it up to unit variance, where its many components would swamp every distance;
+            # k-means sees only the components above the bulk (its cost then scales with the signal's rank)
+            floor = torch.maximum(floor, noise_floor * bulk)
+            n_keep = max(int((ev > 2 * bulk).sum()), min(I, ev.numel()))
+            logger.info("EDDP init: a noise bulk at eigenvalue %.3g (%d of %d components above it)",
+                        float(bulk), n_keep, ev.numel())
+        white = U / torch.sqrt(ev + floor)[None, :]  # (D, D): z = (x−μ) @ white
+        Z = (stats.sample - mu) @ white
     if labeler is not None:
         labels = labeler(stats.sample).to(Z.device).long()
         if (torch.bincount(labels, minlength=I) < 2).any():

@@ -39,12 +39,29 @@ def _filters(params, orthogonal: bool = False) -> Tuple[torch.Tensor, torch.Tens
     return wbar, params["log_g"].exp()
 
 
+class _NoSubnormalGrad(torch.autograd.Function):
+    """Identity; its gradient has subnormal floats (|g| < the smallest normal float) set to 0.
+
+    Saturated detectors (gains of 10²–10³) give sigmoid gradients around 1e-40; a matrix product that
+    reads subnormal floats runs many times slower on x86 (D = 512, 64 concepts, 16384-patch batches:
+    0.3 s instead of 0.01 s per product). ``torch.set_flush_denormal`` would do it for the calling
+    thread only, not for the BLAS threads. Changes no gradient by more than 1.2e-38."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.masked_fill(grad.abs() < torch.finfo(grad.dtype).tiny, 0)
+
+
 def _detector_terms(x, wbar, g, b, S, w, tau, rho, gamma, gather=None) -> Dict[str, torch.Tensor]:
     """The detector losses of one mini-batch of patches ``x`` (P, D): L_s, L_ma, L_mm, L_ic, and
     L_sb / L_eac / L_fso when the phase's weights ``w`` name them (L_fso needs signal vectors ``S``).
 
     ``gather`` (several processes): turns this rank's activations into the whole batch's."""
-    y = torch.sigmoid(x @ (wbar * g[:, None]).T - b)
+    y = torch.sigmoid(_NoSubnormalGrad.apply(x @ (wbar * g[:, None]).T - b))
     if gather is not None:
         y = gather(y)
     terms = _activation_terms(y, g, w, tau, rho, gamma)
