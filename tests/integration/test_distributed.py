@@ -131,13 +131,16 @@ def test_device_and_backend_plumbing(monkeypatch):
         D.timeout_s()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
 def test_the_ranks_meet_at_a_bounded_barrier_before_closing_at_exit(monkeypatch):
-    """A group this module created is closed at exit only after a barrier (bounded on gloo): a gloo process whose
-    peer closed mid-collective aborts at exit (SIGABRT, about 1 two-process run in 10 without it, 0 in 40 with)."""
+    """A group this module created is closed at exit only after a bounded barrier on a gloo group: a gloo process
+    whose peer closed mid-collective aborts at exit (SIGABRT, 5 of 55 two-process runs without it, 0 of 40 with).
+    NCCL without a CPU group closes at once (an NCCL barrier would wait out the group's timeout), and so does a
+    process whose collective failed."""
     calls = []
 
     class _Dist:
+        backend = "gloo"
+
         def is_available(self):
             return True
 
@@ -145,26 +148,40 @@ def test_the_ranks_meet_at_a_bounded_barrier_before_closing_at_exit(monkeypatch)
             return True
 
         def get_backend(self):
-            return "gloo"
+            return self.backend
 
-        def monitored_barrier(self, timeout):
-            calls.append(("barrier", timeout.total_seconds()))
+        def monitored_barrier(self, group=None, timeout=None):
+            calls.append(("barrier", group, timeout.total_seconds()))
 
         def barrier(self):
-            calls.append(("barrier", None))
+            calls.append(("unbounded barrier", None, None))
 
         def destroy_process_group(self):
-            calls.append(("destroy", None))
-    monkeypatch.setattr(D, "_dist", lambda: _Dist())
-    monkeypatch.setitem(D._state, "owned", True)
-    monkeypatch.setitem(D._state, "timeout_s", 300.0)
-    D._shutdown_at_exit()
-    assert calls == [("barrier", 30.0), ("destroy", None)] and D._state["owned"] is False
+            calls.append(("destroy", None, None))
+    fake = _Dist()
+    monkeypatch.setattr(D, "_dist", lambda: fake)
+    monkeypatch.setenv(D.ENV_TIMEOUT, "soon")  # not read at exit: the group's own timeout, else the default
+
+    def at_exit(backend, cpu_group=None, failed=False, timeout=300.0):
+        calls.clear()
+        fake.backend = backend
+        for k, v in dict(owned=True, cpu_group=cpu_group, failed=failed, timeout_s=timeout).items():
+            monkeypatch.setitem(D._state, k, v)
+        D._shutdown_at_exit()
+        assert D._state["owned"] is False
+        return list(calls)
+    assert at_exit("gloo") == [("barrier", None, 30.0), ("destroy", None, None)]
+    assert at_exit("gloo", timeout=None) == [("barrier", None, 30.0), ("destroy", None, None)]
+    assert at_exit("gloo", timeout=12.0) == [("barrier", None, 12.0), ("destroy", None, None)]
+    assert at_exit("nccl", cpu_group="cpu") == [("barrier", "cpu", 30.0), ("destroy", None, None)]
+    assert at_exit("nccl") == [("destroy", None, None)]
+    assert at_exit("gloo", failed=True) == [("destroy", None, None)]
     calls.clear()
     D._shutdown_at_exit()  # closed already: nothing more
     assert calls == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
 def test_cli_device_cuda_means_the_local_rank_gpu(monkeypatch, tmp_path, capsys):
     # as torchrun's process 3 of 4 (local rank 1) would start; joining the group is left out here
     monkeypatch.setattr(D, "init_from_env", lambda device=None, timeout=None: False)
