@@ -926,3 +926,72 @@ def test_saturated_detectors_pass_no_subnormal_gradient(monkeypatch):
     R._detector_terms(x, v / v.norm(dim=1, keepdim=True), torch.ones(3), torch.zeros(3), None, R.PAPER_WEIGHTS["b"],
                       0.9, 0.2, 1.0)
     assert seen == [(50, 3)]  # the detectors' pre-activations go through it
+
+
+def _rare_concept_data(seed, n=6000, D=12, noise=0.6):
+    """One concept per patch along orthonormal directions, amplitudes U[2, 4], the first concept on 2% of the
+    patches (τ/I = 0.225 with the paper's τ and 4 concepts)."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.linalg.qr(torch.randn(D, D, generator=g))[0][:, :4].T
+    k = torch.multinomial(torch.tensor([0.02, 0.33, 0.33, 0.32]), n, replacement=True, generator=g)
+    X = (2 + 2 * torch.rand(n, generator=g))[:, None] * S[k] + noise * torch.randn(n, D, generator=g)
+    return X, k
+
+
+def _rare_iou(pairs, X, k):
+    det = pairs.detect(X).reshape(X.shape[0], -1) > 0.5
+    truth = k == 0
+    iou = (det & truth[:, None]).sum(0) / (det | truth[:, None]).sum(0).clamp_min(1)
+    j = int(iou.argmax())
+    return float(iou[j]), float(det[:, j].float().mean())
+
+
+def test_the_inactive_floor_does_not_push_a_rare_concept_to_fire_more():
+    """L_ic with the paper's floor ν = τ/I asks every detector to fire on at least 22.5% of the patches here; the
+    detector of a concept on 2% of them then spreads over its neighbours (soft detectors, init_gain=2: rare IoU
+    0.94 -> 0.79, firing rate 0.022 -> 0.027). With ``ic_floor="start"`` (the default from a clustering start) the
+    floor is half the detector's starting rate, and the refinement keeps it (0.94)."""
+    X, k = _rare_concept_data(0)
+    iou0, rate0 = _rare_iou(EDDP(4, random_state=0, steps={"b": 0, "d": 0}).fit(X).pairs_, X, k)
+    est = EDDP(4, random_state=0, init_gain=2.0).fit(X)
+    iou, rate = _rare_iou(est.pairs_, X, k)
+    assert iou0 >= 0.9 and iou >= iou0 - 0.02 and rate <= 1.1 * float((k == 0).float().mean())
+    paper_iou, paper_rate = _rare_iou(EDDP(4, random_state=0, init_gain=2.0, ic_floor="paper").fit(X).pairs_, X, k)
+    assert paper_iou < iou0 - 0.1 and paper_rate > 1.15 * rate0
+
+
+def test_the_inactive_floors_follow_the_starting_rates():
+    est = EDDP(3, gamma=1.0)
+    Wt = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]], dtype=torch.float64)
+    bt = torch.tensor([6.0, 0.0, 0.0], dtype=torch.float64)
+    x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    floors = est._ic_floors(Wt, bt, x, 3, {"b": 0.9, "d": 0.2})
+    rate = torch.sigmoid(x @ Wt.T - bt).mean(0)
+    assert float(rate[0]) < 0.15  # the rare one: its floor is half its rate, below the paper's 0.3
+    assert torch.allclose(floors["b"].double(), torch.minimum(torch.tensor(0.9), 3 * rate / 2), atol=1e-6)
+    assert torch.allclose(floors["d"].double(), torch.minimum(torch.tensor(0.2), 3 * rate / 2), atol=1e-6)
+    y = torch.sigmoid(x @ Wt.T - bt)
+    from unveil.directions import losses as L
+    assert float(L.inactive_loss(y, floors["b"].double(), 1.0)) == 0.0  # nothing to push at the start
+    assert EDDP(3, init="random")._ic_floors(Wt, bt, x, 3, {"b": 0.9}) == {"b": 0.9}  # "auto": the paper's
+    assert EDDP(3, ic_floor="paper")._ic_floors(Wt, bt, x, 3, {"b": 0.9}) == {"b": 0.9}
+
+
+@pytest.mark.parametrize("kw, claimed, per_detector", [({}, True, True),
+                                                        ({"sb_patches": "all", "ic_floor": "paper"}, False, False),
+                                                        ({"init": "random", "steps": {"a": 2}}, True, False)])
+def test_the_schedule_steps_get_the_chosen_loss_forms(monkeypatch, kw, claimed, per_detector):
+    import unveil.directions.eddp.estimator as E
+    seen = []
+    real = E.run_phase
+
+    def spy(spec, *a, **k):
+        seen.append(spec)
+        return real(spec, *a, **k)
+    monkeypatch.setattr(E, "run_phase", spy)
+    X = make_synthetic(n_per_class=30, random_state=0).X
+    EDDP(3, random_state=0, **{"steps": {"b": 2, "d": 2}, **kw}).fit(X)
+    assert seen and all(s.sb_claimed is claimed for s in seen)
+    assert all(torch.is_tensor(s.tau) is per_detector for s in seen)
+    if per_detector:
+        assert all(s.tau.shape == (3,) and float(s.tau.max()) <= 0.9 + 1e-6 for s in seen)

@@ -36,6 +36,32 @@ def test_inactive_excessive_margin():
     assert float(L.max_margin_loss(torch.tensor([1.0, 3.0]))) == pytest.approx(2.0, rel=1e-6)
 
 
+def test_inactive_loss_with_a_floor_per_detector():
+    # E_p[y] = (0.65, 0.225); tau per detector (1.6, 0.9), I = 2 -> nu = (0.8, 0.45): each below its own floor
+    tau = torch.tensor([1.6, 0.9], dtype=torch.float64)
+    assert float(L.inactive_loss(Y, tau=tau, gamma=1.0)) == pytest.approx((0.15 / 0.8 + 0.225 / 0.45) / 2, rel=1e-6)
+    # floors at the detectors' own rates or below: nothing to push
+    assert float(L.inactive_loss(Y, tau=torch.tensor([1.3, 0.45], dtype=torch.float64), gamma=1.0)) == 0.0
+    # a number and the same number per detector agree
+    assert float(L.inactive_loss(Y, tau=torch.full((2,), 0.9, dtype=torch.float64), gamma=2.0)) == pytest.approx(
+        float(L.inactive_loss(Y, tau=0.9, gamma=2.0)), rel=1e-12)
+
+
+def test_sparsity_bound_reads_the_claimed_patches():
+    """A patch no detector fires on has the largest entropy of q = y / |y|_1 (1 bit here) and leads the paper's
+    smooth maximum; weighted by how much it is claimed, it no longer does and gets almost no gradient."""
+    y = torch.tensor([[0.95, 0.05], [1e-4, 1e-4]], dtype=torch.float64, requires_grad=True)
+    h_claimed = -(0.95 * math.log2(0.95) + 0.05 * math.log2(0.05))
+    assert float(L.sparsity_bound_loss(y)) == pytest.approx((h_claimed ** 5 + 1) / (h_claimed ** 4 + 1), rel=1e-6)
+    assert float(L.sparsity_bound_loss(y)) > 0.8
+    assert float(L.sparsity_bound_loss(y, claimed=True)) == pytest.approx(h_claimed, rel=1e-3)
+    grad, = torch.autograd.grad(L.sparsity_bound_loss(y, claimed=True), y)
+    assert float(grad[1].abs().max()) < 1e-3 * float(grad[0].abs().max())
+    # a patch claimed at least once counts fully: the two forms agree on such batches
+    y2 = torch.tensor([[0.95, 0.05], [0.6, 0.5]], dtype=torch.float64)
+    assert float(L.sparsity_bound_loss(y2, claimed=True)) == pytest.approx(float(L.sparsity_bound_loss(y2)), rel=1e-12)
+
+
 def test_fso():
     wbar = torch.eye(2, dtype=torch.float64)
     S = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)

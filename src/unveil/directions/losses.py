@@ -45,10 +45,12 @@ def max_margin_loss(magnitudes: torch.Tensor) -> torch.Tensor:
     return magnitudes.mean()
 
 
-def inactive_loss(y: torch.Tensor, tau: float, gamma: float = 1.0) -> torch.Tensor:
-    """L_ic = mean_i ReLU(ν − E_p[y^γ]) / ν, ν = τ / I: no dead detector."""
+def inactive_loss(y: torch.Tensor, tau, gamma: float = 1.0) -> torch.Tensor:
+    """L_ic = mean_i ReLU(ν − E_p[y^γ]) / ν, ν = τ / I: no dead detector.
+
+    ``tau`` is a number, or a tensor (I,) for a floor per detector (ν_i = τ_i / I)."""
     nu = tau / y.shape[1]
-    return torch.relu(nu - (y ** gamma).mean(dim=0)).mean() / nu
+    return (torch.relu(nu - (y ** gamma).mean(dim=0)) / nu).mean()
 
 
 def excessive_loss(y: torch.Tensor, rho: float, gamma: float = 1.0) -> torch.Tensor:
@@ -56,9 +58,18 @@ def excessive_loss(y: torch.Tensor, rho: float, gamma: float = 1.0) -> torch.Ten
     return self_weighted(torch.relu((y ** gamma).mean(dim=0) - rho) / (1 - rho))
 
 
-def sparsity_bound_loss(y: torch.Tensor) -> torch.Tensor:
-    """L_sb = R_SW over patches of the per-patch sparsity entropy: the worst patch stays sparse."""
-    return self_weighted(patch_entropy(y))
+def sparsity_bound_loss(y: torch.Tensor, claimed: bool = False) -> torch.Tensor:
+    """L_sb = R_SW over patches of the per-patch sparsity entropy: the worst patch stays sparse.
+
+    ``claimed``: each patch's entropy is weighted by how much the detectors claim it,
+    ``min(1, Σ_i y_pi)`` (a constant for the gradient). The entropy of ``q = y / ‖y‖₁`` reads the
+    relative sizes of the activations, so a patch no detector fires on (all ``y`` near 0) can have
+    the largest entropy of the batch, though nothing is active there; unweighted, such patches
+    lead the smooth maximum and their gradient makes some detector claim them."""
+    h = patch_entropy(y)
+    if claimed:
+        h = h * y.detach().sum(dim=1).clamp(max=1.0)
+    return self_weighted(h)
 
 
 def fso_loss(directions: torch.Tensor, signals: torch.Tensor) -> torch.Tensor:

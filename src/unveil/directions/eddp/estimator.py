@@ -98,6 +98,20 @@ class EDDP(DirectionEstimator):
         at 0.95.
     kappa : tuple
         Range of the URA step κ ~ U[κ₀, κ₁].
+    ic_floor : {"auto", "paper", "start"}
+        The firing-rate floor of L_ic (no dead detector). ``"paper"``: ν = τ/I for every detector,
+        which presumes concepts of about equal frequency and pushes every detector of a rarer concept
+        to fire on more patches. ``"start"``: ν_i = min(τ/I, r_i / 2), r_i the detector's firing rate
+        (E[y^γ] on the patch sample) where the refinement starts: a detector may not lose more than
+        half its patches, and none is pushed above its concept's frequency. ``"auto"`` (default):
+        ``"start"`` with ``init="cluster"`` (every detector starts on a group of patches), ``"paper"``
+        with ``init="random"`` (random detectors may start dead; the floor is what revives them).
+        MEASURED_IC
+    sb_patches : {"claimed", "all"}
+        The patches L_sb (the worst patch's sparsity entropy) reads. ``"all"``: every patch (the
+        paper's). ``"claimed"`` (default): each patch's entropy weighted by ``min(1, Σ_i y_i)``, how
+        much the detectors claim it. The entropy of ``y / ‖y‖₁`` reads relative sizes, so a patch no
+        detector fires on can have the largest entropy of a batch; MEASURED_SB
     whiten_eps : float
         The ε floor of the soft whitening, relative to the mean eigenvalue.
     noise_floor : float or None
@@ -219,7 +233,8 @@ class EDDP(DirectionEstimator):
         "n_concepts": _POS_INT, "init": [Options({"cluster", "random"})], "steps": [None, "dict"],
         "weights": [None, "dict"], "mode": [Options({"weighted", "constrained"})], "lr": [None, "dict"],
         "lr_scale": [Options({"auto"})] + _POS_REAL, "gamma": _POS_REAL, "tau": [None, "dict"], "rho": [None, "dict"],
-        "kappa": ["sequence"], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
+        "kappa": ["sequence"], "ic_floor": [Options({"auto", "paper", "start"})],
+        "sb_patches": [Options({"claimed", "all"})], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
         "seeding": [Options({"best", "ica", "kmeans++"})],
         "init_rounds": _POS_INT, "discriminant_passes": _NONNEG_INT,
         "batch_patches": [Options({"auto"})] + _POS_INT, "max_init_patches": [Options({"auto"})] + _POS_INT,
@@ -234,7 +249,7 @@ class EDDP(DirectionEstimator):
                  weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
                  lr_scale="auto", gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
-                 whiten_eps: float = 1e-2, noise_floor: Optional[float] = 30.0, n_init: int = 8, seeding: str = "best",
+                 ic_floor: str = "auto", sb_patches: str = "claimed", whiten_eps: float = 1e-2, noise_floor: Optional[float] = 30.0, n_init: int = 8, seeding: str = "best",
                  init_rounds: int = 5, discriminant_passes: int = 2, batch_patches="auto",
                  max_init_patches="auto", patience: int = 60, init_gain=None, levels=None,
                  device=None, random_state=None, progress: bool = False):
@@ -249,6 +264,8 @@ class EDDP(DirectionEstimator):
         self.tau = tau
         self.rho = rho
         self.kappa = kappa
+        self.ic_floor = ic_floor
+        self.sb_patches = sb_patches
         self.whiten_eps = whiten_eps
         self.noise_floor = noise_floor
         self.n_init = n_init
@@ -424,10 +441,11 @@ class EDDP(DirectionEstimator):
         self.init_pairs_ = self._make_pairs(dec0, bias0, S0, mu, stage="init")
 
         # ---- refinement with the paper's losses
+        floors = self._ic_floors(Wt, bt, (stats.sample - mu) / sigma, I, tau)
         data = DataSpec(source=source, batch_maps=self._batch_maps(source, I), mu=mu.float(), sigma=float(sigma),
                         device=device)
         params, history, constraints = self._refine(Wt, bt, S0, data, mu, head, (steps, weights, lr, tau, rho),
-                                                    r_std, gen)
+                                                    r_std, gen, floors)
         history = {"gains": gains, **history, **init_info}
 
         lap("refinement")
@@ -469,6 +487,25 @@ class EDDP(DirectionEstimator):
         gains["start"] = Wt.norm(dim=1).tolist()
         return Wt, bt, init_info, gains
 
+    def _ic_floors(self, Wt, bt, x, I: int, tau: dict) -> dict:
+        """τ per schedule step for L_ic: the numbers of ``tau`` (``ic_floor="paper"``), or with
+        ``"start"`` one per detector, τ_i = I · min(τ/I, r_i / 2), r_i = E[y^γ] of the starting
+        detectors ``(Wt, bt)`` over the scaled sample ``x``."""
+        how = self.ic_floor
+        if how == "auto":
+            how = "start" if self.init == "cluster" else "paper"
+        if how not in ("paper", "start"):
+            raise ValidationError(f"ic_floor must be 'auto', 'paper' or 'start'; got {self.ic_floor!r}.")
+        if how == "paper":
+            return dict(tau)
+        with torch.no_grad():
+            Wd, bd = Wt.double().to(x.device), bt.double().to(x.device)
+            rate = torch.zeros(Wd.shape[0], dtype=torch.float64, device=x.device)
+            for i in range(0, x.shape[0], 8192):
+                rate += (torch.sigmoid(x[i:i + 8192].double() @ Wd.T - bd) ** self.gamma).sum(0)
+            rate = (rate / max(1, x.shape[0])).cpu()
+        return {k: torch.minimum(torch.full_like(rate, float(v)), I * rate / 2).float() for k, v in tau.items()}
+
     def _record_constraints(self, constraints) -> None:
         """Constrained mode: whether every bound holds at the end, on the estimator and in the pairs' meta."""
         self.constraints_hold_ = all(c["all_hold"] for c in constraints.values()) if constraints else None
@@ -507,10 +544,10 @@ class EDDP(DirectionEstimator):
         lap("discriminant_passes")
         return to_scaled(Wz, bz, space["proj"], sigma) + ({**init_info, "discriminant_passes": info},)
 
-    def _refine(self, Wt, bt, S0, data: DataSpec, mu, head, schedule, r_std, gen):
+    def _refine(self, Wt, bt, S0, data: DataSpec, mu, head, schedule, r_std, gen, floors=None):
         """The paper's schedule steps (a), (b), (d) from scaled-space detectors ``Wt``, ``bt`` and signal
-        vectors ``S0``; ``schedule`` is ``(steps, weights, lr, tau, rho)`` as :meth:`_resolved` gives them.
-        Returns the final parameters, the per-step histories and the constraint checks."""
+        vectors ``S0``; ``schedule`` is ``(steps, weights, lr, tau, rho)`` as :meth:`_resolved` gives them;
+        ``floors``: L_ic's τ per step (:meth:`_ic_floors`; default ``tau``). Returns the final parameters, the per-step histories and the constraint checks."""
         steps, weights, lr, tau, rho = schedule
         I, D = Wt.shape
         source, batch_maps, device = data.source, data.batch_maps, data.device
@@ -541,9 +578,12 @@ class EDDP(DirectionEstimator):
                     dec, bias = self._to_original(self._decoders_t(params), params["b"].double(), mu, sigma)
                     S_scaled = self._pattern(source, dec, bias, batch_maps, device).float()
                     S_scaled = S_scaled / S_scaled.norm(dim=1, keepdim=True)
+                tau_ic = tau[phase] if floors is None else floors[phase]
                 spec = PhaseSpec(phase=phase, n_steps=steps[phase], weights=weights[phase], lr=lr[phase],
-                                 tau=tau[phase], rho=min(0.95, rho[phase] * tau[phase] / I), gamma=self.gamma,
-                                 kappa=tuple(self.kappa), mode=self.mode, patience=self.patience, feat_scale=scale)
+                                 tau=tau_ic.to(device) if torch.is_tensor(tau_ic) else tau_ic,
+                                 rho=min(0.95, rho[phase] * tau[phase] / I), gamma=self.gamma,
+                                 kappa=tuple(self.kappa), mode=self.mode, patience=self.patience, feat_scale=scale,
+                                 sb_claimed=self.sb_patches == "claimed")
                 history[phase] = run_phase(spec, data, params, S_scaled if phase == "d" else None, head, to_model,
                                            gen, bar)
                 if self.mode == "constrained":

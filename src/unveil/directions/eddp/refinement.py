@@ -60,7 +60,8 @@ class _NoSubnormalGrad(torch.autograd.Function):
         return grad.masked_fill(grad.abs() < torch.finfo(grad.dtype).tiny, 0)
 
 
-def _detector_terms(x, wbar, g, b, S, w, tau, rho, gamma, gather=None) -> Dict[str, torch.Tensor]:
+def _detector_terms(x, wbar, g, b, S, w, tau, rho, gamma, gather=None, sb_claimed: bool = False
+                    ) -> Dict[str, torch.Tensor]:
     """The detector losses of one mini-batch of patches ``x`` (P, D): L_s, L_ma, L_mm, L_ic, and
     L_sb / L_eac / L_fso when the phase's weights ``w`` name them (L_fso needs signal vectors ``S``).
 
@@ -68,19 +69,20 @@ def _detector_terms(x, wbar, g, b, S, w, tau, rho, gamma, gather=None) -> Dict[s
     y = torch.sigmoid(_NoSubnormalGrad.apply(x @ (wbar * g[:, None]).T - b))
     if gather is not None:
         y = gather(y)
-    terms = _activation_terms(y, g, w, tau, rho, gamma)
+    terms = _activation_terms(y, g, w, tau, rho, gamma, sb_claimed)
     if "fso" in w and S is not None:
         terms["fso"] = L.fso_loss(wbar, S)
     return terms
 
 
-def _activation_terms(y, g, w, tau, rho, gamma) -> Dict[str, torch.Tensor]:
+def _activation_terms(y, g, w, tau, rho, gamma, sb_claimed: bool = False) -> Dict[str, torch.Tensor]:
     """The losses of detector activations ``y`` (P, I) and gains ``g``: L_s, L_ma, L_mm, L_ic, and
-    L_sb / L_eac when the weights ``w`` name them."""
+    L_sb / L_eac when the weights ``w`` name them. ``tau``: a number or one per detector (I,);
+    ``sb_claimed``: L_sb weighs each patch by how much the detectors claim it."""
     terms = {"s": L.sparsity_loss(y), "ma": L.max_activation_loss(y), "mm": L.max_margin_loss(g),
              "ic": L.inactive_loss(y, tau, gamma)}
     if "sb" in w:
-        terms["sb"] = L.sparsity_bound_loss(y)
+        terms["sb"] = L.sparsity_bound_loss(y, claimed=sb_claimed)
     if "eac" in w:
         terms["eac"] = L.excessive_loss(y, rho, gamma)
     return terms
@@ -94,20 +96,23 @@ class PhaseSpec:
 
     ``phase`` is ``"a"``, ``"b"`` or ``"d"``; ``weights`` the loss weights; ``feat_scale`` (D,),
     when given, makes the losses see ``x̃ ⊙ feat_scale`` instead of the scaled patches ``x̃``
-    (step (a): soft-standardised features), and the parameters act in that space.
+    (step (a): soft-standardised features), and the parameters act in that space. ``tau`` is a
+    number or a tensor (I,), one L_ic floor per detector (ν_i = τ_i / I); ``sb_claimed``: L_sb
+    weighs each patch by how much the detectors claim it (:func:`unveil.directions.losses.sparsity_bound_loss`).
     """
 
     phase: str
     n_steps: int
     weights: Dict[str, float]
     lr: float
-    tau: float
+    tau: object
     rho: float
     gamma: float
     kappa: Tuple[float, float]
     mode: str = "weighted"
     patience: int = 60
     feat_scale: Optional[torch.Tensor] = None
+    sb_claimed: bool = False
 
     @property
     def ura_key(self) -> str:
@@ -188,7 +193,7 @@ def _phase_terms(spec: PhaseSpec, data: DataSpec, params, xs, orthogonal: bool, 
     w, ura_key = spec.weights, spec.ura_key
     wbar, g = _filters(params, orthogonal)
     terms = _detector_terms(_patches(xs), wbar, g, params["b"], params.get("S"), w, spec.tau, spec.rho,
-                            spec.gamma, _rank_gather(data, xs) if ranks else None)
+                            spec.gamma, _rank_gather(data, xs) if ranks else None, spec.sb_claimed)
     if head is not None and w.get(ura_key, 0) > 0:
         S = params["S"] if spec.phase == "d" else None
         if ranks:
@@ -282,7 +287,8 @@ def final_terms(spec: PhaseSpec, data: DataSpec, params, gen, n_batches: int = 8
         for maps in data.source.iter_maps(data.batch_maps, shuffle=True, generator=gen):
             xs = _scaled(maps, data, spec.feat_scale)
             terms = _detector_terms(_patches(xs), wbar, g, params["b"], params.get("S"), spec.weights, spec.tau,
-                                    spec.rho, spec.gamma, _rank_gather(data, xs) if ranks else None)
+                                    spec.rho, spec.gamma, _rank_gather(data, xs) if ranks else None,
+                                    spec.sb_claimed)
             for k, t in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(t)
             n += 1
