@@ -106,12 +106,18 @@ class EDDP(DirectionEstimator):
         half its patches, and none is pushed above its concept's frequency. ``"auto"`` (default):
         ``"start"`` with ``init="cluster"`` (every detector starts on a group of patches), ``"paper"``
         with ``init="random"`` (random detectors may start dead; the floor is what revives them).
-        MEASURED_IC
+        Measured with ``sb_patches``, on the ``scale`` setting (D = 512, 64 concepts whose frequencies
+        differ by 8×, 500k patches, seed 1, with the head), matched IoU / encoding cosine: initialisation
+        0.891 / 0.972; after the refinement with ``"paper"`` 0.898 / 0.978, with ``"start"`` 0.902 / 0.979.
     sb_patches : {"claimed", "all"}
         The patches L_sb (the worst patch's sparsity entropy) reads. ``"all"``: every patch (the
         paper's). ``"claimed"`` (default): each patch's entropy weighted by ``min(1, Σ_i y_i)``, how
         much the detectors claim it. The entropy of ``y / ‖y‖₁`` reads relative sizes, so a patch no
-        detector fires on can have the largest entropy of a batch; MEASURED_SB
+        detector fires on can have the largest entropy of a batch (on the setting below about half of the
+        smooth maximum's weight lies on such patches) and its gradient makes some detector claim it.
+        Same setting and seed: after the refinement with ``"all"`` 0.886 / 0.958; with ``"claimed"``
+        0.902 / 0.979; with both paper forms (``ic_floor="paper"``, ``"all"``) 0.884 / 0.930, below the
+        initialisation: the refinement lost rare concepts' signal vectors (the lowest per concept 0.02).
     whiten_eps : float
         The ε floor of the soft whitening, relative to the mean eigenvalue.
     noise_floor : float or None
