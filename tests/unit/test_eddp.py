@@ -949,11 +949,11 @@ def _rare_iou(pairs, X, k):
 def test_the_inactive_floor_does_not_push_a_rare_concept_to_fire_more():
     """L_ic with the paper's floor ν = τ/I asks every detector to fire on at least 22.5% of the patches here; the
     detector of a concept on 2% of them then spreads over its neighbours (soft detectors, init_gain=2: rare IoU
-    0.94 -> 0.79, firing rate 0.022 -> 0.027). With ``ic_floor="start"`` (the default from a clustering start) the
-    floor is half the detector's starting rate, and the refinement keeps it (0.94)."""
+    0.94 -> 0.79, firing rate 0.022 -> 0.027). With ``ic_floor="start"`` the floor is half the detector's starting
+    rate, and the refinement keeps it (0.94)."""
     X, k = _rare_concept_data(0)
     iou0, rate0 = _rare_iou(EDDP(4, random_state=0, steps={"b": 0, "d": 0}).fit(X).pairs_, X, k)
-    est = EDDP(4, random_state=0, init_gain=2.0).fit(X)
+    est = EDDP(4, random_state=0, init_gain=2.0, ic_floor="start").fit(X)
     iou, rate = _rare_iou(est.pairs_, X, k)
     assert iou0 >= 0.9 and iou >= iou0 - 0.02 and rate <= 1.1 * float((k == 0).float().mean())
     paper_iou, paper_rate = _rare_iou(EDDP(4, random_state=0, init_gain=2.0, ic_floor="paper").fit(X).pairs_, X, k)
@@ -961,7 +961,7 @@ def test_the_inactive_floor_does_not_push_a_rare_concept_to_fire_more():
 
 
 def test_the_inactive_floors_follow_the_starting_rates():
-    est = EDDP(3, gamma=1.0)
+    est = EDDP(3, gamma=1.0, ic_floor="start")
     Wt = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]], dtype=torch.float64)
     bt = torch.tensor([6.0, 0.0, 0.0], dtype=torch.float64)
     x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -973,12 +973,12 @@ def test_the_inactive_floors_follow_the_starting_rates():
     y = torch.sigmoid(x @ Wt.T - bt)
     from unveil.directions import losses as L
     assert float(L.inactive_loss(y, floors["b"].double(), 1.0)) == 0.0  # nothing to push at the start
-    assert EDDP(3, init="random")._ic_floors(Wt, bt, x, 3, {"b": 0.9}) == {"b": 0.9}  # "auto": the paper's
-    assert EDDP(3, ic_floor="paper")._ic_floors(Wt, bt, x, 3, {"b": 0.9}) == {"b": 0.9}
+    assert EDDP(3)._ic_floors(Wt, bt, x, 3, {"b": 0.9}) == {"b": 0.9}  # the default: the paper's floor
 
 
-@pytest.mark.parametrize("kw, claimed, per_detector", [({}, True, True),
-                                                        ({"sb_patches": "all", "ic_floor": "paper"}, False, False),
+@pytest.mark.parametrize("kw, claimed, per_detector", [({}, True, False),
+                                                        ({"sb_patches": "all"}, False, False),
+                                                        ({"ic_floor": "start"}, True, True),
                                                         ({"init": "random", "steps": {"a": 2}}, True, False)])
 def test_the_schedule_steps_get_the_chosen_loss_forms(monkeypatch, kw, claimed, per_detector):
     import unveil.directions.eddp.estimator as E
