@@ -48,10 +48,9 @@ VARIANTS = {
     "full (head, URA)": (dict(), True),
     "full, no passes": (dict(discriminant_passes=0), True),
     "full, batch 2048": (dict(batch_patches=2048), True),  # the mini-batch before batch_patches="auto"
-    # the paper's forms of L_ic (floor τ/I for every detector) and L_sb (every patch), alone and together
-    "full, paper L_ic floor": (dict(ic_floor="paper"), True),
+    # L_sb over every patch (the paper's form, the default before sb_patches); L_ic floored per detector
     "full, paper L_sb": (dict(sb_patches="all"), True),
-    "full, paper L_ic and L_sb": (dict(ic_floor="paper", sb_patches="all"), True),
+    "full, L_ic floor from start": (dict(ic_floor="start"), True),
     "gain=auto, head=None": (dict(init_gain="auto"), False),
     "gain=auto, full (head)": (dict(init_gain="auto"), True),
     "constrained (head)": (dict(mode="constrained"), True),
