@@ -361,7 +361,7 @@ def test_early_stopping_patience_and_restored_state():
     y = _patch_y(p, data.X)
     g = p.decoders.double().norm(dim=1) * est.scale_
     from unveil.directions import losses as L
-    tot = (0.85 * L.sparsity_loss(y) + 2.6 * L.sparsity_bound_loss(y) + 2.8 * L.max_activation_loss(y)
+    tot = (0.85 * L.sparsity_loss(y) + 2.6 * L.sparsity_bound_loss(y, claimed=True) + 2.8 * L.max_activation_loss(y)
            + 0.6 * L.max_margin_loss(g) + 15 * L.inactive_loss(y, 0.9, 1.1) + 15 * L.excessive_loss(y, 0.95, 1.1))
     assert abs(H["total"][best] - H["total"][best - 1]) > 1e-3  # consecutive states are distinguishable
     assert float(tot) == pytest.approx(H["total"][best], rel=1e-5)
