@@ -242,8 +242,8 @@ class EDDP(DirectionEstimator):
         "n_concepts": _POS_INT, "init": [Options({"cluster", "random"})], "steps": [None, "dict"],
         "weights": [None, "dict"], "mode": [Options({"weighted", "constrained"})], "lr": [None, "dict"],
         "lr_scale": [Options({"auto"})] + _POS_REAL, "gamma": _POS_REAL, "tau": [None, "dict"], "rho": [None, "dict"],
-        "kappa": ["sequence"], "ic_floor": [Options({"paper", "start"})],
-        "sb_patches": [Options({"claimed", "all"})], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
+        "kappa": ["sequence"], "ic_floor": [Options({"paper", "start"})], "sb_patches": [Options({"claimed", "all"})],
+        "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
         "seeding": [Options({"best", "ica", "kmeans++"})],
         "init_rounds": _POS_INT, "discriminant_passes": _NONNEG_INT,
         "batch_patches": [Options({"auto"})] + _POS_INT, "max_init_patches": [Options({"auto"})] + _POS_INT,
@@ -258,7 +258,8 @@ class EDDP(DirectionEstimator):
                  weights: Optional[dict] = None, mode: str = "weighted", lr: Optional[dict] = None,
                  lr_scale="auto", gamma: float = 1.1, tau: Optional[dict] = None,
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
-                 ic_floor: str = "paper", sb_patches: str = "claimed", whiten_eps: float = 1e-2, noise_floor: Optional[float] = 30.0, n_init: int = 8, seeding: str = "best",
+                 ic_floor: str = "paper", sb_patches: str = "claimed", whiten_eps: float = 1e-2,
+                 noise_floor: Optional[float] = 30.0, n_init: int = 8, seeding: str = "best",
                  init_rounds: int = 5, discriminant_passes: int = 2, batch_patches="auto",
                  max_init_patches="auto", patience: int = 60, init_gain=None, levels=None,
                  device=None, random_state=None, progress: bool = False):
@@ -450,7 +451,7 @@ class EDDP(DirectionEstimator):
         self.init_pairs_ = self._make_pairs(dec0, bias0, S0, mu, stage="init")
 
         # ---- refinement with the paper's losses
-        floors = self._ic_floors(Wt, bt, (stats.sample - mu) / sigma, I, tau)
+        floors = self._ic_floors(Wt, bt, (stats.sample - mu) / sigma, I, tau) if self.ic_floor == "start" else None
         data = DataSpec(source=source, batch_maps=self._batch_maps(source, I), mu=mu.float(), sigma=float(sigma),
                         device=device)
         params, history, constraints = self._refine(Wt, bt, S0, data, mu, head, (steps, weights, lr, tau, rho),
@@ -554,7 +555,8 @@ class EDDP(DirectionEstimator):
     def _refine(self, Wt, bt, S0, data: DataSpec, mu, head, schedule, r_std, gen, floors=None):
         """The paper's schedule steps (a), (b), (d) from scaled-space detectors ``Wt``, ``bt`` and signal
         vectors ``S0``; ``schedule`` is ``(steps, weights, lr, tau, rho)`` as :meth:`_resolved` gives them;
-        ``floors``: L_ic's τ per step (:meth:`_ic_floors`; default ``tau``). Returns the final parameters, the per-step histories and the constraint checks."""
+        ``floors``: L_ic's τ per step (:meth:`_ic_floors`; default ``tau``). Returns the final parameters, the
+        per-step histories and the constraint checks."""
         steps, weights, lr, tau, rho = schedule
         I, D = Wt.shape
         source, batch_maps, device = data.source, data.batch_maps, data.device
