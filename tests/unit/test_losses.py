@@ -47,6 +47,14 @@ def test_inactive_loss_with_a_floor_per_detector():
         float(L.inactive_loss(Y, tau=0.9, gamma=2.0)), rel=1e-12)
 
 
+def test_a_zero_floor_adds_no_inactive_loss_and_no_nan():
+    y = torch.tensor([[0.5, 0.0], [0.8, 0.0]], dtype=torch.float64, requires_grad=True)
+    loss = L.inactive_loss(y, tau=torch.tensor([1.6, 0.0], dtype=torch.float64), gamma=1.1)
+    grad, = torch.autograd.grad(loss, y)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and float(grad[:, 1].abs().max()) == 0.0
+    assert float(loss) == pytest.approx(0.5 * (0.8 - (0.5 ** 1.1 + 0.8 ** 1.1) / 2) / 0.8, rel=1e-6)
+
+
 def test_sparsity_bound_reads_the_claimed_patches():
     """A patch no detector fires on has the largest entropy of q = y / |y|_1 (1 bit here) and leads the paper's
     smooth maximum; weighted by how much it is claimed, it no longer does and gets almost no gradient."""

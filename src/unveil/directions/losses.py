@@ -48,9 +48,11 @@ def max_margin_loss(magnitudes: torch.Tensor) -> torch.Tensor:
 def inactive_loss(y: torch.Tensor, tau, gamma: float = 1.0) -> torch.Tensor:
     """L_ic = mean_i ReLU(ν − E_p[y^γ]) / ν, ν = τ / I: no dead detector.
 
-    ``tau`` is a number, or a tensor (I,) for a floor per detector (ν_i = τ_i / I)."""
+    ``tau`` is a number, or a tensor (I,) for a floor per detector (ν_i = τ_i / I); a detector whose
+    floor is 0 adds nothing (nor any gradient)."""
     nu = tau / y.shape[1]
-    return (torch.relu(nu - (y ** gamma).mean(dim=0)) / nu).mean()
+    denom = nu.clamp_min(torch.finfo(nu.dtype).tiny) if torch.is_tensor(nu) else nu
+    return (torch.relu(nu - (y ** gamma).mean(dim=0)) / denom).mean()
 
 
 def excessive_loss(y: torch.Tensor, rho: float, gamma: float = 1.0) -> torch.Tensor:

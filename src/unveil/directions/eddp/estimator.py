@@ -493,7 +493,8 @@ class EDDP(DirectionEstimator):
         if self.init_gain is not None:
             first = next(p for p in "bda" if steps[p] > 0) if any(steps.values()) else "b"
             Wt, bt = _calibrate_gains(Wt, bt, (stats.sample - stats.mean) / sigma, self.init_gain, weights[first],
-                                      tau[first], min(0.95, rho[first] * tau[first] / I), self.gamma)
+                                      tau[first], min(0.95, rho[first] * tau[first] / I), self.gamma,
+                                      sb_claimed=self.sb_patches == "claimed")
         gains["start"] = Wt.norm(dim=1).tolist()
         return Wt, bt, init_info, gains
 

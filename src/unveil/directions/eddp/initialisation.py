@@ -211,7 +211,7 @@ def _ward_partitions(centroids: torch.Tensor, counts: torch.Tensor, sizes) -> Di
 
 # ---------------------------------------------------------------------------------- loss kernels
 def _calibrate_gains(Wt: torch.Tensor, bt: torch.Tensor, x: torch.Tensor, how, w, tau, rho, gamma,
-                     steps: int = 300) -> Tuple[torch.Tensor, torch.Tensor]:
+                     steps: int = 300, sb_claimed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rescale each detector (gain g_i and threshold b_i together: the hyperplane does not move).
 
     The margin detectors of the initialisation separate the clusters with a nearly hard boundary
@@ -220,7 +220,8 @@ def _calibrate_gains(Wt: torch.Tensor, bt: torch.Tensor, x: torch.Tensor, how, w
 
     - a number c: the detector's pre-activation ``g w̄ᵀx − b`` gets standard deviation c over ``x``;
     - ``"auto"``: the gains that minimise the phase's detector losses (weights ``w``; L_mm against
-      L_ma, L_s, …) with the hyperplanes held fixed (Adam on log g, ``steps`` steps).
+      L_ma, L_s, …) with the hyperplanes held fixed (Adam on log g, ``steps`` steps); ``sb_claimed``:
+      the L_sb the refinement uses (see :func:`unveil.directions.losses.sparsity_bound_loss`).
     """
     g0 = Wt.norm(dim=1).clamp_min(1e-12)
     wbar, t = Wt / g0[:, None], bt / g0
@@ -231,7 +232,7 @@ def _calibrate_gains(Wt: torch.Tensor, bt: torch.Tensor, x: torch.Tensor, how, w
         opt = torch.optim.Adam([log_g], lr=0.05)
         for _ in range(steps):
             g = log_g.exp()
-            terms = _activation_terms(torch.sigmoid(P * g[None, :]), g, w, tau, rho, gamma)
+            terms = _activation_terms(torch.sigmoid(P * g[None, :]), g, w, tau, rho, gamma, sb_claimed)
             total = sum(w.get(k, 0.0) * v for k, v in terms.items())
             opt.zero_grad()
             total.backward()
