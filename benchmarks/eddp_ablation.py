@@ -14,7 +14,10 @@ Variants (every one from the same clustering initialisation, same seed):
 - ``gain=auto`` (with and without the head): the refinement starts from gains chosen by the detector
   losses (``init_gain="auto"``) instead of the nearly hard margin detectors;
 - ``constrained`` (with the head; init gains and ``gain=auto``): the augmented-Lagrangian form; the
-  ``constr. hold`` column says on how many seeds every constraint held at the end.
+  ``constr. hold`` column says on how many seeds every constraint held at the end;
+- ``full, paper L_sb`` / ``full, L_ic floor from start`` / ``full, paper signal-vector estimator``: the
+  default fit with one form switched (``sb_patches="all"``, ``ic_floor="start"``,
+  ``shared_positives="full"``).
 
 Settings: ``paper`` (method.md §6), ``hard`` (:func:`~unveil.data.synthetic.make_hard_synthetic`,
 default size) and ``ura``: 12 planted concepts of which the class rules use 6 (2 rule patches + 2
@@ -51,6 +54,9 @@ VARIANTS = {
     # L_sb over every patch (the paper's form, the default before sb_patches); L_ic floored per detector
     "full, paper L_sb": (dict(sb_patches="all"), True),
     "full, L_ic floor from start": (dict(ic_floor="start"), True),
+    # every positive counts 1 in each detector's signal vector (the paper's estimator, the default before
+    # shared_positives)
+    "full, paper signal-vector estimator": (dict(shared_positives="full"), True),
     "gain=auto, head=None": (dict(init_gain="auto"), False),
     "gain=auto, full (head)": (dict(init_gain="auto"), True),
     "constrained (head)": (dict(mode="constrained"), True),

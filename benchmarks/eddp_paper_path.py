@@ -30,6 +30,7 @@ def paper_path_params(n_concepts: int, steps_a: int, steps_d: int, patience: int
     tau, rho = 1.0, 0.5
     # the paper's own L_ic floor (τ/I) and L_sb (every patch), not the estimator's defaults
     return dict(init="random", mode="constrained", gamma=1.1, patience=patience, ic_floor="paper", sb_patches="all",
+                shared_positives="full",
                 steps={"a": steps_a, "b": 0, "d": steps_d},
                 tau={"a": tau, "b": tau, "d": tau},
                 # the estimator's ρ is a multiple of τ/I (the paper's real-data rule, method.md §5):

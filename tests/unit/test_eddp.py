@@ -534,6 +534,69 @@ def test_positive_pattern_recovers_the_signal_and_streams_exactly():
     torch.testing.assert_close(S4, S5, rtol=1e-6, atol=1e-9)
 
 
+def _shared_positive_data():
+    """Two concepts with correlated directions and a distractor, each patch of one concept (the
+    paper's recipe in 8 dimensions); detector 0 also fires on the concept-1 patches nearest its
+    threshold (false positives that detector 1 claims too)."""
+    g = torch.Generator().manual_seed(0)
+    unit = lambda v: v / v.norm()  # noqa: E731
+    s0 = unit(torch.randn(8, generator=g).double())
+    s1 = unit(s0 + 0.9 * unit(torch.randn(8, generator=g).double()))
+    d = unit(torch.randn(8, generator=g).double())
+    n = 6000
+    c = torch.arange(n) % 2
+    hi, lo = 2.5 + 2.5 * torch.rand(n, generator=g).double(), 2.5 * torch.rand(n, generator=g).double()
+    a0, a1 = torch.where(c == 0, hi, lo), torch.where(c == 1, hi, lo)
+    x = (a0[:, None] * s0 + a1[:, None] * s1 + 5 * torch.rand(n, 1, generator=g).double() * d
+         + 0.05 * torch.randn(n, 8, generator=g).double())
+    W = torch.linalg.pinv(torch.stack([s0, s1, d], 1))[:2]  # the filters that read a0, a1
+    clean = torch.stack([c == 0, c == 1], 1)
+    leaky = clean.clone()
+    leaky[:, 0] |= (c == 1) & (a0 > 2.0)
+    return x, W, torch.stack([s0, s1]), clean, leaky
+
+
+def test_split_positives_resist_false_positives_another_detector_claims():
+    from unveil.directions.pattern import positive_patterns
+
+    x, W, S_true, clean, leaky = _shared_positive_data()
+    t = torch.zeros(2).double()
+    cos = lambda S: torch.nn.functional.cosine_similarity(S, S_true, dim=1)  # noqa: E731
+    full, _ = positive_patterns(x, W, t, positives=leaky, shared="full")
+    split, _ = positive_patterns(x, W, t, positives=leaky, shared="split")
+    # measured: detector 0 at 0.71 with every positive counted fully, 0.89 with shared ones split
+    assert float(cos(full)[0]) < 0.8
+    assert float(cos(split)[0]) > 0.85
+    assert float(cos(split)[1]) > 0.99
+    # nothing shared: the same estimate
+    torch.testing.assert_close(positive_patterns(x, W, t, positives=clean, shared="split")[0],
+                               positive_patterns(x, W, t, positives=clean)[0], rtol=1e-9, atol=1e-12)
+    # every positive shared alike (a duplicated detector): uniform weights, the same estimate
+    W2, both = torch.cat([W[:1], W[:1]]), torch.cat([leaky[:, :1], leaky[:, :1]], 1)
+    torch.testing.assert_close(positive_patterns(x, W2, t, positives=both, shared="split")[0],
+                               positive_patterns(x, W2, t, positives=both)[0], rtol=1e-9, atol=1e-12)
+    # two positives each shared three ways: a weighted count of 2/3, still defined
+    three = torch.zeros(6000, 3, dtype=torch.bool)
+    three[:2] = True
+    _, ok = positive_patterns(x, torch.cat([W, W[:1]]), torch.zeros(3).double(), positives=three, shared="split")
+    assert bool(ok.all())
+    with pytest.raises(ValidationError, match="shared must be"):
+        positive_patterns(x, W, t, shared="half")
+
+
+def test_eddp_signal_vectors_use_the_chosen_positive_rule():
+    from unveil.directions.pattern import positive_patterns
+
+    data = make_hard_synthetic(dim=24, n_concepts=6, n_distractors=3, n_classes=6, n_per_class=60, random_state=0)
+    X = data.X.permute(0, 2, 3, 1).reshape(-1, 24).double()
+    for rule in ("split", "full"):
+        est = EDDP(6, random_state=0, steps={"b": 0, "d": 0}, n_init=2, shared_positives=rule).fit(data.X)
+        p = est.init_pairs_
+        S, _ = positive_patterns(X, p.decoders.double(), p.biases.double(), shared=rule)
+        cos = torch.nn.functional.cosine_similarity(S, p.encoders.double(), dim=1)
+        assert float(cos.min()) > 0.9999, (rule, cos)
+
+
 # ------------------------------------------------------------------ seeding k-means from skewness ICA
 def test_skew_ica_labels_recover_planted_sparse_sources():
     """Each sample carries one of k rare, strong sources on top of dense symmetric ones, mixed by a random
