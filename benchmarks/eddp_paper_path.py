@@ -28,7 +28,8 @@ PAPER = {"iou": [0.96, 0.92, 0.96], "rmse": 0.26}
 
 def paper_path_params(n_concepts: int, steps_a: int, steps_d: int, patience: int) -> dict:
     tau, rho = 1.0, 0.5
-    # the paper's own L_ic floor (τ/I) and L_sb (every patch), not the estimator's defaults
+    # the paper's own L_ic floor (τ/I), L_sb (every patch) and signal-vector estimator (every positive counts 1),
+    # not the estimator's defaults
     return dict(init="random", mode="constrained", gamma=1.1, patience=patience, ic_floor="paper", sb_patches="all",
                 shared_positives="full",
                 steps={"a": steps_a, "b": 0, "d": steps_d},

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
                     "rate": [float(pos0[:, i0].double().mean()), float(pos1[:, i1].double().mean())],
                     "filter_cosine": float(turn[i1])})
     def pattern(W, b, pos):  # ŝ of filters W over the positive sets ``pos`` (possibly another detector's)
-        return positive_patterns(x, W, b, positives=pos)[0]
+        return positive_patterns(x, W, b, positives=pos, shared=fit.shared_positives)[0]
 
     cross = {"initial filters, initial positives": float(enc(pattern(W0, b0, pos0)).mean()),
              "initial filters, refined positives": float(enc(pattern(W0, b0, pos1)).mean()),

@@ -237,6 +237,7 @@ def _stages(ranks: bool) -> dict:
     g = torch.Generator().manual_seed(1)
     W, b = torch.randn(3, 16, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
     out["pattern"] = EDDP._pattern(source, W, b, 11, CPU)
+    out["pattern_split"] = EDDP._pattern(source, W, b, 11, CPU, "split")
     # the discriminant passes: group counts and sums added over the ranks, the same logistic regression after
     gp = torch.Generator().manual_seed(7)  # its own generator: the refinement's starts below stay as they were
     proj = torch.linalg.qr(torch.randn(16, 6, generator=gp, dtype=torch.float64))[0]
@@ -342,6 +343,7 @@ def test_fit_stages_on_two_processes_equal_one(two_process_stages, one_process_s
     assert torch.equal(got["gen_after_stats"], ref["gen_after_stats"])
     # the pattern pass
     assert _rel(got["pattern"], ref["pattern"]) <= 1e-10
+    assert _rel(got["pattern_split"], ref["pattern_split"]) <= 1e-10
     # the discriminant passes: both ran, with the same groups
     assert len(ref["passes_changed"]) >= 1 and torch.equal(got["passes_changed"], ref["passes_changed"])
     assert _rel(got["passes_W"], ref["passes_W"]) <= 1e-5 and _rel(got["passes_b"], ref["passes_b"]) <= 1e-5

@@ -578,23 +578,41 @@ def test_split_positives_resist_false_positives_another_detector_claims():
     # two positives each shared three ways: a weighted count of 2/3, still defined
     three = torch.zeros(6000, 3, dtype=torch.bool)
     three[:2] = True
-    _, ok = positive_patterns(x, torch.cat([W, W[:1]]), torch.zeros(3).double(), positives=three, shared="split")
+    W3 = torch.cat([W, W[:1]])
+    S3, ok = positive_patterns(x, W3, torch.zeros(3).double(), positives=three, shared="split")
     assert bool(ok.all())
+    torch.testing.assert_close(S3, positive_patterns(x, W3, torch.zeros(3).double(), positives=three)[0],
+                               rtol=1e-9, atol=1e-12)
     with pytest.raises(ValidationError, match="shared must be"):
         positive_patterns(x, W, t, shared="half")
 
 
-def test_eddp_signal_vectors_use_the_chosen_positive_rule():
+def test_eddp_signal_vectors_use_the_chosen_positive_rule(monkeypatch):
+    import unveil.directions.eddp.estimator as E
     from unveil.directions.pattern import positive_patterns
 
+    calls = []
+    real = E.EDDP._pattern
+
+    def spy(source, W, b, batch_maps, device, shared="full"):
+        calls.append(shared)
+        return real(source, W, b, batch_maps, device, shared)
+    monkeypatch.setattr(E.EDDP, "_pattern", staticmethod(spy))
     data = make_hard_synthetic(dim=24, n_concepts=6, n_distractors=3, n_classes=6, n_per_class=60, random_state=0)
     X = data.X.permute(0, 2, 3, 1).reshape(-1, 24).double()
+    enc = {}
     for rule in ("split", "full"):
-        est = EDDP(6, random_state=0, steps={"b": 0, "d": 0}, n_init=2, shared_positives=rule).fit(data.X)
-        p = est.init_pairs_
-        S, _ = positive_patterns(X, p.decoders.double(), p.biases.double(), shared=rule)
-        cos = torch.nn.functional.cosine_similarity(S, p.encoders.double(), dim=1)
-        assert float(cos.min()) > 0.9999, (rule, cos)
+        calls.clear()
+        est = EDDP(6, random_state=0, steps={"b": 2, "d": 2}, n_init=2, shared_positives=rule).fit(data.X)
+        # the initial and final signal vectors follow the rule; step (c) keeps the paper's estimator
+        assert calls == [rule, "full", rule], calls
+        for name, p in (("init", est.init_pairs_), ("final", est.pairs_)):
+            S, _ = positive_patterns(X, p.decoders.double(), p.biases.double(), shared=rule)
+            cos = torch.nn.functional.cosine_similarity(S, p.encoders.double(), dim=1)
+            assert float(cos.min()) > 0.9999, (rule, name, cos)
+        enc[rule] = est.init_pairs_.encoders.double()
+    # the detectors here share positives, so the two rules give different signal vectors
+    assert float(torch.nn.functional.cosine_similarity(enc["split"], enc["full"], dim=1).min()) < 0.9999
 
 
 # ------------------------------------------------------------------ seeding k-means from skewness ICA

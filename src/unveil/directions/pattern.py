@@ -66,7 +66,7 @@ class PositivePattern:
         else:
             pos = positives.to(self.W.device).double()
         self.count += pos.sum(0)
-        if self.shared == "split":  # 1/k for a patch k detectors claim (exact in float64 for k < 2^52)
+        if self.shared == "split":  # 1/k for a patch k detectors claim
             pos = pos / pos.sum(1, keepdim=True).clamp_min(1)
         pz = pos * z
         self.n += pos.sum(0)

@@ -19,7 +19,8 @@ quality in seconds by starting close to the answer and keeping the paper's losse
    partition missed; :func:`~unveil.directions.eddp.initialisation.replace_redundant`). Then the
    discriminant passes re-estimate the detectors from every patch
    (:mod:`~unveil.directions.eddp.discriminant`).
-4. **Signal vectors** by the positive-only pattern estimator (method.md §3).
+4. **Signal vectors** by the positive-only pattern estimator (method.md §3), a patch that ``k`` detectors
+   call positive counting ``1/k`` in each (``shared_positives="split"``, the default).
 5. **EDDP refinement** with the paper's losses: step (b) (L_s, L_sb, L_ma, L_mm, L_ic, L_eac, L_uur)
    then step (d) (adds free signal vectors, L_cur and L_fso), with the paper's weights, Adam and
    ReduceLROnPlateau, for a few hundred steps with early stopping, on mini-batches of
@@ -35,8 +36,8 @@ quality in seconds by starting close to the answer and keeping the paper's losse
    On the synthetic recipes the paper's losses, once they do see gradient, move the detectors
    *away* from the planted truth (their minimum at the gains they prefer is not the truth); the
    numbers are in ``benchmarks/results/eddp_ablation.md``.
-6. The final signal vectors are re-estimated with the positive-only estimator for the final filters,
-   and normalised to unit length (so that signal values come out in the units of the latent factors).
+6. The final signal vectors are re-estimated as in 4 for the final filters (step (c), where the refinement's
+   free signal vectors start, keeps the paper's estimator), and normalised to unit length (so that signal values come out in the units of the latent factors).
 
 Concepts at several granularities (``levels``)
 ----------------------------------------------
