@@ -534,6 +534,16 @@ def test_positive_pattern_recovers_the_signal_and_streams_exactly():
     torch.testing.assert_close(S4, S5, rtol=1e-6, atol=1e-9)
 
 
+def test_k_means_restarts_follow_the_number_of_concepts():
+    assert EDDP(n_init="auto")._n_init(6) == 8
+    assert EDDP(n_init="auto")._n_init(16) == 8
+    assert EDDP(n_init="auto")._n_init(17) == 4
+    assert EDDP(n_init=3)._n_init(64) == 3
+    X = make_synthetic(n_per_class=30, random_state=0).X
+    with pytest.raises(ValidationError, match="n_init"):
+        EDDP(3, n_init="many").fit(X)
+
+
 def _shared_positive_data():
     """Two concepts with correlated directions and a distractor, each patch of one concept (the
     paper's recipe in 8 dimensions); detector 0 also fires on the concept-1 patches nearest its

@@ -142,13 +142,15 @@ class EDDP(DirectionEstimator):
         D = 512 (the ``scale`` setting, 32 concepts, 100k patches, seed 0) the initialisation
         reached matched IoU 0.728 without this, 0.748 with 10 and 0.783 with 30 (the supervised
         ceiling: 0.786). ``None``: never.
-    n_init : int
-        k-means++ restarts (``seeding="best"`` or ``"kmeans++"``, or when ICA cannot seed). Default 4: each
-        restart is a Lloyd run on one thread (the clusters must not depend on the thread count), and with 8
-        they took 24 s of a 131 s fit (scale setting, 64 concepts, 500k patches). 4 and 8 gave the same
-        pairs on the demo's ``layer4`` (where the k-means++ partition wins), the same k-means inertia on the
-        scale setting's seed 0 (where ICA's partition wins), and matched IoU within 0.0011 on the ``hard``
-        setting's seeds 0–4.
+    n_init : int or "auto"
+        k-means++ restarts (``seeding="best"`` or ``"kmeans++"``, or when ICA cannot seed). ``"auto"``
+        (default): 8 for up to 16 concepts, 4 above. Each restart is a Lloyd run on one thread (the
+        clusters must not depend on the thread count): with 8, k-means++ took 24 s of a 131 s fit on the
+        scale setting (64 concepts, 500k patches), where ICA's partition wins anyway; 4 and 8 gave the same
+        pairs on the demo's ``layer4`` (34 concepts at the finest level, where the k-means++ partition wins)
+        and matched IoU within 0.0011 on the ``hard`` setting (8 concepts, seeds 0–4). With few concepts a
+        poor restart costs a whole concept: on the ablation's ``ura`` setting (6 concepts) 4 restarts gave
+        IoU 0.430 on the used concepts against 0.469 with 8.
     seeding : {"best", "ica", "kmeans++"}
         Where the detectors start. ``"kmeans++"``: the best of ``n_init`` k-means++ runs.
         ``"ica"``: the partition given by the most skewed directions of the whitened patches
@@ -258,7 +260,8 @@ class EDDP(DirectionEstimator):
         "weights": [None, "dict"], "mode": [Options({"weighted", "constrained"})], "lr": [None, "dict"],
         "lr_scale": [Options({"auto"})] + _POS_REAL, "gamma": _POS_REAL, "tau": [None, "dict"], "rho": [None, "dict"],
         "kappa": ["sequence"], "ic_floor": [Options({"paper", "start"})], "sb_patches": [Options({"claimed", "all"})],
-        "shared_positives": [Options({"split", "full"})], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL, "n_init": _POS_INT,
+        "shared_positives": [Options({"split", "full"})], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL,
+        "n_init": [Options({"auto"})] + _POS_INT,
         "seeding": [Options({"best", "ica", "kmeans++"})],
         "init_rounds": _POS_INT, "discriminant_passes": _NONNEG_INT,
         "batch_patches": [Options({"auto"})] + _POS_INT, "max_init_patches": [Options({"auto"})] + _POS_INT,
@@ -275,7 +278,7 @@ class EDDP(DirectionEstimator):
                  rho: Optional[dict] = None, kappa: Tuple[float, float] = (0.5, 0.9),
                  ic_floor: str = "paper", sb_patches: str = "claimed", shared_positives: str = "split",
                  whiten_eps: float = 1e-2,
-                 noise_floor: Optional[float] = 30.0, n_init: int = 4, seeding: str = "best",
+                 noise_floor: Optional[float] = 30.0, n_init="auto", seeding: str = "best",
                  init_rounds: int = 5, discriminant_passes: int = 2, batch_patches="auto",
                  max_init_patches="auto", patience: int = 60, init_gain=None, levels=None,
                  device=None, random_state=None, progress: bool = False):
@@ -532,6 +535,12 @@ class EDDP(DirectionEstimator):
             rate = (rate / max(1, x.shape[0])).cpu()
         return {k: torch.minimum(torch.full_like(rate, float(v)), I * rate / 2).float() for k, v in tau.items()}
 
+    def _n_init(self, I: int) -> int:
+        """k-means++ restarts for ``I`` concepts (``n_init="auto"``: 8 up to 16 concepts, 4 above)."""
+        if isinstance(self.n_init, str) and self.n_init == "auto":
+            return 8 if I <= 16 else 4
+        return check_positive_int(self.n_init, "n_init")
+
     def _record_constraints(self, constraints) -> None:
         """Constrained mode: whether every bound holds at the end, on the estimator and in the pairs' meta."""
         self.constraints_hold_ = all(c["all_hold"] for c in constraints.values()) if constraints else None
@@ -551,7 +560,7 @@ class EDDP(DirectionEstimator):
         # when no pass can be kept, the rounds run after all
         passes = check_positive_int(self.discriminant_passes, "discriminant_passes", minimum=0)
         passes = passes if stats.sample.shape[0] < int(stats.n_patches) else 0
-        Wt, bt, space = cluster_init(stats, I, whiten_eps=eps, n_init=check_positive_int(self.n_init, "n_init"),
+        Wt, bt, space = cluster_init(stats, I, whiten_eps=eps, n_init=self._n_init(I),
                                      init_rounds=1 if passes else self.init_rounds, gen=gen,
                                      noise_floor=self.noise_floor, labeler=getattr(self, "_init_labeler", None),
                                      seeding=self.seeding)
