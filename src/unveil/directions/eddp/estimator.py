@@ -146,9 +146,8 @@ class EDDP(DirectionEstimator):
         k-means++ restarts (``seeding="best"`` or ``"kmeans++"``, or when ICA cannot seed). ``"auto"``
         (default): 8 for up to 16 concepts, 4 above. Each restart is a Lloyd run on one thread (the
         clusters must not depend on the thread count): with 8, k-means++ took 24 s of a 131 s fit on the
-        scale setting (64 concepts, 500k patches), where ICA's partition wins anyway; 4 and 8 gave the same
-        pairs on the demo's ``layer4`` (34 concepts at the finest level, where the k-means++ partition wins)
-        and matched IoU within 0.0011 on the ``hard`` setting (8 concepts, seeds 0–4). With few concepts a
+        scale setting (64 concepts, 500k patches), where ICA's partition wins anyway; 4 and 8 gave matched IoU
+        within 0.0011 on the ``hard`` setting (8 concepts, seeds 0–4). With few concepts a
         poor restart costs a whole concept: on the ablation's ``ura`` setting (6 concepts) 4 restarts gave
         IoU 0.430 on the used concepts against 0.469 with 8.
     seeding : {"best", "ica", "kmeans++"}
