@@ -93,7 +93,8 @@ class PositivePattern:
 
 
 def positive_patterns(x: torch.Tensor, W: torch.Tensor, t: torch.Tensor,
-                      positives: Optional[torch.Tensor] = None, shared: str = "full") -> Tuple[torch.Tensor, torch.Tensor]:
+                      positives: Optional[torch.Tensor] = None,
+                      shared: str = "full") -> Tuple[torch.Tensor, torch.Tensor]:
     """Positive-only patterns of detectors ``W`` (I, D), thresholds ``t`` (I,) over patches ``x`` (n, D):
     ``(S, ok)`` as :meth:`PositivePattern.result`; ``positives`` as :meth:`PositivePattern.update`,
     ``shared`` as :class:`PositivePattern`."""

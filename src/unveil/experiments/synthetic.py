@@ -111,8 +111,9 @@ class SupervisedCeiling:
     """A reference, not a competitor: per concept a one-vs-rest logistic regression (class-balanced,
     weak L2) on the *true* patch labels, in the isotropically scaled space ``(x − μ)/σ``, its bias then
     set where its positives best match the concept's patches (largest IoU, as EDDP's initialisation
-    does with its groups); detection ``σ(wᵀx − b) > 0.5`` as for EDDP; encoders by the paper's positive-only
-    pattern estimator (method.md §3; every positive counts 1, EDDP's ``shared_positives="full"``). With the class-balanced bias alone a concept holding 1/64 of the
+    does with its groups); detection ``σ(wᵀx − b) > 0.5`` as for EDDP; encoders by the paper's
+    positive-only pattern estimator (method.md §3; every positive counts 1, EDDP's
+    ``shared_positives="full"``). With the class-balanced bias alone a concept holding 1/64 of the
     patches gets about as many false positives as true ones (scale setting: IoU 0.77 against 0.92).
     """
 

@@ -37,7 +37,8 @@ quality in seconds by starting close to the answer and keeping the paper's losse
    *away* from the planted truth (their minimum at the gains they prefer is not the truth); the
    numbers are in ``benchmarks/results/eddp_ablation.md``.
 6. The final signal vectors are re-estimated as in 4 for the final filters (step (c), where the refinement's
-   free signal vectors start, keeps the paper's estimator), and normalised to unit length (so that signal values come out in the units of the latent factors).
+   free signal vectors start, keeps the paper's estimator), and normalised to unit length (so that signal
+   values come out in the units of the latent factors).
 
 Concepts at several granularities (``levels``)
 ----------------------------------------------
