@@ -27,7 +27,7 @@ import torch
 PAPER = {"iou": [0.96, 0.92, 0.96], "rmse": 0.26}
 
 
-def VARIANTS(params: dict):
+def _variants(params: dict):
     """(name, EDDP parameters) of each fit on the same data and head."""
     return (("paper's path", params), ("paper's path, claimed L_sb", {**params, "sb_patches": "claimed"}),
             ("default (clustering init)", {}))
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         data = make_synthetic(random_state=seed)
         head, acc = train_head(data, random_state=seed)
-        for variant, kw in VARIANTS(params):
+        for variant, kw in _variants(params):
             t = time.perf_counter()
             est = EDDP(n_concepts=3, random_state=seed, **kw).fit(data.X, head=head)
             rep = score_pairs(est.pairs_, data)
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['seed']} | {r['variant']} | " + " | ".join(f"{v:.3f}" for v in r["matched_iou"])
                      + f" | {r['rmse']:.3f} | {r['enc_cos']:.3f} | {r['dec_cos']:.3f} | {r['steps_run']} | "
                        f"{r['constraints_hold']} | {r['fit_seconds']:.0f} | {r['meets_paper']} |")
-    for variant, _ in VARIANTS(params):
+    for variant, _ in _variants(params):
         sel = [r for r in rows if r["variant"] == variant]
         M = np.array([r["matched_iou"] for r in sel])
         lines.append("")
