@@ -57,6 +57,9 @@ VARIANTS = {
     # every positive counts 1 in each detector's signal vector (the paper's estimator, the default before
     # shared_positives)
     "full, paper signal-vector estimator": (dict(shared_positives="full"), True),
+    # step (d) keeps the signal vectors at the positive-only pattern of the current filters (the default from
+    # random detectors) instead of learning them (the paper's wording, the default from the clustering start)
+    "full, Ŝ re-estimated in (d)": (dict(refine_signals="pattern"), True),
     "gain=auto, head=None": (dict(init_gain="auto"), False),
     "gain=auto, full (head)": (dict(init_gain="auto"), True),
     "constrained (head)": (dict(mode="constrained"), True),
