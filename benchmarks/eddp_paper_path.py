@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-d", type=int, default=6000)
     ap.add_argument("--patience", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--constraint-margin", type=float, default=None,
+                    help="how far inside each bound the augmented Lagrangian aims (a fraction; default the "
+                         "estimator's CONSTRAINT_MARGIN, 0.005); 0 aims at the bounds themselves")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="eddp_paper_path")
     args = ap.parse_args(argv)
@@ -73,7 +76,11 @@ def main(argv=None) -> int:
     from unveil import EDDP
     from unveil._io import atomic_write_bytes, atomic_write_json, versions
     from unveil.data.synthetic import make_synthetic, train_head
+    from unveil.directions.eddp import refinement
     from unveil.evaluate.recovery import score_pairs
+
+    if args.constraint_margin is not None:
+        refinement.CONSTRAINT_MARGIN = args.constraint_margin
 
     params = paper_path_params(3, args.steps_a, args.steps_d, args.patience)
     rows = []
@@ -90,7 +97,10 @@ def main(argv=None) -> int:
                    "steps_run": {p: est.history_[p]["steps_run"][0] for p in "abd" if p in est.history_},
                    "constraints_hold": getattr(est, "constraints_hold_", None),
                    "worst_violation": _worst_violation(est)}
-            rec["meets_paper"] = bool(min(rec["matched_iou"]) >= 0.92 and rec["rmse"] <= PAPER["rmse"])
+            rec["meets_paper"] = bool(min(rec["matched_iou"]) >= min(PAPER["iou"]) and rec["rmse"] <= PAPER["rmse"])
+            # the stricter reading: each concept at least the paper's own IoU for it (concepts in the recipe's order)
+            rec["meets_paper_per_concept"] = bool(rec["meets_paper"] and all(
+                v >= p for v, p in zip(rec["matched_iou"], PAPER["iou"])))
             rows.append(rec)
             print(f"seed {seed} {variant:32s} IoU {' / '.join(f'{v:.3f}' for v in rec['matched_iou'])} "
                   f"RMSE {rec['rmse']:.3f} enc {rec['enc_cos']:.3f} dec {rec['dec_cos']:.3f} "
@@ -98,8 +108,10 @@ def main(argv=None) -> int:
                   f"{rec['fit_seconds']:.0f} s  meets the paper's numbers: {rec['meets_paper']}", flush=True)
     command = "python benchmarks/eddp_paper_path.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = ["# EDDP: the paper's path on its synthetic recipe", "", f"`{command.strip()}`", "",
-             f"Paper: matched IoU {' / '.join(map(str, PAPER['iou']))}, RMSE {PAPER['rmse']}. Parameters of the "
-             f"paper's path: `{params}`.", "",
+             f"Paper: matched IoU {' / '.join(map(str, PAPER['iou']))}, RMSE {PAPER['rmse']}; a seed meets it "
+             f"when every concept's IoU is at least {min(PAPER['iou'])} and the RMSE at most {PAPER['rmse']}. "
+             f"Parameters of the paper's path: `{params}`; the augmented Lagrangian aims "
+             f"{refinement.CONSTRAINT_MARGIN:g} inside each bound.", "",
              "| seed | variant | IoU c0 | IoU c1 | IoU c2 | RMSE | enc cos | dec cos | steps run | constraints hold "
              "| worst violation | fit s | meets the paper |", "|" + "---|" * 13]
     for r in rows:
@@ -113,10 +125,13 @@ def main(argv=None) -> int:
         lines.append(f"- {variant}: mean IoU per concept {' / '.join(f'{v:.3f}' for v in M.mean(0))} (worst "
                      f"{M.min():.3f}), RMSE {np.mean([r['rmse'] for r in sel]):.3f} (worst "
                      f"{max(r['rmse'] for r in sel):.3f}); meets the paper's numbers on "
-                     f"{sum(r['meets_paper'] for r in sel)} of {len(sel)} seeds")
+                     f"{sum(r['meets_paper'] for r in sel)} of {len(sel)} seeds (each concept at least the paper's "
+                     f"IoU for it: {sum(r['meets_paper_per_concept'] for r in sel)} of {len(sel)}); every constraint "
+                     f"holds on {sum(r['constraints_hold'] is True for r in sel)} of {len(sel)}")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.name}.json", {"benchmark": "eddp_paper_path", "command": command.strip(),
                                                        "params": params, "paper": PAPER, "rows": rows,
+                                                       "constraint_margin": refinement.CONSTRAINT_MARGIN,
                                                        "versions": versions()})
     atomic_write_bytes(args.out / f"{args.name}.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines[-2:]))

@@ -255,12 +255,15 @@ def _stages(ranks: bool) -> dict:
     rgen = torch.Generator().manual_seed(5)
     phases = {"b": PhaseSpec(phase="b", n_steps=25, weights=PAPER_WEIGHTS["b"], **spec),
               "d": PhaseSpec(phase="d", n_steps=25, weights=PAPER_WEIGHTS["d"], mode="constrained", **spec)}
+    phases["dt"] = phases["d"]  # step (d) with Ŝ re-estimated on the sample (the same on every rank) at steps 10, 20
+    tracked = DataSpec(source=source, batch_maps=13, mu=mu, sigma=sigma, device=CPU,
+                       sample=((st.sample - mu.double()) / sigma).float())
     for name, phase in phases.items():
         params = {"v": torch.randn(3, 16, generator=g), "log_g": torch.zeros(3), "b": torch.zeros(3)}
-        S0 = torch.randn(3, 16, generator=g) if name == "d" else None
+        S0 = torch.randn(3, 16, generator=g) if name != "b" else None
         _Recording.grads = []
         with mock.patch.object(torch.optim, "Adam", _Recording):
-            hist = run_phase(phase, dspec, params, S0, head, to_model, rgen, _Bar())
+            hist = run_phase(phase, tracked if name == "dt" else dspec, params, S0, head, to_model, rgen, _Bar())
         out[f"loss_{name}"] = torch.tensor(hist["total"])
         out.update({f"grad0_{name}_{i}": gr for i, gr in enumerate(_Recording.grads[0])})
         out.update({f"param_{name}_{k}": v for k, v in params.items()})
@@ -348,11 +351,11 @@ def test_fit_stages_on_two_processes_equal_one(two_process_stages, one_process_s
     assert len(ref["passes_changed"]) >= 1 and torch.equal(got["passes_changed"], ref["passes_changed"])
     assert _rel(got["passes_W"], ref["passes_W"]) <= 1e-5 and _rel(got["passes_b"], ref["passes_b"]) <= 1e-5
     # the refinement from one start: the same batches and the whole batch's gradient on every step
-    for k in ("loss_b", "loss_d", "final_terms"):
+    for k in ("loss_b", "loss_d", "loss_dt", "final_terms"):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7)
-    assert len(got["loss_b"]) == 25 and len(got["loss_d"]) == 25
+    assert len(got["loss_b"]) == 25 and len(got["loss_d"]) == 25 and len(got["loss_dt"]) == 25
     grads = sorted(k for k in ref if k.startswith("grad0_"))
-    assert len(grads) == 3 + 4  # v, log_g, b (+ S in step (d))
+    assert len(grads) == 3 + 4 + 3  # v, log_g, b (+ S in step (d); not with Ŝ re-estimated)
     for k in grads:  # the first step of each phase: the same parameters, the whole batch's gradient
         assert _rel(got[k], ref[k]) <= 1e-5, k
     for k in [k for k in ref if k.startswith("param_")]:  # after 25 Adam steps

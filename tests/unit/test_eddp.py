@@ -667,9 +667,9 @@ def test_step_d_signal_vectors_follow_refine_signals(monkeypatch):
                                 ("random", "learned", False)):
         seen.clear()
         est = EDDP(3, init=init, random_state=0, steps={"a": 3, "b": 2, "d": 12}, refine_signals=rule).fit(data.X)
-        assert est._refine_signals() == ("pattern" if tracked else "learned")
+        assert est.history_["refine_signals"] == ("pattern" if tracked else "learned")
         assert len(seen) == 1 and (seen[0] is not None) == tracked, (init, rule)
-        if tracked:  # every patch (240 maps × 2 patches, under the sample's size), scaled as the refinement scales
+        if tracked:  # every patch (120 maps × 2 patches, under the sample's size), scaled as the refinement scales
             assert seen[0].shape == x.shape
             ref = ((x - mu) / sigma).float()
             assert torch.allclose(torch.sort(seen[0], 0)[0], torch.sort(ref, 0)[0], atol=1e-3)

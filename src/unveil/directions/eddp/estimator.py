@@ -54,6 +54,15 @@ def _head_on_device(head, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------- the estimator
+def _scaled_float32(sample: torch.Tensor, mu: torch.Tensor, sigma: float, device, chunk: int = 65_536) -> torch.Tensor:
+    """``(sample − μ) / σ`` in float32 on ``device``, converted in chunks (no float64 copy of the whole sample)."""
+    out = torch.empty(sample.shape, dtype=torch.float32, device=device)
+    mu = mu.to(device, torch.float64)
+    for i in range(0, sample.shape[0], chunk):
+        out[i:i + chunk] = ((sample[i:i + chunk].to(device, torch.float64) - mu) / sigma).float()
+    return out
+
+
 class EDDP(DirectionEstimator):
     """Learn concept detectors (decoding directions) and signal vectors (encoding directions).
 
@@ -73,8 +82,8 @@ class EDDP(DirectionEstimator):
     mode : {"weighted", "constrained"}
         ``"weighted"``: a weighted sum of the losses (the paper's). ``"constrained"``: minimise
         L_s (+ L_sb) + L_ura subject to L_ma < 0.8, L_mm < 8, L_ic < 0.1, L_eac < 0.1, L_fso < 0.1
-        with an augmented Lagrangian (more stable on small problems). Early stopping watches the
-        objective plus the total constraint violation; whether every constraint holds at the end
+        with an augmented Lagrangian (more stable on small problems), aimed 0.5% inside each bound so that
+        the bounds hold at the end. Early stopping watches the objective plus the total constraint violation; whether every constraint holds at the end
         is recorded (``constraints_hold_``, ``history_["constraints"]``, ``pairs_.meta``). From the
         margin detectors' gains (``init_gain=None``) L_mm < 8 is out of reach of a few hundred Adam
         steps; pass ``init_gain="auto"`` to start inside the bound.
@@ -453,13 +462,7 @@ class EDDP(DirectionEstimator):
         D = source.n_features
         I, steps, weights, lr, tau, rho = self._resolved(D)
         batch_maps = self._batch_maps(source)
-        if getattr(source, "subsampled", False) and head is not None:
-            raise ValidationError("this activation store holds randomly subsampled patches, not whole maps, "
-                                  "so the head f+ cannot be applied to them; fit without a head "
-                                  "(head=None) or extract the store without --subsample.")
-        if head is not None:
-            head = _head_on_device(head, device)
-            self._check_head(head, source, device)
+        head = self._prepared_head(head, source, device)
         if Dist.ensure_initialised(device):  # several processes: each reads its part of every pass
             Dist.same_generator(gen, self.random_state is not None)
             source = _RankSource(source)
@@ -492,14 +495,12 @@ class EDDP(DirectionEstimator):
 
         # ---- refinement with the paper's losses
         floors = self._ic_floors(Wt, bt, (stats.sample - mu) / sigma, I, tau) if self.ic_floor == "start" else None
-        sample = None
-        if self._refine_signals() == "pattern" and steps["d"] > 0:  # step (d) re-estimates Ŝ on the sample
-            sample = ((stats.sample.to(device) - mu.to(device)) / sigma).float()
-        data = DataSpec(source=source, batch_maps=self._batch_maps(source, I), mu=mu.float(), sigma=float(sigma),
-                        device=device, sample=sample)
+        data = self._refinement_data(stats, source, I, steps, device)
+        n_patches = int(stats.n_patches)
+        del stats  # the float64 sample is not needed any more
         params, history, constraints = self._refine(Wt, bt, S0, data, mu, head, (steps, weights, lr, tau, rho),
                                                     r_std, gen, floors)
-        history = {"gains": gains, **history, **init_info}
+        history = {"gains": gains, **history, **init_info, "refine_signals": self._refine_signals()}
 
         lap("refinement")
         dec, bias = self._to_original(self._decoders_t(params).double(), params["b"].double(), mu, sigma)
@@ -512,9 +513,30 @@ class EDDP(DirectionEstimator):
         history["seconds"] = sum(clock.values())
         history["stage_seconds"] = clock
         self.history_ = history
-        logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, stats.n_patches, D,
+        logger.info("EDDP fit: %d concepts on %d patches of width %d in %.1f s", I, n_patches, D,
                     history["seconds"])
         return self
+
+    def _prepared_head(self, head, source, device):
+        """The head on the fit's device (a copy when it must move), checked against the data; None stays None."""
+        if head is None:
+            return None
+        if getattr(source, "subsampled", False):
+            raise ValidationError("this activation store holds randomly subsampled patches, not whole maps, "
+                                  "so the head f+ cannot be applied to them; fit without a head "
+                                  "(head=None) or extract the store without --subsample.")
+        head = _head_on_device(head, device)
+        self._check_head(head, source, device)
+        return head
+
+    def _refinement_data(self, stats, source, I: int, steps: dict, device) -> DataSpec:
+        """What the refinement reads: the source in mini-batches, scaled by ``(x − μ)/σ``, and with
+        step (d)'s signal vectors re-estimated (:meth:`_refine_signals`) the patch sample so scaled."""
+        sample = None
+        if self._refine_signals() == "pattern" and steps["d"] > 0:
+            sample = _scaled_float32(stats.sample, stats.mean, self.scale_, device)
+        return DataSpec(source=source, batch_maps=self._batch_maps(source, I), mu=stats.mean.float(),
+                        sigma=float(self.scale_), device=device, sample=sample)
 
     def _initial_detectors(self, stats, source, batch_maps: int, I: int, eps: float, sigma: float, r_std, schedule,
                            gen, device, lap):

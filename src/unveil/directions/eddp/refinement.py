@@ -146,14 +146,16 @@ SIGNAL_EVERY = 10
 
 def sample_patterns(params, sample: torch.Tensor, previous: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """Unit positive-only patterns (method.md §3, every positive counts 1) of the detectors in ``params``
-    over the scaled patch ``sample`` (n, D); a detector with fewer than 2 positives keeps its row of
-    ``previous`` (I, D)."""
+    over the scaled patch ``sample`` (n, D). A detector with fewer positives in the sample than D (or
+    than 2) keeps its row of ``previous`` (I, D): from fewer positives than dimensions the estimate's
+    noise is of the order of the signal vector itself."""
     with torch.no_grad():
         wbar, g = _filters(params)
         acc = PositivePattern(wbar * g[:, None], params["b"])
         for i in range(0, sample.shape[0], chunk):
             acc.update(sample[i:i + chunk])
         S, ok = acc.result()
+        ok = ok & (acc.count >= max(2, sample.shape[1]))
         S = (S / S.norm(dim=1, keepdim=True)).to(previous.dtype)
         return torch.where(ok[:, None], S, previous.detach())
 
