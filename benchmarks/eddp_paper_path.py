@@ -126,8 +126,9 @@ def main(argv=None) -> int:
                      f"{M.min():.3f}), RMSE {np.mean([r['rmse'] for r in sel]):.3f} (worst "
                      f"{max(r['rmse'] for r in sel):.3f}); meets the paper's numbers on "
                      f"{sum(r['meets_paper'] for r in sel)} of {len(sel)} seeds (each concept at least the paper's "
-                     f"IoU for it: {sum(r['meets_paper_per_concept'] for r in sel)} of {len(sel)}); every constraint "
-                     f"holds on {sum(r['constraints_hold'] is True for r in sel)} of {len(sel)}")
+                     f"IoU for it: {sum(r['meets_paper_per_concept'] for r in sel)} of {len(sel)})"
+                     + ("" if all(r["constraints_hold"] is None for r in sel) else
+                        f"; every constraint holds on {sum(r['constraints_hold'] is True for r in sel)} of {len(sel)}"))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / f"{args.name}.json", {"benchmark": "eddp_paper_path", "command": command.strip(),
                                                        "params": params, "paper": PAPER, "rows": rows,

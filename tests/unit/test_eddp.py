@@ -833,9 +833,9 @@ def test_discriminant_passes_bad_value():
 @pytest.mark.slow
 def test_paper_path_learns_from_random_detectors(paper_small):
     """The paper's own path: random detectors, then the losses alone (step (a), step (d); constrained, τ = 1,
-    ρ = 0.5, γ = 1.1: its synthetic run). Measured: matched IoU 0.971 / 0.980 / 0.988 from random detectors
-    at 0.45 / 0.61 / 0.46, encoding cosine 0.826, about 8 s. With step (d)'s signal vectors learned as free
-    parameters (``refine_signals="learned"``) 0.951 / 0.964 / 0.974 and encoding cosine 0.716: the filters keep
+    ρ = 0.5, γ = 1.1: its synthetic run). Measured: matched IoU 0.969 / 0.982 / 0.987 from random detectors
+    at 0.45 / 0.61 / 0.46, encoding cosine 0.827, about 8 s. With step (d)'s signal vectors learned as free
+    parameters (``refine_signals="learned"``) 0.958 / 0.963 / 0.971 and encoding cosine 0.699: the filters keep
     reading the other concepts. Removing a loss or flipping its sign makes this fail (closing note)."""
     import importlib.util
     from pathlib import Path
