@@ -153,12 +153,13 @@ class EDDP(DirectionEstimator):
         filters, that decides the result: the paper's path on its synthetic recipe (its
         hyper-parameters, seeds 0–5, ``benchmarks/eddp_paper_path.py``) with ``"learned"`` left
         filters that read 0.28–0.39 of each other concept (seed 1) and met the paper's numbers (IoU
-        ≥ 0.92 per concept, RMSE ≤ 0.26) on 2 of 6 seeds (RMSE up to 0.49); with ``"pattern"``
+        ≥ 0.92 per concept, RMSE ≤ 0.26) on 2 of 6 seeds (RMSE up to 0.48); with ``"pattern"``
         0.08–0.12, and 6 of 6 (RMSE 0.099–0.148). From the clustering initialisation the filters start
-        at the concepts and it is a wash (``benchmarks/eddp_ablation.py``, seeds 0–2, ``"pattern"``
-        against ``"learned"``): the ``hard`` setting RMSE 0.126 against 0.121, the same IoU; the
-        ``scale`` setting (64 concepts, seed 0) IoU 0.896 against 0.897, encoding cosine 0.975 against
-        0.972; the demo's ``layer4`` S1 / S2 15.35 / 4.86 against 15.27 / 4.91.
+        at the concepts and it is a wash, ``"pattern"`` against ``"learned"``: the ``hard`` setting
+        (``benchmarks/eddp_ablation.py``, seeds 0–2) RMSE 0.126 against 0.121, the same IoU; the
+        ``scale`` setting (``benchmarks/eddp_scale.py``, 64 concepts, 500k patches, seed 0) IoU 0.896
+        against 0.897, encoding cosine 0.975 against 0.972; the demo's ``layer4`` (a script around
+        ``run_demo`` without the baselines) S1 / S2 15.35 / 4.86 against 15.27 / 4.91.
     whiten_eps : float
         The ε floor of the soft whitening, relative to the mean eigenvalue.
     noise_floor : float or None

@@ -28,7 +28,7 @@ PAPER_CONSTRAINTS: Dict[str, float] = {"ma": 0.8, "mm": 8.0, "ic": 0.1, "eac": 0
 # and wobble around it with the mini-batches, so aiming at the bound itself ends a hair outside it. The paper's
 # path on its recipe (seeds 0-5, benchmarks/eddp_paper_path.py): aiming at the bounds, every bound held at the
 # end on 1 of 6 seeds (largest violation 3.5e-3 of a bound); with 0.005 on 6 of 6, the lowest IoU per seed
-# within 0.001 of before except seed 4 (0.922 -> 0.950), RMSE within 0.001 except seed 4 (0.117 -> 0.099)
+# within 0.002 of before except seed 4 (0.922 -> 0.950), RMSE within 0.001 except seed 4 (0.117 -> 0.099)
 CONSTRAINT_MARGIN = 0.005
 
 
