@@ -104,7 +104,8 @@ def main(argv=None) -> int:
             rows.append(rec)
             print(f"seed {seed} {variant:32s} IoU {' / '.join(f'{v:.3f}' for v in rec['matched_iou'])} "
                   f"RMSE {rec['rmse']:.3f} enc {rec['enc_cos']:.3f} dec {rec['dec_cos']:.3f} "
-                  f"steps {rec['steps_run']} constraints hold {rec['constraints_hold']} ({_fmt(rec['worst_violation'])}) "
+                  f"steps {rec['steps_run']} constraints hold {rec['constraints_hold']} "
+                  f"({_fmt(rec['worst_violation'])}) "
                   f"{rec['fit_seconds']:.0f} s  meets the paper's numbers: {rec['meets_paper']}", flush=True)
     command = "python benchmarks/eddp_paper_path.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = ["# EDDP: the paper's path on its synthetic recipe", "", f"`{command.strip()}`", "",
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['seed']} | {r['variant']} | " + " | ".join(f"{v:.3f}" for v in r["matched_iou"])
                      + f" | {r['rmse']:.3f} | {r['enc_cos']:.3f} | {r['dec_cos']:.3f} | {r['steps_run']} | "
-                       f"{r['constraints_hold']} | {_fmt(r['worst_violation'])} | {r['fit_seconds']:.0f} | {r['meets_paper']} |")
+                       f"{r['constraints_hold']} | {_fmt(r['worst_violation'])} | {r['fit_seconds']:.0f} | "
+                       f"{r['meets_paper']} |")
     for variant, _ in _variants(params):
         sel = [r for r in rows if r["variant"] == variant]
         M = np.array([r["matched_iou"] for r in sel])

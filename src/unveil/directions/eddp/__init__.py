@@ -23,16 +23,17 @@ quality in seconds by starting close to the answer and keeping the paper's losse
    call positive counting ``1/k`` in each (``shared_positives="split"``, the default).
 5. **EDDP refinement** with the paper's losses: step (b) (L_s, L_sb, L_ma, L_mm, L_ic, L_eac, L_uur)
    then step (d) (adds signal vectors, L_cur and L_fso; the signal vectors are free parameters, or with
-   ``init="random"`` the positive-only pattern of the current filters, ``refine_signals``), with the paper's weights, Adam and
-   ReduceLROnPlateau, for a few hundred steps with early stopping, on mini-batches of
-   max(2048, 256 × n_concepts) patches (smaller batches leave a rare concept a handful of
-   positives, and the batch estimates of L_ic, L_eac and L_sb then walk its filter away). Step (a) (the UIBE/CBE form: an
-   orthogonal filter basis on *soft-standardised* features ``(x − μ)/sqrt(var_k + ε·mean var)``,
-   random unit filters to start) runs only with ``init="random"``, where it replaces the clustering
-   start. In the constrained form (``mode="constrained"``) the augmented Lagrangian aims 0.5% inside
-   each bound, so that the bounds hold at the end. The ε floor matters: on the paper's recipe, step (a) reached matched IoU 0.82–0.87 with it,
-   0.12–0.77 with plain per-component standardisation and 0.23–0.30 on isotropically scaled
-   features (seed 0, 600 steps, no head).
+   ``init="random"`` the positive-only pattern of the current filters, ``refine_signals``), with the
+   paper's weights, Adam and ReduceLROnPlateau, for a few hundred steps with early stopping, on
+   mini-batches of max(2048, 256 × n_concepts) patches (smaller batches leave a rare concept a
+   handful of positives, and the batch estimates of L_ic, L_eac and L_sb then walk its filter away).
+   Step (a) (the UIBE/CBE form: an orthogonal filter basis on *soft-standardised* features
+   ``(x − μ)/sqrt(var_k + ε·mean var)``, random unit filters to start) runs only with
+   ``init="random"``, where it replaces the clustering start. In the constrained form
+   (``mode="constrained"``) the augmented Lagrangian aims 0.5% inside each bound, so that the bounds
+   hold at the end. The ε floor matters: on the paper's recipe, step (a) reached matched IoU
+   0.82–0.87 with it, 0.12–0.77 with plain per-component standardisation and 0.23–0.30 on
+   isotropically scaled features (seed 0, 600 steps, no head).
    The max-margin detectors have nearly hard boundaries (gains of order 10² per σ), so the y-based
    losses see little gradient and the refinement moves them little; ``init_gain`` tempers them.
    On the synthetic recipes the paper's losses, once they do see gradient, move the detectors

@@ -82,11 +82,12 @@ class EDDP(DirectionEstimator):
     mode : {"weighted", "constrained"}
         ``"weighted"``: a weighted sum of the losses (the paper's). ``"constrained"``: minimise
         L_s (+ L_sb) + L_ura subject to L_ma < 0.8, L_mm < 8, L_ic < 0.1, L_eac < 0.1, L_fso < 0.1
-        with an augmented Lagrangian (more stable on small problems), aimed 0.5% inside each bound so that
-        the bounds hold at the end. Early stopping watches the objective plus the total constraint violation; whether every constraint holds at the end
-        is recorded (``constraints_hold_``, ``history_["constraints"]``, ``pairs_.meta``). From the
-        margin detectors' gains (``init_gain=None``) L_mm < 8 is out of reach of a few hundred Adam
-        steps; pass ``init_gain="auto"`` to start inside the bound.
+        with an augmented Lagrangian (more stable on small problems), aimed 0.5% inside each bound so
+        that the bounds hold at the end. Early stopping watches the objective plus the total constraint
+        violation; whether every constraint holds at the end is recorded (``constraints_hold_``,
+        ``history_["constraints"]``, ``pairs_.meta``). From the margin detectors' gains
+        (``init_gain=None``) L_mm < 8 is out of reach of a few hundred Adam steps; pass
+        ``init_gain="auto"`` to start inside the bound.
     lr : dict, optional
         Adam learning rates per step; default the paper's ``{"a": 1e-3, "b": 1e-4, "d": 5e-4}``
         scaled by ``lr_scale``.
@@ -289,7 +290,8 @@ class EDDP(DirectionEstimator):
         "lr_scale": [Options({"auto"})] + _POS_REAL, "gamma": _POS_REAL, "tau": [None, "dict"], "rho": [None, "dict"],
         "kappa": ["sequence"], "ic_floor": [Options({"paper", "start"})], "sb_patches": [Options({"claimed", "all"})],
         "shared_positives": [Options({"split", "full"})],
-        "refine_signals": [Options({"auto", "pattern", "learned"})], "whiten_eps": _POS_REAL, "noise_floor": [None] + _POS_REAL,
+        "refine_signals": [Options({"auto", "pattern", "learned"})], "whiten_eps": _POS_REAL,
+        "noise_floor": [None] + _POS_REAL,
         "n_init": [Options({"auto"})] + _POS_INT,
         "seeding": [Options({"best", "ica", "kmeans++"})],
         "init_rounds": _POS_INT, "discriminant_passes": _NONNEG_INT,
@@ -587,7 +589,8 @@ class EDDP(DirectionEstimator):
         if self.refine_signals == "auto":
             return "pattern" if self.init == "random" else "learned"
         if self.refine_signals not in ("pattern", "learned"):
-            raise ValidationError(f"refine_signals must be 'auto', 'pattern' or 'learned'; got {self.refine_signals!r}.")
+            raise ValidationError(f"refine_signals must be 'auto', 'pattern' or 'learned'; "
+                                  f"got {self.refine_signals!r}.")
         return self.refine_signals
 
     def _n_init(self, I: int) -> int:
