@@ -585,12 +585,10 @@ class EDDP(DirectionEstimator):
 
     def _refine_signals(self) -> str:
         """Step (d)'s signal vectors: ``refine_signals``, with ``"auto"`` ``"pattern"`` from random detectors
-        (``init="random"``) and ``"learned"`` from the clustering initialisation."""
+        (``init="random"``) and ``"learned"`` from the clustering initialisation (the value is checked by
+        the constraints table when ``fit`` starts)."""
         if self.refine_signals == "auto":
             return "pattern" if self.init == "random" else "learned"
-        if self.refine_signals not in ("pattern", "learned"):
-            raise ValidationError(f"refine_signals must be 'auto', 'pattern' or 'learned'; "
-                                  f"got {self.refine_signals!r}.")
         return self.refine_signals
 
     def _n_init(self, I: int) -> int:
